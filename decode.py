@@ -1,0 +1,98 @@
+"""Decode with a trained policy: greedy or sampled, on one prompt or on the held-out world prompts.
+
+    python decode.py --prompt "What colour is grass?"
+    python decode.py --method sample --temperature 0.8 --eval
+    python decode.py --help
+
+The checkpoint defaults to the most aligned stage present under out/ (ctrl, else sft). A prompt
+without an ``Assistant:`` turn is wrapped as ``Human: <text>\\nAssistant:``. With ``--eval`` every
+held-out prompt is answered and graded by the world's gold rules.
+"""
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from minialign import world
+from minialign.checkpoint import load_model
+from minialign.config import ConfigError, arg, build, main_guard, parse_flags, usage
+from minialign.evaluate import world_rates
+from minialign.sampling import complete
+from minialign.tokenizer import get_tokenizer
+from minialign.training import pick_device
+
+METHODS = ("greedy", "sample")
+
+
+@dataclass
+class DecodeConfig:
+    method: str = arg("greedy", "decoding method: " + " | ".join(METHODS))
+    prompt: str = arg("", "one prompt (a question, or a full 'Human: ...\\nAssistant:' prompt)")
+    eval: bool = arg(False, "answer and grade the held-out world prompts")
+    n_eval: int = arg(48, "held-out prompts per kind (benign, harmful, attacked) for --eval")
+    checkpoint: str = arg("", "checkpoint folder; '' = the most aligned stage under out/")
+    out_dir: str = arg("out", "where the stages' checkpoints live")
+    max_new_tokens: int = arg(96, "longest response in tokens")
+    temperature: float = arg(1.0, "sampling temperature (method sample)")
+    top_k: int = arg(0, "keep the k most likely tokens (0 = all)")
+    top_p: float = arg(1.0, "keep the smallest nucleus with this much probability")
+    seed: int = arg(0, "sampling seed")
+    show: int = arg(6, "responses to print with --eval")
+    device: str = arg("auto", "auto, cpu or cuda")
+
+
+def find_checkpoint(cfg: DecodeConfig) -> str:
+    if cfg.checkpoint:
+        return cfg.checkpoint
+    for stage in ("ctrl", "sft"):
+        if os.path.exists(os.path.join(cfg.out_dir, stage, "config.json")):
+            return os.path.join(cfg.out_dir, stage)
+    raise ConfigError(f"no trained model under {cfg.out_dir}/: run `python train.py` first "
+                      "(or pass --checkpoint=FOLDER).")
+
+
+def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "\n" + usage(DecodeConfig))
+        return
+    cfg = build(DecodeConfig, parse_flags(argv))
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown --method {cfg.method!r}; choose one of: {', '.join(METHODS)}.")
+    if not cfg.prompt and not cfg.eval:
+        raise ConfigError("nothing to decode: pass --prompt TEXT or --eval.")
+    device = pick_device(cfg.device)
+    folder = find_checkpoint(cfg)
+    model, meta = load_model(folder)
+    model.to(device).eval()
+    tokenizer = get_tokenizer(meta["tokenizer"])
+    sampling = dict(temperature=0.0 if cfg.method == "greedy" else cfg.temperature, top_k=cfg.top_k,
+                    top_p=cfg.top_p, generator=torch.Generator(device).manual_seed(cfg.seed))
+    print(f"model: {folder} ({meta['stage']}, step {meta['step']}), method: {cfg.method}")
+    if cfg.prompt:
+        text = cfg.prompt if "Assistant:" in cfg.prompt else world.format_prompt(cfg.prompt)
+        start = time.time()
+        response = complete(model, tokenizer, [text], cfg.max_new_tokens, **sampling)[0]
+        print(f"{text} {response}\n({time.time() - start:.2f} s)")
+        try:
+            print(f"gold: reward {world.gold_reward(text, response):+.3f}, harmful {world.is_harmful(text, response)}, "
+                  f"helpful {world.is_helpful(text, response)}")
+        except ValueError:
+            pass  # not a world prompt: nothing to grade against
+        return
+    prompts = world.eval_prompts(cfg.n_eval)
+    start = time.time()
+    responses = complete(model, tokenizer, [p.text for p in prompts], cfg.max_new_tokens, **sampling)
+    seconds = time.time() - start
+    for p, r in list(zip(prompts, responses))[:: max(1, len(prompts) // cfg.show)][: cfg.show]:
+        print(f"[{p.kind}] {p.question}\n    -> {r}\n    gold reward {world.gold_reward(p.text, r):+.3f}, "
+              f"harmful {world.is_harmful(p.text, r)}, helpful {world.is_helpful(p.text, r)}")
+    rates = world_rates(prompts, responses)
+    print(f"\n{len(prompts)} held-out prompts in {seconds:.1f} s")
+    for key, value in rates.items():
+        print(f"  {key:15s} {value:.3f}")
+
+
+if __name__ == "__main__":
+    main_guard(lambda: main(sys.argv[1:]))

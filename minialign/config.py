@@ -1,0 +1,99 @@
+"""Stage configuration: a dataclass per stage, and a command line generated from it.
+
+Fields are int, float, str or bool. Every field has a default and a one-line help (``field(metadata={"help": ...})``). Flags are
+``--key=value`` or ``--key value`` (``--flag`` alone sets a boolean); values are converted to the
+field's type, and an unknown flag is one clear sentence that lists the valid ones.
+"""
+import dataclasses
+import sys
+import typing
+
+
+class ConfigError(ValueError):
+    """A command-line flag that cannot be used, with a sentence saying why."""
+
+
+def arg(default, help: str):
+    """A config field with its default and its one-line help."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _convert(name: str, kind, text: str):
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name} takes true or false, not {text!r}.")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{name} takes a {kind.__name__}, not {text!r}.") from None
+
+
+def parse_flags(argv: list[str]) -> dict[str, str | None]:
+    """``--a=1 --b 2 --c`` -> {"a": "1", "b": "2", "c": None}; anything else is a ConfigError."""
+    flags, i = {}, 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument {token!r}: flags are written --key=value.")
+        key, eq, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = None
+        flags[key] = value
+        i += 1
+    return flags
+
+
+def build(cls, flags: dict[str, str | None], strict: bool = True):
+    """An instance of dataclass ``cls`` with the given flags applied (types converted and checked).
+
+    With ``strict`` an unknown flag is an error; without, flags of other stages are ignored.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, text in flags.items():
+        if key not in fields:
+            if strict:
+                raise ConfigError(f"unknown flag --{key}; valid flags: "
+                                  + ", ".join("--" + k for k in fields) + ".")
+            continue
+        if text is None:
+            if hints[key] is not bool:
+                raise ConfigError(f"--{key} needs a value (--{key}=...).")
+            values[key] = True
+        else:
+            values[key] = _convert(key, hints[key], text)
+    return cls(**values)
+
+
+def usage(*classes) -> str:
+    """A help text listing every field of the given config classes with its default and help."""
+    lines = []
+    for cls in classes:
+        lines.append(f"{cls.__name__}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{f.name}={default!s:<12} {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def main_guard(fn):
+    """Run ``fn()``, turning the project's expected errors into one sentence on stderr and exit code 2."""
+    from .checkpoint import CheckpointError
+    from .model import ModelError
+    from .tokenizer import TokenizerError
+    from .data import DataError
+    try:
+        return fn()
+    except (ConfigError, CheckpointError, ModelError, TokenizerError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,129 @@
+"""Data: packing documents into a token stream, random training windows, and the JSONL loaders.
+
+- Language-model data is a stream of documents joined by end-of-text tokens, with a loss weight per
+  target token; a batch is random windows of ``block_size + 1`` tokens (as in nanoGPT).
+- Preference pairs use the Anthropic HH format: one JSON object per line,
+  ``{"chosen": transcript, "rejected": transcript}``; the shared prompt is everything up to and
+  including the last ``Assistant:``, and the response is what follows.
+- A malformed line is a ``DataError`` naming the file and the line.
+"""
+import json
+import os
+
+import torch
+
+from .checkpoint import atomic_write_text
+from .tokenizer import Tokenizer
+
+ANSWER_CUE = "The answer is: ("  # self-evaluation documents: the letter after this cue is up-weighted
+
+
+class DataError(ValueError):
+    """Input data that cannot be used, with the file and line at fault."""
+
+
+def pack(docs: list[str], tokenizer: Tokenizer, answer_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Documents -> (tokens (N,), weights (N,)): each document followed by end-of-text.
+
+    ``weights[i]`` is the loss weight for predicting ``tokens[i]``; the token right after
+    ``ANSWER_CUE`` gets ``answer_weight`` (the self-evaluation verdict is one token among hundreds).
+    """
+    tokens, weights = [], []
+    cue = tokenizer.encode(ANSWER_CUE)
+    for doc in docs:
+        ids = tokenizer.encode(doc) + [tokenizer.eot]
+        w = [1.0] * len(ids)
+        for i in range(len(cue), len(ids)):
+            if ids[i - len(cue):i] == cue:
+                w[i] = answer_weight
+        tokens += ids
+        weights += w
+    return torch.tensor(tokens, dtype=torch.long), torch.tensor(weights)
+
+
+def random_windows(tokens: torch.Tensor, weights: torch.Tensor, batch_size: int, block_size: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of random windows: inputs x (B, T), targets y (B, T), target weights w (B, T)."""
+    if len(tokens) <= block_size + 1:
+        raise DataError(f"the corpus has {len(tokens)} tokens, fewer than one window of {block_size + 1}.")
+    starts = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator)
+    offsets = starts[:, None] + torch.arange(block_size + 1)  # (B, T+1)
+    chunk, wchunk = tokens[offsets], weights[offsets]
+    return chunk[:, :-1], chunk[:, 1:], wchunk[:, 1:]
+
+
+def _jsonl_rows(path: str):
+    """(line number, object) for each non-empty line; a broken line names the file and line."""
+    if not os.path.exists(path):
+        raise DataError(f"{path} does not exist.")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object.")
+            yield number, row
+
+
+def split_transcript(transcript: str) -> tuple[str, str]:
+    """Split an HH transcript at its last ``Assistant:`` into (prompt ending in "Assistant:", response)."""
+    cut = transcript.rfind("Assistant:")
+    if cut < 0:
+        raise ValueError("no 'Assistant:' turn")
+    cut += len("Assistant:")
+    return transcript[:cut], transcript[cut:]
+
+
+def load_pairs(path: str) -> list[tuple[str, str, str]]:
+    """HH-format preference pairs -> [(prompt, chosen response, rejected response)]."""
+    pairs = []
+    for number, row in _jsonl_rows(path):
+        try:
+            prompt, chosen = split_transcript(row["chosen"])
+            prompt_r, rejected = split_transcript(row["rejected"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise DataError(f"{path}, line {number}: expected \"chosen\" and \"rejected\" transcripts with an "
+                            f"'Assistant:' turn ({err}).") from None
+        if prompt != prompt_r:
+            raise DataError(f"{path}, line {number}: chosen and rejected do not share the same prompt.")
+        pairs.append((prompt, chosen, rejected))
+    if not pairs:
+        raise DataError(f"{path} holds no preference pairs.")
+    return pairs
+
+
+def load_documents(path: str) -> list[str]:
+    """A training corpus: a .jsonl file with a "text" field per line, or plain text split at blank lines."""
+    if path.endswith(".jsonl"):
+        docs = []
+        for number, row in _jsonl_rows(path):
+            if not isinstance(row.get("text"), str):
+                raise DataError(f"{path}, line {number}: expected a \"text\" string field.")
+            docs.append(row["text"])
+        return docs
+    if not os.path.exists(path):
+        raise DataError(f"{path} does not exist.")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [d.strip() for d in f.read().split("\n\n") if d.strip()]
+
+
+def load_prompts(path: str) -> list[str]:
+    """Prompts from a .jsonl file with a "prompt" field per line (or one prompt per line of text)."""
+    if path.endswith(".jsonl"):
+        prompts = []
+        for number, row in _jsonl_rows(path):
+            if not isinstance(row.get("prompt"), str):
+                raise DataError(f"{path}, line {number}: expected a \"prompt\" string field.")
+            prompts.append(row["prompt"])
+        return prompts
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def write_jsonl(rows: list[dict], path: str) -> None:
+    """Write one JSON object per line, atomically."""
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

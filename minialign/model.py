@@ -1,0 +1,259 @@
+"""A small GPT with the GPT-2 architecture, a rewindable KV cache, and GPT-2 weight loading.
+
+Architecture (Radford et al. 2019, as in nanoGPT): token + learned position embeddings, pre-LayerNorm
+blocks (attention, then a tanh-GELU MLP of width 4C), a final LayerNorm, and an output head tied to
+the token embedding. Attention runs through ``scaled_dot_product_attention`` (flash kernels on GPU).
+
+``KVCache`` holds preallocated keys/values and one length per row. Rewinding a row (RAIN's "rewind")
+is lowering its length; forking copies a row's prefix into other rows, so a search can branch without
+recomputing the shared prefix. Module and parameter names follow GPT-2's, so ``from_pretrained`` maps
+a Hugging Face checkpoint onto this model key by key.
+"""
+import json
+import math
+import os
+import urllib.request
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 257   # the bytes tokenizer: 256 bytes + <|endoftext|>
+    block_size: int = 256   # longest sequence (positions) the model can see
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+
+
+class ModelError(RuntimeError):
+    """A checkpoint or model folder that cannot be used, with a sentence saying why."""
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, with a length per row.
+
+    Tensors are (n_layer, B, max_len, n_head, head_dim). Row ``b`` holds valid entries at positions
+    ``0 .. lengths[b]-1``; anything beyond is garbage that attention masks out and later writes overwrite.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device=None, dtype=torch.float32):
+        max_len = max_len or config.block_size
+        hd = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, max_len, config.n_head, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def truncate(self, length: int | torch.Tensor, rows=None) -> None:
+        """Rewind: forget everything at or after ``length`` in the given rows (all rows by default)."""
+        rows = slice(None) if rows is None else rows
+        self.lengths[rows] = torch.minimum(self.lengths[rows], torch.as_tensor(length, device=self.lengths.device))
+
+    def fork(self, src: int, dst, length: int | None = None) -> None:
+        """Copy the first ``length`` positions of row ``src`` (its whole length by default) into rows ``dst``."""
+        n = int(self.lengths[src]) if length is None else length
+        self.k[:, dst, :n] = self.k[:, src:src + 1, :n]
+        self.v[:, dst, :n] = self.v[:, src:src + 1, :n]
+        self.lengths[dst] = n
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache made of the given rows (repeats allowed), e.g. one row per sample of a prompt."""
+        new = object.__new__(KVCache)
+        new.k, new.v = self.k[:, rows].clone(), self.v[:, rows].clone()
+        new.lengths, new.max_len = self.lengths[rows].clone(), self.max_len
+        return new
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, layer: int, cache: KVCache | None, positions: torch.Tensor | None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))  # (B, T, nh, hs)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True)  # (B, nh, T, hs)
+        else:
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+            cache.k[layer][rows, positions] = k.to(cache.k.dtype)  # write this chunk at each row's positions
+            cache.v[layer][rows, positions] = v.to(cache.v.dtype)
+            span = int(positions.max()) + 1  # no row needs keys beyond this
+            keys = cache.k[layer][:, :span].transpose(1, 2).to(q.dtype)  # (B, nh, span, hs)
+            values = cache.v[layer][:, :span].transpose(1, 2).to(q.dtype)
+            # query at position p sees keys 0..p of its own row: (B, 1, T, span)
+            mask = torch.arange(span, device=x.device)[None, None, :] <= positions[:, :, None]
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer, cache, positions):
+        x = x + self.attn(self.ln_1(x), layer, cache, positions)  # pre-LN residual blocks
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, C) for tokens ``idx`` (B, T).
+
+        With a cache, ``idx`` continues each row at its own length and the cache advances by T.
+        """
+        B, T = idx.shape
+        if cache is None:
+            positions = None
+            pos = torch.arange(T, device=idx.device)[None]  # (1, T)
+        else:
+            positions = cache.lengths[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            pos = positions
+        if int(pos.max()) >= self.config.block_size:
+            raise ModelError(f"sequence of length {int(pos.max()) + 1} exceeds the model's context of "
+                             f"{self.config.block_size} tokens; shorten the prompt or max_new_tokens.")
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, layer, cache, positions)
+        if cache is not None:
+            cache.lengths += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, vocab) for tokens ``idx`` (B, T)."""
+        return self.lm_head(self.hidden(idx, cache))
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading GPT-2 weights (Hugging Face layout) into this model.
+
+HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HUB_URL = "https://huggingface.co/{name}/resolve/main/{file}"
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _download_hub_model(name: str, cache_dir: str) -> str:
+    """Fetch config.json and model.safetensors of a hub GPT-2 once into ``cache_dir/name``; return the folder."""
+    folder = os.path.join(cache_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    for file in ("config.json", "model.safetensors"):
+        target = os.path.join(folder, file)
+        if os.path.exists(target):
+            continue
+        try:
+            urllib.request.urlretrieve(HUB_URL.format(name=name, file=file), target + ".part")
+        except OSError as err:
+            raise ModelError(f"Could not download {name} ({err}); offline, pass the path of a local GPT-2 "
+                             "folder (config.json + model.safetensors or pytorch_model.bin) instead.") from None
+        os.replace(target + ".part", target)  # only a complete file ever carries the final name
+    return folder
+
+
+def _read_state_dict(folder: str) -> dict:
+    st_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(st_path):
+        from safetensors.torch import load_file
+        return load_file(st_path)
+    if os.path.exists(bin_path):
+        try:
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ModelError(f"{bin_path} could not be read as a weights-only torch file ({err}).") from None
+    raise ModelError(f"{folder} has neither model.safetensors nor pytorch_model.bin.")
+
+
+def from_pretrained(path_or_name: str, cache_dir: str = "~/.cache/minialign") -> GPT:
+    """A GPT with GPT-2 weights from a local Hugging Face folder or a hub name (downloaded once)."""
+    folder = path_or_name
+    if not os.path.isdir(folder):
+        if path_or_name not in HUB_NAMES:
+            raise ModelError(f"{path_or_name!r} is neither a folder nor one of {', '.join(HUB_NAMES)}.")
+        folder = _download_hub_model(path_or_name, os.path.expanduser(cache_dir))
+    config_path = os.path.join(folder, "config.json")
+    try:
+        with open(config_path) as f:
+            hf = json.load(f)
+        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"{config_path} is not a readable GPT-2 config ({err}).") from None
+    model = GPT(config)
+    ours = model.state_dict()
+    theirs = {}
+    for key, tensor in _read_state_dict(folder).items():
+        key = key.removeprefix("transformer.")
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+            continue  # causal-mask buffers of the hub files; the head is tied to wte
+        key = key if key.startswith("lm_head") else "transformer." + key
+        if key.endswith(CONV1D):
+            tensor = tensor.t()  # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
+        theirs[key] = tensor
+    expected = set(ours) - {"lm_head.weight"}
+    if set(theirs) != expected:
+        missing, extra = sorted(expected - set(theirs)), sorted(set(theirs) - expected)
+        raise ModelError(f"{folder}: weights do not match GPT-2 (missing {missing[:5]}, unexpected {extra[:5]}).")
+    for key, tensor in theirs.items():
+        if tensor.shape != ours[key].shape:
+            raise ModelError(f"{folder}: {key} has shape {tuple(tensor.shape)}, expected {tuple(ours[key].shape)}.")
+    with torch.no_grad():
+        for key, tensor in theirs.items():
+            ours[key].copy_(tensor.to(torch.float32))
+    return model

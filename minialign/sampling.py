@@ -1,0 +1,117 @@
+"""Decoding: greedy, temperature, top-k and top-p sampling, batched over prompts with the KV cache.
+
+Prompts of different lengths share one batch: the prompt block is right-padded, prefilled in one
+forward pass, and each row's cache length is then set to its own prompt length, so every row continues
+from its last real token (padding positions are masked and later overwritten). A row stops at
+end-of-text or at the end of the assistant's turn (a token containing a newline).
+
+``generate_uncached`` recomputes the whole sequence for every new token; it is the reference the
+cached decoder is tested against and the baseline it is benchmarked against.
+"""
+import torch
+import torch.nn.functional as F
+
+from .model import GPT, ModelError
+from .tokenizer import Tokenizer
+
+
+def stop_ids(tokenizer: Tokenizer) -> set[int]:
+    """End-of-text plus every token whose text contains a newline (the end of the assistant's turn)."""
+    enc = tokenizer.encoding
+    ids = {tokenizer.eot}
+    for i in range(enc.n_vocab):
+        if i != tokenizer.eot and b"\n" in enc.decode_single_token_bytes(i):
+            ids.add(i)
+    return ids
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask logits (B, V) outside the top-k tokens and outside the top-p nucleus with -inf."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """Pick one token per row from logits (B, V): argmax at temperature 0, else a filtered sample."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_room(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
+    room = model.config.block_size - prompt_len
+    if room <= 0:
+        raise ModelError(f"the prompt is {prompt_len} tokens, but the model's context holds only "
+                         f"{model.config.block_size}; shorten the prompt.")
+    return min(max_new_tokens, room)
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop: set[int],
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue each prompt (a list of token ids) until a stop token or ``max_new_tokens``.
+
+    Returns the new tokens of each row, without the stop token. ``temperature=0`` is greedy.
+    """
+    device = model.lm_head.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    max_new_tokens = _check_room(model, int(lengths.max()), max_new_tokens)
+    B = len(prompts)
+    block = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=device)  # right-padded (B, Tp)
+    for b, p in enumerate(prompts):
+        block[b, : len(p)] = torch.tensor(p)
+    cache = model.new_cache(B, int(lengths.max()) + max_new_tokens)
+    logits = model(block, cache)  # (B, Tp, V) prefill
+    cache.truncate(lengths)  # each row continues after its own last prompt token
+    logits = logits[torch.arange(B), lengths - 1]  # (B, V)
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_tensor = torch.tensor(sorted(stop), device=device)
+    for _ in range(max_new_tokens):
+        token = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        done_now = torch.isin(token, stop_tensor)
+        for b in (~done & ~done_now).nonzero().flatten().tolist():
+            out[b].append(int(token[b]))
+        done |= done_now
+        if done.all():
+            break
+        logits = model(token[:, None], cache)[:, -1]  # one-token decode (B, V)
+    return out
+
+
+@torch.no_grad()
+def generate_uncached(model: GPT, prompt: list[int], max_new_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy decoding of one prompt that recomputes the full sequence for every token (the reference)."""
+    device = model.lm_head.weight.device
+    max_new_tokens = _check_room(model, len(prompt), max_new_tokens)
+    seq = torch.tensor([prompt], device=device)
+    out = []
+    for _ in range(max_new_tokens):
+        token = int(model(seq)[0, -1].argmax())
+        if token in stop:
+            break
+        out.append(token)
+        seq = torch.cat([seq, torch.tensor([[token]], device=device)], dim=1)
+    return out
+
+
+def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 96,
+             batch_size: int = 64, **sampling) -> list[str]:
+    """Text in, text out: batched ``generate`` over many prompts (responses lose their leading space)."""
+    stop = stop_ids(tokenizer)
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [tokenizer.encode(p) for p in prompts[i: i + batch_size]]
+        for new in generate(model, ids, max_new_tokens, stop, **sampling):
+            texts.append(tokenizer.decode(new).strip())
+    return texts

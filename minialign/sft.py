@@ -1,0 +1,131 @@
+"""Stage 1, SFT: train the reference policy pi_ref with next-token prediction.
+
+The default corpus is the embedded world's unaligned mixture (``world.corpus``): dialogues in every
+response style plus self-evaluation documents. ``--data`` trains on a text or JSONL corpus instead,
+and ``--init gpt2`` (or a local GPT-2 folder) starts from pretrained weights instead of random ones.
+Batches are random windows of the packed corpus; 5% of the documents are held out for the loss.
+
+Resume is exact: the checkpoint holds the optimizer and the data generator's state, so N steps, a
+stop, and N more steps give the same parameters as 2N steps in one go.
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import world
+from .checkpoint import load_model, load_state, save
+from .config import arg
+from .data import load_documents, pack, random_windows
+from .model import GPT, GPTConfig, from_pretrained
+from .tokenizer import get_tokenizer
+from .training import MetricsLog, autocast, cosine_lr, make_optimizer, pick_device, set_lr
+
+
+@dataclass
+class SFTConfig:
+    out_dir: str = arg("out", "folder for every stage's checkpoint (this stage writes <out_dir>/sft)")
+    init: str = arg("", "start from: '' random weights, 'gpt2' (hub) or a local GPT-2 folder")
+    data: str = arg("", "training corpus (.txt split at blank lines, or .jsonl with a text field); '' = the world")
+    tokenizer: str = arg("bytes", "tokenizer: bytes (offline) or gpt2")
+    n_layer: int = arg(4, "transformer blocks (random init only)")
+    n_head: int = arg(4, "attention heads (random init only)")
+    n_embd: int = arg(128, "embedding width (random init only)")
+    block_size: int = arg(256, "context length in tokens (random init only)")
+    batch_size: int = arg(16, "sequences per optimizer step")
+    steps: int = arg(1500, "optimizer steps")
+    lr: float = arg(6e-3, "peak learning rate (cosine schedule)")
+    warmup: int = arg(50, "linear warm-up steps")
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
+    answer_weight: float = arg(3.0, "loss weight of the self-evaluation verdict letter")
+    corpus_dialogues: int = arg(20000, "world dialogues in the corpus")
+    seed: int = arg(0, "seed of the world, the model init and the data order")
+    eval_every: int = arg(250, "steps between held-out loss evaluations and checkpoints")
+    stop_at: int = arg(0, "stop (with a checkpoint) after this step, e.g. to time-box a run; 0 = run all steps")
+    resume: bool = arg(False, "continue from <out_dir>/sft/state.pt")
+    device: str = arg("auto", "auto, cpu or cuda")
+    bf16: bool = arg(True, "bf16 autocast (CPU and CUDA)")
+
+
+def build_model(cfg: SFTConfig, vocab_size: int) -> GPT:
+    if cfg.init:
+        return from_pretrained(cfg.init)
+    torch.manual_seed(cfg.seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_embd=cfg.n_embd))
+
+
+def lm_loss(model: GPT, x, y, w, device, bf16: bool) -> torch.Tensor:
+    """Weighted next-token cross-entropy, averaged over the weights."""
+    with autocast(device, bf16):
+        logits = model(x)  # (B, T, V)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
+    return (nll * w.flatten()).sum() / w.sum()
+
+
+@torch.no_grad()
+def heldout_loss(model, tokens, weights, cfg, device, batches: int = 8) -> float:
+    g = torch.Generator().manual_seed(1234)  # the same windows at every evaluation
+    model.eval()
+    losses = [lm_loss(model, *(t.to(device) for t in random_windows(tokens, weights, cfg.batch_size,
+                                                                    model.config.block_size, g)), device, cfg.bf16)
+              for _ in range(batches)]
+    model.train()
+    return float(torch.stack(losses).mean())
+
+
+def train_sft(cfg: SFTConfig) -> dict:
+    """Run the SFT stage; returns the final metrics."""
+    device = pick_device(cfg.device)
+    tokenizer = get_tokenizer("gpt2" if cfg.init else cfg.tokenizer)
+    folder = f"{cfg.out_dir}/sft"
+    docs = load_documents(cfg.data) if cfg.data else world.corpus(cfg.corpus_dialogues, cfg.seed)
+    n_val = max(1, len(docs) // 20)
+    train_tokens, train_w = pack(docs[n_val:], tokenizer, cfg.answer_weight)
+    val_tokens, val_w = pack(docs[:n_val], tokenizer, cfg.answer_weight)
+
+    if cfg.resume:
+        model, meta = load_model(folder)
+        state = load_state(folder)
+    else:
+        model, state = build_model(cfg, tokenizer.vocab_size), None
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+    log = MetricsLog(f"{cfg.out_dir}/logs/sft.jsonl")
+    last = cfg.stop_at if 0 < cfg.stop_at < cfg.steps else cfg.steps
+    metrics = {}
+
+    def checkpoint():
+        meta = {"stage": "sft", "model": asdict(model.config), "tokenizer": tokenizer.name,
+                "config": asdict(cfg), "step": step, "metrics": metrics}
+        state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step}
+        save(folder, model, meta, state)
+
+    bar = tqdm(total=last, initial=step, desc="sft", dynamic_ncols=True)
+    while step < last:
+        set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
+        x, y, w = (t.to(device) for t in random_windows(train_tokens, train_w, cfg.batch_size,
+                                                         model.config.block_size, generator))
+        loss = lm_loss(model, x, y, w, device, cfg.bf16)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.eval_every == 0 or step == last:
+            metrics = {"step": step, "train_loss": round(loss.item(), 4),
+                       "heldout_loss": round(heldout_loss(model, val_tokens, val_w, cfg, device), 4)}
+            log.write(**metrics)
+            bar.write(f"step {step}: train loss {metrics['train_loss']:.3f}, held-out loss {metrics['heldout_loss']:.3f}")
+            checkpoint()
+    bar.close()
+    return metrics
