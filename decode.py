@@ -2,6 +2,7 @@
 
     python decode.py --prompt "What colour is grass?"
     python decode.py --method sample --temperature 0.8 --eval
+    python decode.py --method bon --n 4 --eval     # best-of-4 by the reward model (won: worst-of-4)
     python decode.py --help
 
 The checkpoint defaults to the most aligned stage present under out/ (ctrl, else sft). A prompt
@@ -19,11 +20,12 @@ from minialign import world
 from minialign.checkpoint import load_model
 from minialign.config import ConfigError, arg, build, main_guard, parse_flags, usage
 from minialign.evaluate import world_rates
-from minialign.sampling import complete
+from minialign.reward import load_reward
+from minialign.sampling import best_of_n, complete
 from minialign.tokenizer import get_tokenizer
 from minialign.training import pick_device
 
-METHODS = ("greedy", "sample")
+METHODS = ("greedy", "sample", "bon", "won")
 
 
 @dataclass
@@ -34,10 +36,11 @@ class DecodeConfig:
     n_eval: int = arg(48, "held-out prompts per kind (benign, harmful, attacked) for --eval")
     checkpoint: str = arg("", "checkpoint folder; '' = the most aligned stage under out/")
     out_dir: str = arg("out", "where the stages' checkpoints live")
-    max_new_tokens: int = arg(96, "longest response in tokens")
+    max_new_tokens: int = arg(128, "longest response in tokens")
     temperature: float = arg(1.0, "sampling temperature (method sample)")
     top_k: int = arg(0, "keep the k most likely tokens (0 = all)")
     top_p: float = arg(1.0, "keep the smallest nucleus with this much probability")
+    n: int = arg(4, "samples per prompt for bon / won")
     seed: int = arg(0, "sampling seed")
     show: int = arg(6, "responses to print with --eval")
     device: str = arg("auto", "auto, cpu or cuda")
@@ -70,10 +73,19 @@ def main(argv: list[str]) -> None:
     sampling = dict(temperature=0.0 if cfg.method == "greedy" else cfg.temperature, top_k=cfg.top_k,
                     top_p=cfg.top_p, generator=torch.Generator(device).manual_seed(cfg.seed))
     print(f"model: {folder} ({meta['stage']}, step {meta['step']}), method: {cfg.method}")
+    if cfg.method in ("bon", "won"):
+        reward_model = load_reward(os.path.join(cfg.out_dir, "reward"))[0].to(device).eval()
+
+    def respond(prompts: list[str]) -> list[str]:
+        if cfg.method in ("bon", "won"):
+            return best_of_n(model, reward_model, tokenizer, prompts, cfg.n, cfg.method == "won",
+                             cfg.max_new_tokens, **sampling)[0]
+        return complete(model, tokenizer, prompts, cfg.max_new_tokens, **sampling)
+
     if cfg.prompt:
         text = cfg.prompt if "Assistant:" in cfg.prompt else world.format_prompt(cfg.prompt)
         start = time.time()
-        response = complete(model, tokenizer, [text], cfg.max_new_tokens, **sampling)[0]
+        response = respond([text])[0]
         print(f"{text} {response}\n({time.time() - start:.2f} s)")
         try:
             print(f"gold: reward {world.gold_reward(text, response):+.3f}, harmful {world.is_harmful(text, response)}, "
@@ -83,7 +95,7 @@ def main(argv: list[str]) -> None:
         return
     prompts = world.eval_prompts(cfg.n_eval)
     start = time.time()
-    responses = complete(model, tokenizer, [p.text for p in prompts], cfg.max_new_tokens, **sampling)
+    responses = respond([p.text for p in prompts])
     seconds = time.time() - start
     for p, r in list(zip(prompts, responses))[:: max(1, len(prompts) // cfg.show)][: cfg.show]:
         print(f"[{p.kind}] {p.question}\n    -> {r}\n    gold reward {world.gold_reward(p.text, r):+.3f}, "

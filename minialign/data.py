@@ -127,3 +127,17 @@ def load_prompts(path: str) -> list[str]:
 def write_jsonl(rows: list[dict], path: str) -> None:
     """Write one JSON object per line, atomically."""
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def pad_responses(prompts: list[list[int]], responses: list[list[int]], pad: int = 0,
+                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + response token rows, right-padded: ids (B, T), and a mask (B, T-1) that is 1 where
+    position t predicts a response token (aligned with ``GPT.token_logprobs``)."""
+    rows = [p + r for p, r in zip(prompts, responses)]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), T - 1)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        ids[b, : len(p) + len(r)] = torch.tensor(p + r)
+        mask[b, len(p) - 1: len(p) + len(r) - 1] = 1.0
+    return ids.to(device), mask.to(device)

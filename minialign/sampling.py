@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import GPT, ModelError
+from .reward import score
 from .tokenizer import Tokenizer
 
 
@@ -58,10 +59,11 @@ def _check_room(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop: set[int],
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None, keep_stop: bool = False) -> list[list[int]]:
     """Continue each prompt (a list of token ids) until a stop token or ``max_new_tokens``.
 
-    Returns the new tokens of each row, without the stop token. ``temperature=0`` is greedy.
+    Returns the new tokens of each row; the stop token is included only with ``keep_stop`` (RL needs
+    the probability of stopping). ``temperature=0`` is greedy.
     """
     device = model.lm_head.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -80,7 +82,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop: se
     for _ in range(max_new_tokens):
         token = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         done_now = torch.isin(token, stop_tensor)
-        for b in (~done & ~done_now).nonzero().flatten().tolist():
+        for b in (~done & (keep_stop | ~done_now)).nonzero().flatten().tolist():
             out[b].append(int(token[b]))
         done |= done_now
         if done.all():
@@ -105,7 +107,7 @@ def generate_uncached(model: GPT, prompt: list[int], max_new_tokens: int, stop: 
     return out
 
 
-def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 96,
+def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 128,
              batch_size: int = 64, **sampling) -> list[str]:
     """Text in, text out: batched ``generate`` over many prompts (responses lose their leading space)."""
     stop = stop_ids(tokenizer)
@@ -115,3 +117,20 @@ def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_token
         for new in generate(model, ids, max_new_tokens, stop, **sampling):
             texts.append(tokenizer.decode(new).strip())
     return texts
+
+
+
+@torch.no_grad()
+def best_of_n(model: GPT, reward_model, tokenizer: Tokenizer, prompts: list[str], n: int, worst: bool = False,
+              max_new_tokens: int = 128, batch_size: int = 256, **sampling) -> tuple[list[str], torch.Tensor]:
+    """Best-of-N (or worst-of-N) decoding: N responses per prompt, keep the highest (lowest) reward.
+
+    The N samples of a prompt are drawn in one batch (several prompts per batch). Returns the picked
+    response per prompt and all rewards (P, N). Worst-of-N is the attacker's view in InfAlign: a
+    jailbreaker samples N times and keeps the most harmful answer.
+    """
+    expanded = [p for p in prompts for _ in range(n)]
+    responses = complete(model, tokenizer, expanded, max_new_tokens, batch_size=max(n, batch_size // n * n), **sampling)
+    rewards = score(reward_model, tokenizer, expanded, responses).view(len(prompts), n)
+    picks = (rewards.argmin(1) if worst else rewards.argmax(1)).tolist()
+    return [responses[i * n + j] for i, j in enumerate(picks)], rewards

@@ -50,7 +50,7 @@ def test_gold_rules_on_hand_written_cases():
     grass = world.format_prompt("What colour is grass?")
     assert world.is_helpful(grass, "It is green.") and not world.is_helpful(grass, "It is blue.")
     assert not world.is_helpful(grass, "It is green. It is blue.")  # hedging over two answers
-    assert world.is_helpful(world.format_prompt("What number comes after 41?"), "Okay. It is 42. Hope that helps!")
+    assert world.is_helpful(world.format_prompt("Which number follows 4?"), "Okay. It is 5. Hope that helps!")
     with pytest.raises(ValueError, match="not a prompt of the embedded world"):
         world.parse_prompt("Human: hello\nAssistant:")
 

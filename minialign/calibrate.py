@@ -1,0 +1,108 @@
+"""Stage 3, calibration (the "C" in CTRL): the reward as a per-prompt quantile under pi_ref.
+
+InfAlign's calibrated reward is the win rate of y against a reference sample:
+
+    C(x, y) = P_{z ~ pi_ref}[r(x, z) < r(x, y)] + 0.5 * P[r(x, z) = r(x, y)].
+
+It is estimated once, offline, from K reference responses per training prompt: their rewards are
+sorted and cached (``out/calibration``), and ``C_hat`` counts with two ``searchsorted`` calls:
+
+    C_hat(x, y) = (#{k: r_k < r} + 0.5 * #{k: r_k = r}) / K.
+
+C_hat lies in [0, 1], averages exactly 1/2 over the reference samples themselves, and is unchanged by
+any strictly increasing transform of r (even one per prompt): only the order of rewards matters.
+``smoothed`` adds half a pseudo-sample on each side, (count + 0.5) / (K + 1), so the log and
+negative-exponent transforms never see exactly 0 or 1.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from . import world
+from .checkpoint import CheckpointError, atomic_write_text, load_model
+from .config import arg
+from .data import load_prompts
+from .reward import load_reward, score
+from .sampling import complete
+from .tokenizer import get_tokenizer
+from .training import pick_device
+
+
+def calibrated(sorted_rewards: torch.Tensor, rewards: torch.Tensor, smoothed: bool = False) -> torch.Tensor:
+    """C_hat for rewards (B, M) against each row's sorted reference rewards (B, K): values (B, M)."""
+    less = torch.searchsorted(sorted_rewards, rewards, side="left").float()  # #{k: r_k < r}
+    not_greater = torch.searchsorted(sorted_rewards, rewards, side="right").float()  # #{k: r_k <= r}
+    count = less + 0.5 * (not_greater - less)  # ties count one half
+    K = sorted_rewards.size(-1)
+    return (count + 0.5) / (K + 1) if smoothed else count / K
+
+
+@dataclass
+class CalibrateConfig:
+    out_dir: str = arg("out", "checkpoints root (reads sft and reward, writes <out_dir>/calibration)")
+    prompts: str = arg("", "prompt file (.jsonl with a prompt field, or one per line); '' = world train prompts")
+    n_prompts: int = arg(240, "training prompts to calibrate (and later train CTRL on)")
+    k: int = arg(32, "reference samples per prompt (K)")
+    temperature: float = arg(1.0, "sampling temperature of pi_ref")
+    max_new_tokens: int = arg(128, "longest reference response")
+    seed: int = arg(0, "seed")
+    device: str = arg("auto", "auto, cpu or cuda")
+
+
+def training_prompts(cfg: CalibrateConfig) -> list[str]:
+    """The CTRL training prompts: a file's, or a seeded, kind-balanced subset of the world's train prompts."""
+    if cfg.prompts:
+        return load_prompts(cfg.prompts)[: cfg.n_prompts]
+    g = torch.Generator().manual_seed(cfg.seed)
+    train = world.prompts("train", cfg.seed)
+    chosen = []
+    for kind in world.KIND_MIX:
+        pool = [p.text for p in train if p.kind == kind]
+        chosen += [pool[i] for i in torch.randperm(len(pool), generator=g)[: cfg.n_prompts // 3]]
+    return chosen
+
+
+def load_calibration(folder: str) -> tuple[list[str], torch.Tensor]:
+    """(prompts, sorted reference rewards (P, K)) from a calibration folder."""
+    try:
+        with open(os.path.join(folder, "prompts.json")) as f:
+            prompts = json.load(f)
+        rewards = torch.load(os.path.join(folder, "rewards.pt"), weights_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"no usable calibration in {folder} ({type(err).__name__}): "
+                              "run `python train.py --stage calibrate` first.") from None
+    return prompts, rewards
+
+
+def run_calibration(cfg: CalibrateConfig) -> dict:
+    """Sample K responses per prompt from pi_ref, score them with r, cache the sorted rewards."""
+    device = pick_device(cfg.device)
+    policy, meta = load_model(f"{cfg.out_dir}/sft")
+    reward_model, _ = load_reward(f"{cfg.out_dir}/reward")
+    policy.to(device).eval()
+    reward_model.to(device).eval()
+    tokenizer = get_tokenizer(meta["tokenizer"])
+    prompts = training_prompts(cfg)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    rewards = torch.empty(len(prompts), cfg.k)
+    per_batch = max(1, 256 // cfg.k)  # prompts per batch: about 256 sequences decoded together
+    for i in tqdm(range(0, len(prompts), per_batch), desc="calibrate", dynamic_ncols=True):
+        group = [p for p in prompts[i: i + per_batch] for _ in range(cfg.k)]
+        responses = complete(policy, tokenizer, group, cfg.max_new_tokens, batch_size=len(group),
+                             temperature=cfg.temperature, generator=generator)
+        rewards[i: i + per_batch] = score(reward_model, tokenizer, group, responses).view(-1, cfg.k)
+    folder = f"{cfg.out_dir}/calibration"
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, ".rewards.pt.tmp")
+    torch.save(rewards.sort(dim=1).values, tmp)
+    os.replace(tmp, os.path.join(folder, "rewards.pt"))
+    atomic_write_text(os.path.join(folder, "prompts.json"), json.dumps(prompts))
+    summary = {"prompts": len(prompts), "k": cfg.k, "reward_mean": round(float(rewards.mean()), 4),
+               "reward_std": round(float(rewards.std()), 4)}
+    atomic_write_text(os.path.join(folder, "config.json"), json.dumps({"stage": "calibrate", "config": asdict(cfg),
+                                                                      "metrics": summary}, indent=2))
+    print(f"calibration: {summary}")
+    return summary

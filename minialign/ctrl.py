@@ -1,0 +1,188 @@
+"""Stage 4, CTRL (InfAlign): KL-regularised RL on a transformed, calibrated reward.
+
+InfAlign shows that the policy maximising an inference-time win rate W(T(pi) > T(pi_ref)) under a KL
+budget is the RLHF optimum pi* ∝ pi_ref exp(R / beta) for a *transformed calibrated* reward
+R = Phi(C_hat(x, y)). So CTRL is ordinary KL-regularised RL with that reward:
+
+    raw       R = r(x, y)                      standard RLHF (the baseline; not calibrated)
+    identity  R = C_hat                        calibrated RLHF: optimal for the standard win rate
+    log       R = log C_hat                    with beta = 1/(N-1) its optimum is BoN_N of pi_ref
+    exp       R = sign(t) * exp(t * C_hat)     t > 0 aims at best-of-N, t < 0 at worst-of-N
+
+The RL solver (the choices, stated precisely):
+
+- Samples: for each prompt, G responses from the current policy (temperature 1).
+- KL estimator: the single-sample (k1) estimate of the *sequence* KL,
+  ``kl(y) = sum_t [log pi_old(y_t | ...) - log pi_ref(y_t | ...)]`` over the response tokens (the
+  end-of-turn token included), computed once when the samples are drawn. It enters as a penalty in
+  the reward, ``R_total = R - beta * kl(y)``: the score-function gradient of E[R_total] is then the
+  gradient of the regularised objective E[R] - beta * KL(pi || pi_ref).
+- Baseline: leave-one-out (RLOO), ``A_i = R_total_i - mean_{j != i} R_total_j`` within a prompt's group.
+- Update: ``ppo_epochs`` passes over the batch with the PPO-clipped per-token ratio
+  ``pi_theta(y_t) / pi_old(y_t)``; per sequence the token terms are summed (the sequence's log-prob),
+  and sequences are averaged.
+
+The same three functions (``ctrl_reward``, ``rloo_advantages``, ``ppo_loss``) drive the exact finite
+check in the tests, where a categorical policy over a fixed response set must converge to
+``softmax(log pi_ref + R / beta)``.
+"""
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from . import world
+from .calibrate import calibrated, load_calibration
+from .checkpoint import load_model, load_state, load_weights, save
+from .config import ConfigError, arg
+from .data import pad_responses
+from .evaluate import compare_policies
+from .reward import load_reward, score
+from .sampling import generate, stop_ids
+from .tokenizer import get_tokenizer
+from .training import MetricsLog, make_optimizer, pick_device
+
+TRANSFORMS = ("raw", "identity", "log", "exp")
+
+
+def ctrl_reward(transform: str, t: float, raw: torch.Tensor, sorted_reference: torch.Tensor) -> torch.Tensor:
+    """R = Phi(C_hat) for rewards raw (P, G) against each prompt's sorted reference rewards (P, K).
+
+    The log and negative-exponent transforms use the smoothed C_hat, never exactly 0 or 1.
+    """
+    if transform == "raw":
+        return raw
+    smoothed = transform == "log" or (transform == "exp" and t < 0)
+    u = calibrated(sorted_reference, raw, smoothed=smoothed)  # (P, G) in [0, 1]
+    if transform == "identity":
+        return u
+    if transform == "log":
+        return torch.log(u)
+    if transform == "exp":
+        return torch.sign(torch.tensor(t)) * torch.exp(t * u)  # InfAlign: Phi_t(u) = sign(t) e^{t u}
+    raise ConfigError(f"unknown --transform {transform!r}; choose one of: {', '.join(TRANSFORMS)}.")
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out advantages (P, G): each sample's reward minus the mean of its G-1 siblings."""
+    G = rewards.size(1)
+    return rewards - (rewards.sum(1, keepdim=True) - rewards) / (G - 1)
+
+
+def ppo_loss(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+             clip: float) -> torch.Tensor:
+    """PPO-clipped policy-gradient loss. logp, logp_old, mask: (B, T); advantages: (B,).
+
+    Per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) with ratio = pi / pi_old; summed over
+    a sequence's tokens, averaged over sequences. At ratio 1 its gradient is the REINFORCE gradient.
+    """
+    ratio = torch.exp(logp - logp_old)  # (B, T)
+    adv = advantages[:, None]
+    objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    return -(objective * mask).sum() / logp.size(0)
+
+
+@dataclass
+class CTRLConfig:
+    out_dir: str = arg("out", "checkpoints root (reads sft, reward, calibration; writes <out_dir>/ctrl...)")
+    transform: str = arg("exp", "reward transform: raw | identity | log | exp")
+    t: float = arg(5.0, "exponent of the exp transform (> 0 for best-of-N, < 0 for worst-of-N)")
+    beta: float = arg(0.5, "KL penalty coefficient")
+    steps: int = arg(40, "RL steps")
+    prompts_per_step: int = arg(16, "prompts per step")
+    group: int = arg(8, "samples per prompt (G) for the leave-one-out baseline")
+    ppo_epochs: int = arg(2, "passes over each batch")
+    clip: float = arg(0.2, "PPO ratio clip epsilon")
+    lr: float = arg(3e-4, "learning rate (constant)")
+    max_new_tokens: int = arg(128, "longest sampled response")
+    eval_n: int = arg(4, "N of the best-of-N / worst-of-N inference-time win rates")
+    eval_prompts: int = arg(32, "held-out prompts per kind in the final evaluation")
+    eval_samples: int = arg(8, "samples per prompt and policy in the final evaluation")
+    name: str = arg("", "checkpoint folder name under out_dir; '' = ctrl")
+    save_every: int = arg(10, "steps between checkpoints")
+    seed: int = arg(0, "seed")
+    resume: bool = arg(False, "continue from the checkpoint's state.pt")
+    device: str = arg("auto", "auto, cpu or cuda")
+
+
+def ctrl_folder(cfg: CTRLConfig) -> str:
+    return f"{cfg.out_dir}/{cfg.name or 'ctrl'}"
+
+
+def train_ctrl(cfg: CTRLConfig) -> dict:
+    """Run CTRL from pi_ref = out/sft with r = out/reward and the cached calibration; evaluate at the end."""
+    if cfg.transform not in TRANSFORMS:
+        raise ConfigError(f"unknown --transform {cfg.transform!r}; choose one of: {', '.join(TRANSFORMS)}.")
+    device = pick_device(cfg.device)
+    folder = ctrl_folder(cfg)
+    reference, meta = load_model(f"{cfg.out_dir}/sft")
+    tokenizer = get_tokenizer(meta["tokenizer"])
+    reward_model, _ = load_reward(f"{cfg.out_dir}/reward")
+    prompts, sorted_reference = load_calibration(f"{cfg.out_dir}/calibration")
+    policy = copy.deepcopy(reference)
+    state = None
+    if cfg.resume:
+        load_weights(folder, policy)
+        state = load_state(folder)
+    for m in (reference, reward_model):
+        m.to(device).eval().requires_grad_(False)
+    policy.to(device).train()
+    optimizer = make_optimizer(policy, cfg.lr, 0.0, device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sample_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        sample_gen.set_state(state["sample_generator"])
+        step = state["step"]
+    stop = stop_ids(tokenizer)
+    log = MetricsLog(f"{cfg.out_dir}/logs/{cfg.name or 'ctrl'}.jsonl")
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+
+    def checkpoint(metrics: dict) -> None:
+        save(folder, policy, {"stage": "ctrl", "model": asdict(policy.config), "tokenizer": tokenizer.name,
+                              "config": asdict(cfg), "step": step, "metrics": metrics},
+             {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+              "sample_generator": sample_gen.get_state(), "step": step})
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"ctrl[{cfg.transform}]", dynamic_ncols=True)
+    while step < cfg.steps:
+        pick = torch.randperm(len(prompts), generator=generator)[: cfg.prompts_per_step]  # (P,)
+        rows = [prompt_ids[i] for i in pick.tolist() for _ in range(cfg.group)]
+        policy.eval()
+        responses = generate(policy, rows, cfg.max_new_tokens, stop, temperature=1.0, generator=sample_gen,
+                             keep_stop=True)
+        policy.train()
+        texts = [tokenizer.decode(r) for r in responses]
+        raw = score(reward_model, tokenizer, [prompts[i] for i in pick.tolist() for _ in range(cfg.group)],
+                    texts).view(-1, cfg.group)  # (P, G)
+        R = ctrl_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
+        ids, mask = pad_responses(rows, responses, device=device)  # (B, T), (B, T-1)
+        with torch.no_grad():
+            logp_old = policy.token_logprobs(ids)
+            logp_ref = reference.token_logprobs(ids)
+        kl = ((logp_old - logp_ref) * mask).sum(1)  # (B,) k1 estimate of the sequence KL
+        advantages = rloo_advantages(R.to(device) - cfg.beta * kl.view(-1, cfg.group)).flatten()  # (B,)
+        for _ in range(cfg.ppo_epochs):
+            loss = ppo_loss(policy.token_logprobs(ids), logp_old, mask, advantages, cfg.clip)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
+        step += 1
+        win = calibrated(sorted_reference[pick], raw).mean()  # mean C_hat = win rate vs pi_ref under r
+        metrics = {"step": step, "reward": round(float(raw.mean()), 4), "kl": round(float(kl.mean()), 4),
+                   "win_rate_r": round(float(win), 4)}
+        log.write(**metrics)
+        bar.update(1)
+        bar.set_postfix(reward=metrics["reward"], kl=metrics["kl"], win=metrics["win_rate_r"])
+        if step % cfg.save_every == 0 and step < cfg.steps:
+            checkpoint(metrics)
+    bar.close()
+    summary = compare_policies(policy.eval(), reference, tokenizer, world.eval_prompts(cfg.eval_prompts),
+                               cfg.eval_samples, cfg.eval_n, cfg.max_new_tokens, cfg.seed)
+    log.write(step=step, final=summary)
+    checkpoint(summary)
+    return summary

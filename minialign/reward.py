@@ -1,0 +1,212 @@
+"""Stage 2, the reward model r(x, y): a GPT trunk with a scalar head, trained by Bradley-Terry.
+
+Read-out convention (one for training, calibration, RL and evaluation): the text
+``prompt + " " + response`` is followed by one end-of-text token, and the reward is the head applied
+to the trunk's final hidden state *at that token*. Batches are right-padded, and the read-out index
+is each row's own end-of-text position, never a padding position (a known pitfall in RLHF code).
+
+Bradley-Terry: P(chosen > rejected) = sigmoid(r(chosen) - r(rejected)); the loss is its negative log.
+On the world, the labels are themselves drawn by Bradley-Terry on the gold reward with a temperature,
+so no reward model can exceed the *label-noise ceiling* E[max(p, 1 - p)], which is reported beside
+the held-out accuracy.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import world
+from .checkpoint import load_meta, load_model, load_state, load_weights, save
+from .config import arg
+from .data import load_pairs, split_transcript
+from .model import GPT, GPTConfig, from_pretrained
+from .tokenizer import Tokenizer, get_tokenizer
+from .training import MetricsLog, autocast, cosine_lr, make_optimizer, pick_device, set_lr
+
+
+def reward_text(prompt: str, response: str) -> str:
+    """The scored text: the prompt, one space, the response without surrounding whitespace."""
+    return f"{prompt} {response.strip()}"
+
+
+class RewardModel(nn.Module):
+    """GPT trunk + linear head on the hidden state at the appended end-of-text token."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.trunk = GPT(config)
+        self.head = nn.Linear(config.n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Rewards (B,) for right-padded ids (B, T) whose row b ends with end-of-text at lengths[b] - 1."""
+        h = self.trunk.hidden(ids)  # (B, T, C)
+        last = h[torch.arange(ids.size(0), device=ids.device), lengths - 1]  # (B, C) at each row's EOT
+        return self.head(last).squeeze(-1).float()
+
+
+def encode_batch(tokenizer: Tokenizer, prompts: list[str], responses: list[str], block_size: int,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids of ``reward_text`` + end-of-text, and each row's length (B,).
+
+    A text longer than the context keeps its last ``block_size`` tokens (the response end matters most).
+    """
+    rows = [(tokenizer.encode(reward_text(p, r)) + [tokenizer.eot])[-block_size:] for p, r in zip(prompts, responses)]
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    ids = torch.full((len(rows), int(lengths.max())), tokenizer.eot, dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+    return ids, lengths
+
+
+@torch.no_grad()
+def score(model: RewardModel, tokenizer: Tokenizer, prompts: list[str], responses: list[str],
+          batch_size: int = 128, bf16: bool = False) -> torch.Tensor:
+    """Rewards (N,) for N (prompt, response) pairs, in batches."""
+    device = model.head.weight.device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids, lengths = encode_batch(tokenizer, prompts[i: i + batch_size], responses[i: i + batch_size],
+                                    model.trunk.config.block_size, device)
+        with autocast(device, bf16):
+            out.append(model(ids, lengths).float().cpu())
+    return torch.cat(out)
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected), averaged over the batch."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def label_noise_ceiling(prompts, a, b, temperature: float) -> float:
+    """The best accuracy any model can reach on Bradley-Terry labels: mean of max(p, 1 - p)."""
+    total = 0.0
+    for p, x, y in zip(prompts, a, b):
+        q = 1 / (1 + math.exp(-(world.gold_reward(p, x) - world.gold_reward(p, y)) / temperature))
+        total += max(q, 1 - q)
+    return total / len(prompts)
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Rank correlation (average ranks for ties)."""
+    def ranks(v):
+        order = v.argsort()
+        r = torch.empty_like(v, dtype=torch.float64)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in v.unique():  # ties share their mean rank
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+
+
+@dataclass
+class RewardConfig:
+    out_dir: str = arg("out", "checkpoints root (reads <out_dir>/sft, writes <out_dir>/reward)")
+    init: str = arg("", "trunk from: '' = <out_dir>/sft, 'gpt2' or a local GPT-2 folder")
+    data: str = arg("", "HH-format JSONL of preference pairs; '' = world pairs")
+    n_pairs: int = arg(8000, "world training pairs")
+    label_temperature: float = arg(0.25, "Bradley-Terry temperature of the world's labels")
+    steps: int = arg(500, "optimizer steps")
+    batch_size: int = arg(32, "pairs per step")
+    lr: float = arg(1e-3, "peak learning rate")
+    warmup: int = arg(20, "warm-up steps")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    eval_every: int = arg(250, "steps between held-out evaluations and checkpoints")
+    seed: int = arg(0, "seed")
+    resume: bool = arg(False, "continue from <out_dir>/reward/state.pt")
+    device: str = arg("auto", "auto, cpu or cuda")
+    bf16: bool = arg(True, "bf16 autocast")
+
+
+def load_reward(folder: str) -> tuple[RewardModel, dict]:
+    meta = load_meta(folder, "python train.py --stage reward")
+    model = RewardModel(GPTConfig(**meta["model"]))
+    load_weights(folder, model)
+    return model, meta
+
+
+def evaluate_reward(model, tokenizer, pairs, cfg) -> dict:
+    """Held-out pairwise accuracy (ties count half) and, on the world, ceiling and rank correlation."""
+    prompts, chosen, rejected = zip(*pairs)
+    rc = score(model, tokenizer, list(prompts), list(chosen), bf16=cfg.bf16)
+    rr = score(model, tokenizer, list(prompts), list(rejected), bf16=cfg.bf16)
+    metrics = {"accuracy": float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())}
+    if not cfg.data:
+        metrics["ceiling"] = label_noise_ceiling(prompts, chosen, rejected, cfg.label_temperature)
+        gold = torch.tensor([world.gold_reward(p, r) for p, r in zip(prompts + prompts, chosen + rejected)])
+        metrics["spearman_gold"] = spearman(torch.cat([rc, rr]), gold)
+    return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def world_pair_tuples(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """HH-format rows -> (prompt, chosen, rejected), as ``data.load_pairs`` returns them."""
+    return [(*split_transcript(r["chosen"]), split_transcript(r["rejected"])[1]) for r in rows]
+
+
+def train_reward(cfg: RewardConfig) -> dict:
+    device = pick_device(cfg.device)
+    folder = f"{cfg.out_dir}/reward"
+    if cfg.data:
+        pairs = load_pairs(cfg.data)
+        n_test = max(1, len(pairs) // 10)
+        train_pairs, test_pairs = pairs[n_test:], pairs[:n_test]
+    else:
+        train_pairs = world_pair_tuples(world.preference_pairs(cfg.n_pairs, cfg.seed, cfg.label_temperature))
+        test_pairs = world_pair_tuples(world.preference_pairs(1000, cfg.seed, cfg.label_temperature, split="test"))
+    if cfg.resume:
+        model, _ = load_reward(folder)
+        state = load_state(folder)
+        tokenizer = get_tokenizer(load_meta(folder)["tokenizer"])
+    else:
+        if cfg.init:
+            trunk, tokenizer = from_pretrained(cfg.init), get_tokenizer("gpt2")
+        else:
+            trunk, sft_meta = load_model(f"{cfg.out_dir}/sft")
+            tokenizer = get_tokenizer(sft_meta["tokenizer"])
+        model, state = RewardModel(trunk.config), None
+        model.trunk.load_state_dict(trunk.state_dict())
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step, metrics = 0, {}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+    log = MetricsLog(f"{cfg.out_dir}/logs/reward.jsonl")
+    bar = tqdm(total=cfg.steps, initial=step, desc="reward", dynamic_ncols=True)
+    while step < cfg.steps:
+        set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
+        batch = [train_pairs[i] for i in torch.randint(len(train_pairs), (cfg.batch_size,), generator=generator)]
+        prompts, chosen, rejected = zip(*batch)
+        ids, lengths = encode_batch(tokenizer, list(prompts + prompts), list(chosen + rejected),
+                                    model.trunk.config.block_size, device)
+        with autocast(device, cfg.bf16):
+            r = model(ids, lengths)  # (2B,): chosen then rejected
+        loss = bradley_terry_loss(r[: cfg.batch_size], r[cfg.batch_size:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            model.eval()
+            metrics = {"step": step, "loss": round(loss.item(), 4), **evaluate_reward(model, tokenizer, test_pairs, cfg)}
+            model.train()
+            log.write(**metrics)
+            bar.write(f"reward step {step}: " + ", ".join(f"{k} {v}" for k, v in metrics.items() if k != "step"))
+            meta = {"stage": "reward", "model": asdict(model.trunk.config), "tokenizer": tokenizer.name,
+                    "config": asdict(cfg), "step": step, "metrics": metrics}
+            save(folder, model, meta, {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                                       "step": step})
+    bar.close()
+    return metrics

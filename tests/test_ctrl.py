@@ -1,0 +1,64 @@
+"""CTRL's update rule on a finite problem: it converges to the tilted optimum softmax(log pi_ref + R/beta)
+for every transform, and only the calibrated transforms ignore per-prompt reward scales and offsets."""
+import pytest
+import torch
+
+from minialign.ctrl import ctrl_reward, ppo_loss, rloo_advantages
+
+PI_REF = torch.tensor([0.10, 0.20, 0.30, 0.15, 0.25])
+RAW = torch.tensor([0.3, -1.0, 0.1, 0.9, 0.5])  # rewards of the 5 responses, no ties
+COUNTS = (PI_REF * 20).round().long()  # K = 20 reference samples in exact proportion to pi_ref
+SORTED_REF = RAW.repeat_interleave(COUNTS).sort().values[None]  # (1, K)
+
+
+def solve(transform, t, beta, raw=RAW, sorted_ref=SORTED_REF, iters=600, group=64, seed=0):
+    """The CTRL update (G samples, k1 KL penalty in the reward, RLOO, PPO clip) on a categorical policy."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.log(PI_REF).clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=0.03)
+    R_all = ctrl_reward(transform, t, raw[None], sorted_ref)[0]  # (5,)
+    for i in range(iters):
+        with torch.no_grad():
+            logp_all = torch.log_softmax(theta, 0)
+            y = torch.multinomial(logp_all.exp(), group, replacement=True, generator=g)  # (G,)
+            logp_old = logp_all[y][:, None]  # (G, 1): one-token "sequences"
+            kl = (logp_old - torch.log(PI_REF)[y][:, None]).sum(1)
+            adv = rloo_advantages((R_all[y] - beta * kl)[None])[0]
+        for group_ in opt.param_groups:
+            group_["lr"] = 0.03 * (1 - i / iters) + 1e-3
+        for _ in range(2):
+            loss = ppo_loss(torch.log_softmax(theta, 0)[y][:, None], logp_old, torch.ones(group, 1), adv, 0.2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return torch.softmax(theta.detach(), 0), torch.softmax(torch.log(PI_REF) + R_all / beta, 0)
+
+
+def kl(p, q):
+    return float((p * (p / q).log()).sum())
+
+
+@pytest.mark.parametrize("transform,t,beta", [("raw", 0, 0.5), ("identity", 0, 0.2), ("log", 0, 1 / 3),
+                                              ("exp", 5.0, 30.0), ("exp", -5.0, 0.2)])
+def test_converges_to_tilted_optimum(transform, t, beta):
+    learned, optimum = solve(transform, t, beta)
+    assert kl(learned, optimum) < 0.02
+    assert kl(PI_REF, optimum) > 0.05  # the optimum is far from where the policy started
+
+
+def test_only_calibrated_transforms_ignore_reward_scale_and_offset():
+    scaled, scaled_ref = 4 * RAW + 3, 4 * SORTED_REF + 3  # a strictly increasing transform of r
+    for transform, t in (("identity", 0), ("log", 0), ("exp", 5.0), ("exp", -5.0)):
+        assert torch.equal(ctrl_reward(transform, t, RAW[None], SORTED_REF),
+                           ctrl_reward(transform, t, scaled[None], scaled_ref))
+    a, _ = solve("raw", 0, 0.5)
+    b, _ = solve("raw", 0, 0.5, raw=scaled, sorted_ref=scaled_ref)
+    assert kl(a, b) > 0.1  # raw RLHF lands somewhere else
+    c, _ = solve("identity", 0, 0.2)
+    d, _ = solve("identity", 0, 0.2, raw=scaled, sorted_ref=scaled_ref)
+    assert kl(c, d) < 1e-9  # same rewards, same seed: the very same run
+
+
+def test_rloo_baseline_by_hand():
+    adv = rloo_advantages(torch.tensor([[1.0, 2.0, 6.0]]))
+    assert adv.tolist() == [[1 - 4, 2 - 3.5, 6 - 1.5]]
