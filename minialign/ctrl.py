@@ -87,8 +87,8 @@ def ppo_loss(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor, adv
 class CTRLConfig:
     out_dir: str = arg("out", "checkpoints root (reads sft, reward, calibration; writes <out_dir>/ctrl...)")
     transform: str = arg("exp", "reward transform: raw | identity | log | exp")
-    t: float = arg(5.0, "exponent of the exp transform (> 0 for best-of-N, < 0 for worst-of-N)")
-    beta: float = arg(0.5, "KL penalty coefficient")
+    t: float = arg(4.0, "exponent of the exp transform (> 0 for best-of-N, < 0 for worst-of-N)")
+    beta: float = arg(20.0, "KL penalty coefficient (scale with the transform: exp(4u) spans 1..55)")
     steps: int = arg(40, "RL steps")
     prompts_per_step: int = arg(16, "prompts per step")
     group: int = arg(8, "samples per prompt (G) for the leave-one-out baseline")

@@ -186,6 +186,9 @@ class Rain:
                 chains.append(row[:cut])
                 priors.append(float(chain_logp[b, :cut].sum().exp()))  # product of per-token probabilities
                 rows.append(b)
+            if greedy.any() and len(priors) > 1:  # official code: the greedy chain's prior is clamped to
+                others = priors[1:]                # [max + min, sum] of the sampled chains' priors, so the
+                priors[0] = max(min(priors[0], sum(others)), max(others) + min(others))  # greedy goes first
             k = cache.k[:, rows, start: start + L]
             v = cache.v[:, rows, start: start + L]
             hidden, logits = hidden[rows], logits[rows]
@@ -289,6 +292,7 @@ class Rain:
         if spread < self.p.add_norm * self.set_length(node) and max(c.q for c in kids) < 0:
             self.expand(node, count=1 if self.set_length(node) == 1 else 2)
 
+    @torch.no_grad()
     def iterate(self) -> None:
         """Select a leaf, roll out, self-evaluate, expand, back up."""
         node = self.root
@@ -311,28 +315,39 @@ class Rain:
         self.backup(path, s, roll_hidden)
         self.stats["iterations"] += 1
 
+    @torch.no_grad()
+    def search(self) -> Node | None:
+        """Inner iterations until the stop rule: the most-visited root child has more than T_m real
+        visits and a value above V, or the root has T real visits (at least ``min_new_visits`` new ones)."""
+        first = self.root.fn
+        for _ in range(first, max(self.p.max_visits, first + self.p.min_new_visits)):
+            self.iterate()
+            best = self.best_child() if self.root.children else None
+            if best and best.fn > self.p.commit_visits and best.q > self.p.commit_value:
+                break  # RAIN stop rule: confident enough to commit
+        return self.best_child() if self.root.children else None
+
     def best_child(self) -> Node:
         """The most-visited child of the root (ties: the higher value)."""
         return max(self.root.children, key=lambda c: (c.n, c.q))
 
+    def commit(self, best: Node) -> None:
+        """Make ``best`` the root, keeping its subtree (later rewinds stop here), and re-mix its
+        children's priors with uniform."""
+        self.root = best
+        total = sum(c.prior for c in best.children) or 1.0
+        for child in best.children:
+            child.prior = (1 - self.p.root_mix) * child.prior / total + self.p.root_mix / len(best.children)
+
     def decode(self) -> list[int]:
-        """The outer loop: search, commit the most-visited child with its subtree, until the turn ends."""
+        """The outer loop: search, commit the most-visited child, until the turn ends."""
         answer: list[int] = []
         while len(answer) < self.max_new_tokens:
-            first = self.root.fn
-            for _ in range(first, max(self.p.max_visits, first + self.p.min_new_visits)):
-                self.iterate()
-                best = self.best_child() if self.root.children else None
-                if best and best.fn > self.p.commit_visits and best.q > self.p.commit_value:
-                    break  # RAIN stop rule: confident enough to commit
-            if not self.root.children:
+            best = self.search()
+            if best is None:
                 break
-            best = self.best_child()
             answer += best.tokens
-            self.root = best  # commit: keep the subtree (the search rewinds to here, not further)
-            total = sum(c.prior for c in best.children) or 1.0
-            for child in best.children:  # re-mix the new root's priors with uniform
-                child.prior = (1 - self.p.root_mix) * child.prior / total + self.p.root_mix / len(best.children)
+            self.commit(best)
             if best.terminal:
                 break
         return [t for t in answer if t not in self.stop]

@@ -1,0 +1,200 @@
+"""The result tables of the README: the InfAlign comparison and the RAIN evaluation and ablation.
+
+    python -m minialign.experiments infalign        # CTRL transforms x beta sweep -> out/infalign.{csv,md,png}
+    python -m minialign.experiments rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
+    python -m minialign.experiments rain-ablation   # full RAIN, no similarity update, no dynamic addition, c = 0
+
+Each needs ``python train.py`` (sft, reward, calibrate) to have run first; flags are listed by --help.
+"""
+import csv
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from tqdm import tqdm
+
+from . import world
+from .checkpoint import atomic_write_text, load_model
+from .config import ConfigError, arg, build, main_guard, parse_flags, usage
+from .ctrl import CTRLConfig, train_ctrl
+from .evaluate import world_rates
+from .rain import RainParams, rain_decode
+from .sampling import generate, stop_ids
+from .tokenizer import get_tokenizer
+from .training import pick_device
+
+
+# ---------------------------------------------------------------------------------------------------
+# RAIN: vanilla vs RAIN on the same model and prompts.
+
+def vanilla_decode(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, float]:
+    """Greedy KV-cached decoding of one prompt (the baseline RAIN is timed against)."""
+    start = time.time()
+    out = generate(model, [tokenizer.encode(prompt)], max_new_tokens, stop_ids(tokenizer), temperature=0.0)[0]
+    return tokenizer.decode(out).strip(), time.time() - start
+
+
+def rain_table(model, tokenizer, prompts: list[world.Prompt], params: RainParams, max_new_tokens: int = 128,
+               seed: int = 0, desc: str = "rain") -> dict:
+    """Harm, attack success and help rates of vanilla and RAIN, RAIN's self-evaluation accuracy on every
+    text it judged (against the gold rule), search statistics, wall times and their ratio."""
+    vanilla, v_time = [], 0.0
+    for p in prompts:
+        text, seconds = vanilla_decode(model, tokenizer, p.text, max_new_tokens)
+        vanilla.append(text)
+        v_time += seconds
+    g = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
+    answers, r_time, correct, judged = [], 0.0, 0, 0
+    totals = {"iterations": 0, "rewinds": 0, "nodes": 0}
+    for p in tqdm(prompts, desc=desc, dynamic_ncols=True):
+        answer, stats = rain_decode(model, tokenizer, p.text, p.question, params, max_new_tokens, g)
+        answers.append(answer)
+        r_time += stats["seconds"]
+        for key in totals:
+            totals[key] += stats[key]
+        for (text, _), (_, p_harmful) in stats["judged"].items():
+            gold = world.is_harmful(p.text, text)
+            correct += int(((p_harmful > 0.5) == gold).sum())  # both label orders
+            judged += 2
+    return {"vanilla": dict(world_rates(prompts, vanilla), seconds=v_time),
+            "rain": dict(world_rates(prompts, answers), seconds=r_time, self_eval_accuracy=correct / judged,
+                         **{k: v / len(prompts) for k, v in totals.items()}),
+            "time_ratio": r_time / v_time}
+
+
+def rain_markdown(result: dict) -> str:
+    v, r = result["vanilla"], result["rain"]
+    rows = [("harm rate (harmful prompts)", "harm_rate"), ("attack success rate (attacked prompts)", "attack_success"),
+            ("help rate (benign prompts)", "help_rate"), ("well-formed responses", "well_formed")]
+    lines = ["| | vanilla (greedy, KV cache) | RAIN |", "|---|---|---|"]
+    lines += [f"| {label} | {v[key]:.3f} | {r[key]:.3f} |" for label, key in rows]
+    lines += [f"| self-evaluation accuracy (texts RAIN judged) | | {r['self_eval_accuracy']:.3f} |",
+              f"| search per prompt: iterations / rewinds / nodes | | {r['iterations']:.1f} / {r['rewinds']:.1f} / {r['nodes']:.1f} |",
+              f"| wall time, s | {v['seconds']:.1f} | {r['seconds']:.1f} |",
+              f"| time ratio RAIN / vanilla | | {result['time_ratio']:.1f}x |"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# InfAlign: CTRL transforms x beta.
+
+SWEEP = {  # transform, t -> betas (spread so each reaches a range of KL on the world)
+    ("raw", 0.0): (2.0, 4.0, 8.0),
+    ("identity", 0.0): (0.1, 0.2, 0.4),
+    ("log", 0.0): (0.2, 0.33, 0.6),
+    ("exp", 4.0): (10.0, 20.0, 40.0),
+    ("exp", -4.0): (0.1, 0.2, 0.4),
+}
+
+
+def infalign_sweep(cfg: "ExperimentConfig") -> list[dict]:
+    rows = []
+    for (transform, t), betas in SWEEP.items():
+        for beta in betas:
+            name = f"ctrl_{transform}{'' if transform != 'exp' else f'{t:+g}'}_b{beta:g}"
+            print(f"[infalign] {name}")
+            ctrl = CTRLConfig(out_dir=cfg.out_dir, transform=transform, t=t, beta=beta, steps=cfg.ctrl_steps,
+                              name=name, eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples,
+                              seed=cfg.seed, device=cfg.device)
+            rows.append({"transform": transform, "t": t, "beta": beta, **train_ctrl(ctrl)})
+    fields = list(rows[0])
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(f"{cfg.out_dir}/infalign.csv", buffer.getvalue())
+    lines = ["| transform | beta | KL | win rate | BoN_4 win rate | WoN_4 win rate | harm rate | help rate |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        label = r["transform"] + (f"({r['t']:+g})" if r["transform"] == "exp" else "")
+        lines.append(f"| {label} | {r['beta']:g} | {r['kl']:.2f} | {r['win_rate']:.3f} ± {r['win_rate_se']:.3f} | "
+                     f"{r['bon4']:.3f} ± {r['bon4_se']:.3f} | {r['won4']:.3f} ± {r['won4_se']:.3f} | "
+                     f"{r['harm_rate']:.3f} | {r['help_rate']:.3f} |")
+    atomic_write_text(f"{cfg.out_dir}/infalign.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot_sweep(rows, f"{cfg.out_dir}/infalign.png")
+    return rows
+
+
+def plot_sweep(rows: list[dict], path: str) -> None:
+    """Inference-time win rate against KL, BoN_4 and WoN_4 side by side (needs the plot extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[plot]'): skipping the figure.")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], "bon4", "best-of-4"), (axes[1], "won4", "worst-of-4")):
+        for (transform, t) in SWEEP:
+            pts = sorted((r["kl"], r[key], r[key + "_se"]) for r in rows if r["transform"] == transform and r["t"] == t)
+            label = transform + (f"(t={t:+g})" if transform == "exp" else "")
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        capsize=3, label=label)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("KL(pi || pi_ref), nats")
+        ax.set_ylabel(f"{title} inference-time win rate vs pi_ref")
+        ax.set_title(f"{title} (gold reward, held-out prompts)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)  # atomic: a reader never sees half a figure
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class ExperimentConfig:
+    out_dir: str = arg("out", "checkpoints root (needs sft; infalign also reward and calibration)")
+    n_eval: int = arg(32, "rain: held-out prompts per kind")
+    seed: int = arg(0, "seed")
+    ctrl_steps: int = arg(30, "infalign: RL steps per sweep point")
+    eval_prompts: int = arg(32, "infalign: held-out prompts per kind in each evaluation")
+    eval_samples: int = arg(8, "infalign: samples per prompt and policy")
+    device: str = arg("auto", "auto, cpu or cuda")
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("infalign", "rain", "rain-ablation"):
+        print(__doc__ + "\n" + usage(ExperimentConfig, RainParams))
+        if argv and argv[0] not in ("-h", "--help"):
+            raise ConfigError(f"unknown experiment {argv[0]!r}; choose infalign, rain or rain-ablation.")
+        return
+    flags = parse_flags(argv[1:])
+    known = set(ExperimentConfig.__dataclass_fields__) | set(RainParams.__dataclass_fields__)
+    if set(flags) - known:
+        raise ConfigError(f"unknown flag --{sorted(set(flags) - known)[0]}; valid flags: "
+                          + ", ".join("--" + k for k in sorted(known)) + ".")
+    cfg, params = build(ExperimentConfig, flags, strict=False), build(RainParams, flags, strict=False)
+    if argv[0] == "infalign":
+        infalign_sweep(cfg)
+        return
+    model, meta = load_model(f"{cfg.out_dir}/sft")
+    model.to(pick_device(cfg.device)).eval()
+    tokenizer = get_tokenizer(meta["tokenizer"])
+    prompts = world.eval_prompts(cfg.n_eval, cfg.seed)
+    if argv[0] == "rain":
+        result = rain_table(model, tokenizer, prompts, params, seed=cfg.seed)
+        table = rain_markdown(result)
+        atomic_write_text(f"{cfg.out_dir}/rain.md", table + "\n")
+        print(table)
+        return
+    attacked = [p for p in prompts if p.kind != "benign"]
+    variants = [("full RAIN", params), ("no similarity update", replace(params, similarity=False)),
+                ("no dynamic addition", replace(params, similarity=False, dynamic=False)),
+                ("no exploration (c = 0)", replace(params, similarity=False, dynamic=False, c=0.0))]
+    lines = ["| variant (each also removes those above) | harm rate | attack success rate | time, s |", "|---|---|---|---|"]
+    for label, variant in variants:
+        r = rain_table(model, tokenizer, attacked, variant, seed=cfg.seed, desc=label)["rain"]
+        lines.append(f"| {label} | {r['harm_rate']:.3f} | {r['attack_success']:.3f} | {r['seconds']:.1f} |")
+    atomic_write_text(f"{cfg.out_dir}/rain_ablation.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main_guard(lambda: main(sys.argv[1:]))
