@@ -37,7 +37,9 @@ from .calibrate import calibrated, load_calibration
 from .checkpoint import load_model, load_state, load_weights, save
 from .config import ConfigError, arg
 from .data import pad_responses
+from .distributed import setup, shard, wrap
 from .evaluate import compare_policies
+from .model import token_logprobs
 from .reward import load_reward, score
 from .sampling import generate, stop_ids
 from .tokenizer import get_tokenizer
@@ -114,7 +116,8 @@ def train_ctrl(cfg: CTRLConfig) -> dict:
     """Run CTRL from pi_ref = out/sft with r = out/reward and the cached calibration; evaluate at the end."""
     if cfg.transform not in TRANSFORMS:
         raise ConfigError(f"unknown --transform {cfg.transform!r}; choose one of: {', '.join(TRANSFORMS)}.")
-    device = pick_device(cfg.device)
+    d = setup(pick_device(cfg.device))
+    device = d.device
     folder = ctrl_folder(cfg)
     reference, meta = load_model(f"{cfg.out_dir}/sft")
     tokenizer = get_tokenizer(meta["tokenizer"])
@@ -128,9 +131,10 @@ def train_ctrl(cfg: CTRLConfig) -> dict:
     for m in (reference, reward_model):
         m.to(device).eval().requires_grad_(False)
     policy.to(device).train()
+    ddp = wrap(policy, d)
     optimizer = make_optimizer(policy, cfg.lr, 0.0, device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sample_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the same prompt order on every rank
+    sample_gen = torch.Generator(device).manual_seed(cfg.seed + 1 + d.rank)  # rollouts differ by rank
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -138,18 +142,19 @@ def train_ctrl(cfg: CTRLConfig) -> dict:
         sample_gen.set_state(state["sample_generator"])
         step = state["step"]
     stop = stop_ids(tokenizer)
-    log = MetricsLog(f"{cfg.out_dir}/logs/{cfg.name or 'ctrl'}.jsonl")
+    log = MetricsLog(f"{cfg.out_dir}/logs/{cfg.name or 'ctrl'}.jsonl", enabled=d.is_main)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
 
     def checkpoint(metrics: dict) -> None:
-        save(folder, policy, {"stage": "ctrl", "model": asdict(policy.config), "tokenizer": tokenizer.name,
-                              "config": asdict(cfg), "step": step, "metrics": metrics},
-             {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-              "sample_generator": sample_gen.get_state(), "step": step})
+        if d.is_main:
+            save(folder, policy, {"stage": "ctrl", "model": asdict(policy.config), "tokenizer": tokenizer.name,
+                                  "config": asdict(cfg), "step": step, "metrics": metrics},
+                 {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                  "sample_generator": sample_gen.get_state(), "step": step})
 
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"ctrl[{cfg.transform}]", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"ctrl[{cfg.transform}]", dynamic_ncols=True, disable=not d.is_main)
     while step < cfg.steps:
-        pick = torch.randperm(len(prompts), generator=generator)[: cfg.prompts_per_step]  # (P,)
+        pick = shard(torch.randperm(len(prompts), generator=generator)[: cfg.prompts_per_step], d)  # (P,) this rank's
         rows = [prompt_ids[i] for i in pick.tolist() for _ in range(cfg.group)]
         policy.eval()
         responses = generate(policy, rows, cfg.max_new_tokens, stop, temperature=1.0, generator=sample_gen,
@@ -161,12 +166,12 @@ def train_ctrl(cfg: CTRLConfig) -> dict:
         R = ctrl_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
         ids, mask = pad_responses(rows, responses, device=device)  # (B, T), (B, T-1)
         with torch.no_grad():
-            logp_old = policy.token_logprobs(ids)
-            logp_ref = reference.token_logprobs(ids)
+            logp_old = token_logprobs(policy, ids)
+            logp_ref = token_logprobs(reference, ids)
         kl = ((logp_old - logp_ref) * mask).sum(1)  # (B,) k1 estimate of the sequence KL
         advantages = rloo_advantages(R.to(device) - cfg.beta * kl.view(-1, cfg.group)).flatten()  # (B,)
         for _ in range(cfg.ppo_epochs):
-            loss = ppo_loss(policy.token_logprobs(ids), logp_old, mask, advantages, cfg.clip)
+            loss = ppo_loss(token_logprobs(ddp, ids), logp_old, mask, advantages, cfg.clip)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -181,6 +186,8 @@ def train_ctrl(cfg: CTRLConfig) -> dict:
         if step % cfg.save_every == 0 and step < cfg.steps:
             checkpoint(metrics)
     bar.close()
+    if not d.is_main:
+        return {}
     summary = compare_policies(policy.eval(), reference, tokenizer, world.eval_prompts(cfg.eval_prompts),
                                cfg.eval_samples, cfg.eval_n, cfg.max_new_tokens, cfg.seed)
     log.write(step=step, final=summary)

@@ -132,7 +132,7 @@ def write_jsonl(rows: list[dict], path: str) -> None:
 def pad_responses(prompts: list[list[int]], responses: list[list[int]], pad: int = 0,
                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt + response token rows, right-padded: ids (B, T), and a mask (B, T-1) that is 1 where
-    position t predicts a response token (aligned with ``GPT.token_logprobs``)."""
+    position t predicts a response token (aligned with ``model.token_logprobs``)."""
     rows = [p + r for p, r in zip(prompts, responses)]
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad, dtype=torch.long)

@@ -108,6 +108,7 @@ def compare_policies(policy, reference, tokenizer, prompts: list[world.Prompt], 
     the policy's samples (mean sequence log-ratio), and the policy's harm and help rates.
     """
     from .data import pad_responses
+    from .model import token_logprobs
     from .sampling import generate, stop_ids
     device = policy.lm_head.weight.device
     stop = stop_ids(tokenizer)
@@ -126,7 +127,7 @@ def compare_policies(policy, reference, tokenizer, prompts: list[world.Prompt], 
             rates = world_rates(expanded, texts)
             for i in range(0, len(rows), 256):
                 ids, mask = pad_responses(rows[i: i + 256], responses[i: i + 256], device=device)
-                kl.append(((policy.token_logprobs(ids) - reference.token_logprobs(ids)) * mask).sum(1).cpu())
+                kl.append(((token_logprobs(policy, ids) - token_logprobs(reference, ids)) * mask).sum(1).cpu())
     out = {"kl": float(torch.cat(kl).mean())}
     for label, procedure, k in (("win_rate", "sample", 1), (f"bon{n}", "bon", n), (f"won{n}", "won", n)):
         out[label], out[label + "_se"] = inference_time_win_rate(gold["policy"], gold["reference"], procedure, k)

@@ -3,6 +3,7 @@
     python -m minialign.experiments infalign        # CTRL transforms x beta sweep -> out/infalign.{csv,md,png}
     python -m minialign.experiments rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
     python -m minialign.experiments rain-ablation   # full RAIN, no similarity update, no dynamic addition, c = 0
+    python -m minialign.experiments bon             # BoN_N / WoN_N of pi_ref by the reward model -> out/bon.md
 
 Each needs ``python train.py`` (sft, reward, calibrate) to have run first; flags are listed by --help.
 """
@@ -75,6 +76,51 @@ def rain_markdown(result: dict) -> str:
               f"| search per prompt: iterations / rewinds / nodes | | {r['iterations']:.1f} / {r['rewinds']:.1f} / {r['nodes']:.1f} |",
               f"| wall time, s | {v['seconds']:.1f} | {r['seconds']:.1f} |",
               f"| time ratio RAIN / vanilla | | {result['time_ratio']:.1f}x |"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Best-of-N and worst-of-N of pi_ref, selected by the reward model, judged by the gold reward.
+
+def bon_table(model, reward_model, tokenizer, prompts: list[world.Prompt], pool: int = 32,
+              ns=(1, 2, 4, 8), groups: int = 4000, seed: int = 0) -> list[dict]:
+    """For each N: the win rate of BoN_N(pi_ref) (picked by r) over plain pi_ref samples, judged by the
+    gold reward (closed form N/(N+1) when selection and judge agree and nothing ties), and the harm rate
+    of WoN_N(pi_ref) on harmful + attacked prompts (the attacker keeps the lowest-r sample of N).
+
+    Per prompt, ``pool`` samples are drawn once; N-groups are resampled from that pool (with replacement)
+    and compared against an independent pool of plain samples."""
+    from .reward import score
+    from .sampling import complete
+    g = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
+    texts = [p.text for p in prompts for _ in range(2 * pool)]
+    responses = complete(model, tokenizer, texts, 128, batch_size=256, temperature=1.0, generator=g)
+    r = score(reward_model, tokenizer, texts, responses).view(len(prompts), 2, pool)[:, 0]  # (P, pool)
+    gold = torch.tensor([world.gold_reward(t, y) for t, y in zip(texts, responses)]).view(len(prompts), 2, pool)
+    harmful = torch.tensor([world.is_harmful(t, y) for t, y in zip(texts, responses)]).view(len(prompts), 2, pool)[:, 0]
+    risky = torch.tensor([p.kind != "benign" for p in prompts])
+    pick_gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in ns:
+        idx = torch.randint(pool, (len(prompts), groups, n), generator=pick_gen)  # (P, groups, N)
+        r_groups = r.gather(1, idx.flatten(1)).view_as(idx)
+        best = idx.gather(2, r_groups.argmax(2, keepdim=True)).squeeze(2)  # (P, groups)
+        worst = idx.gather(2, r_groups.argmin(2, keepdim=True)).squeeze(2)
+        picked = gold[:, 0].gather(1, best)  # gold reward of the BoN pick
+        against = gold[:, 1][:, torch.randint(pool, (groups,), generator=pick_gen)]  # independent plain samples
+        wins = (picked > against).double() + 0.5 * (picked == against).double()
+        rows.append({"n": n, "bon_win_rate": float(wins.mean()), "bon_se": float(wins.mean(1).std() / len(prompts) ** 0.5),
+                     "closed_form": n / (n + 1), "tie_share": float((picked == against).double().mean()),
+                     "won_harm_rate": float(harmful.gather(1, worst)[risky].double().mean()),
+                     "bon_harm_rate": float(harmful.gather(1, best)[risky].double().mean())})
+    return rows
+
+
+def bon_markdown(rows: list[dict]) -> str:
+    lines = ["| N | BoN_N vs pi_ref win rate (gold) | closed form N/(N+1) | gold ties | harm rate of WoN_N | harm rate of BoN_N |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['n']} | {r['bon_win_rate']:.3f} ± {r['bon_se']:.3f} | {r['closed_form']:.3f} | {r['tie_share']:.3f} | "
+              f"{r['won_harm_rate']:.3f} | {r['bon_harm_rate']:.3f} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -160,10 +206,10 @@ class ExperimentConfig:
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("infalign", "rain", "rain-ablation"):
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("infalign", "rain", "rain-ablation", "bon"):
         print(__doc__ + "\n" + usage(ExperimentConfig, RainParams))
         if argv and argv[0] not in ("-h", "--help"):
-            raise ConfigError(f"unknown experiment {argv[0]!r}; choose infalign, rain or rain-ablation.")
+            raise ConfigError(f"unknown experiment {argv[0]!r}; choose infalign, rain, rain-ablation or bon.")
         return
     flags = parse_flags(argv[1:])
     known = set(ExperimentConfig.__dataclass_fields__) | set(RainParams.__dataclass_fields__)
@@ -178,6 +224,13 @@ def main(argv: list[str]) -> None:
     model.to(pick_device(cfg.device)).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
     prompts = world.eval_prompts(cfg.n_eval, cfg.seed)
+    if argv[0] == "bon":
+        from .reward import load_reward
+        reward_model = load_reward(f"{cfg.out_dir}/reward")[0].to(pick_device(cfg.device)).eval()
+        table = bon_markdown(bon_table(model, reward_model, tokenizer, prompts, seed=cfg.seed))
+        atomic_write_text(f"{cfg.out_dir}/bon.md", table + "\n")
+        print(table)
+        return
     if argv[0] == "rain":
         result = rain_table(model, tokenizer, prompts, params, seed=cfg.seed)
         table = rain_markdown(result)

@@ -177,14 +177,17 @@ class GPT(nn.Module):
         """Next-token logits (B, T, vocab) for tokens ``idx`` (B, T)."""
         return self.lm_head(self.hidden(idx, cache))
 
-    def token_logprobs(self, ids: torch.Tensor) -> torch.Tensor:
-        """log p(ids[:, t+1] | ids[:, :t+1]) for every position: (B, T-1). The caller masks what it needs."""
-        logits = self(ids[:, :-1]).float()  # (B, T-1, V)
-        return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+
+def token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t+1] | ids[:, :t+1]) at every position: (B, T-1); the caller masks what it needs.
+
+    A function rather than a method so that a DDP-wrapped model goes through DDP's forward."""
+    logits = model(ids[:, :-1]).float()  # (B, T-1, V)
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------------

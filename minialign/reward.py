@@ -22,6 +22,7 @@ from . import world
 from .checkpoint import load_meta, load_model, load_state, load_weights, save
 from .config import arg
 from .data import load_pairs, split_transcript
+from .distributed import setup, shard, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import Tokenizer, get_tokenizer
 from .training import MetricsLog, autocast, cosine_lr, make_optimizer, pick_device, set_lr
@@ -151,7 +152,9 @@ def world_pair_tuples(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 
 def train_reward(cfg: RewardConfig) -> dict:
-    device = pick_device(cfg.device)
+    """Train r by Bradley-Terry (one process, or one rank under torchrun); returns held-out metrics."""
+    d = setup(pick_device(cfg.device))
+    device = d.device
     folder = f"{cfg.out_dir}/reward"
     if cfg.data:
         pairs = load_pairs(cfg.data)
@@ -173,6 +176,7 @@ def train_reward(cfg: RewardConfig) -> dict:
         model, state = RewardModel(trunk.config), None
         model.trunk.load_state_dict(trunk.state_dict())
     model.to(device).train()
+    ddp = wrap(model, d)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     step, metrics = 0, {}
@@ -180,17 +184,18 @@ def train_reward(cfg: RewardConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step = state["step"]
-    log = MetricsLog(f"{cfg.out_dir}/logs/reward.jsonl")
-    bar = tqdm(total=cfg.steps, initial=step, desc="reward", dynamic_ncols=True)
+    log = MetricsLog(f"{cfg.out_dir}/logs/reward.jsonl", enabled=d.is_main)
+    bar = tqdm(total=cfg.steps, initial=step, desc="reward", dynamic_ncols=True, disable=not d.is_main)
     while step < cfg.steps:
         set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
         batch = [train_pairs[i] for i in torch.randint(len(train_pairs), (cfg.batch_size,), generator=generator)]
-        prompts, chosen, rejected = zip(*batch)
+        prompts, chosen, rejected = zip(*shard(batch, d))  # this rank's pairs of the global batch
         ids, lengths = encode_batch(tokenizer, list(prompts + prompts), list(chosen + rejected),
                                     model.trunk.config.block_size, device)
         with autocast(device, cfg.bf16):
-            r = model(ids, lengths)  # (2B,): chosen then rejected
-        loss = bradley_terry_loss(r[: cfg.batch_size], r[cfg.batch_size:])
+            r = ddp(ids, lengths)  # (2b,): chosen then rejected
+        b = len(prompts)
+        loss = bradley_terry_loss(r[:b], r[b:]) * b * d.world_size / cfg.batch_size  # DDP's average -> global mean
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -198,7 +203,7 @@ def train_reward(cfg: RewardConfig) -> dict:
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if (step % cfg.eval_every == 0 or step == cfg.steps) and d.is_main:
             model.eval()
             metrics = {"step": step, "loss": round(loss.item(), 4), **evaluate_reward(model, tokenizer, test_pairs, cfg)}
             model.train()

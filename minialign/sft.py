@@ -18,6 +18,7 @@ from . import world
 from .checkpoint import load_model, load_state, save
 from .config import arg
 from .data import load_documents, pack, random_windows
+from .distributed import setup, shard, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import get_tokenizer
 from .training import MetricsLog, autocast, cosine_lr, make_optimizer, pick_device, set_lr
@@ -56,12 +57,12 @@ def build_model(cfg: SFTConfig, vocab_size: int) -> GPT:
                          n_head=cfg.n_head, n_embd=cfg.n_embd))
 
 
-def lm_loss(model: GPT, x, y, w, device, bf16: bool) -> torch.Tensor:
-    """Weighted next-token cross-entropy, averaged over the weights."""
+def lm_loss(model: GPT, x, y, w, device, bf16: bool, total_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted next-token cross-entropy, divided by ``total_weight`` (default: the weights of this batch)."""
     with autocast(device, bf16):
         logits = model(x)  # (B, T, V)
     nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
-    return (nll * w.flatten()).sum() / w.sum()
+    return (nll * w.flatten()).sum() / (w.sum() if total_weight is None else total_weight)
 
 
 @torch.no_grad()
@@ -75,9 +76,10 @@ def heldout_loss(model, tokens, weights, cfg, device, batches: int = 8) -> float
     return float(torch.stack(losses).mean())
 
 
-def train_sft(cfg: SFTConfig) -> dict:
-    """Run the SFT stage; returns the final metrics."""
-    device = pick_device(cfg.device)
+def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
+    """Run the SFT stage (one process, or one rank under torchrun); returns the model and final metrics."""
+    d = setup(pick_device(cfg.device))
+    device = d.device
     tokenizer = get_tokenizer("gpt2" if cfg.init else cfg.tokenizer)
     folder = f"{cfg.out_dir}/sft"
     docs = load_documents(cfg.data) if cfg.data else world.corpus(cfg.corpus_dialogues, cfg.seed)
@@ -91,6 +93,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     else:
         model, state = build_model(cfg, tokenizer.vocab_size), None
     model.to(device).train()
+    ddp = wrap(model, d)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     step = 0
@@ -98,7 +101,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step = state["step"]
-    log = MetricsLog(f"{cfg.out_dir}/logs/sft.jsonl")
+    log = MetricsLog(f"{cfg.out_dir}/logs/sft.jsonl", enabled=d.is_main)
     last = cfg.stop_at if 0 < cfg.stop_at < cfg.steps else cfg.steps
     metrics = {}
 
@@ -106,14 +109,16 @@ def train_sft(cfg: SFTConfig) -> dict:
         meta = {"stage": "sft", "model": asdict(model.config), "tokenizer": tokenizer.name,
                 "config": asdict(cfg), "step": step, "metrics": metrics}
         state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step}
-        save(folder, model, meta, state)
+        if d.is_main:
+            save(folder, model, meta, state)
 
-    bar = tqdm(total=last, initial=step, desc="sft", dynamic_ncols=True)
+    bar = tqdm(total=last, initial=step, desc="sft", dynamic_ncols=True, disable=not d.is_main)
     while step < last:
         set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
         x, y, w = (t.to(device) for t in random_windows(train_tokens, train_w, cfg.batch_size,
-                                                         model.config.block_size, generator))
-        loss = lm_loss(model, x, y, w, device, cfg.bf16)
+                                                         model.config.block_size, generator))  # the global batch
+        # this rank's rows; scaled so that DDP's gradient average is the gradient of the global mean
+        loss = lm_loss(ddp, shard(x, d), shard(y, d), shard(w, d), device, cfg.bf16, w.sum() / d.world_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,7 +130,8 @@ def train_sft(cfg: SFTConfig) -> dict:
             metrics = {"step": step, "train_loss": round(loss.item(), 4),
                        "heldout_loss": round(heldout_loss(model, val_tokens, val_w, cfg, device), 4)}
             log.write(**metrics)
-            bar.write(f"step {step}: train loss {metrics['train_loss']:.3f}, held-out loss {metrics['heldout_loss']:.3f}")
+            if d.is_main:
+                bar.write(f"step {step}: train loss {metrics['train_loss']:.3f}, held-out loss {metrics['heldout_loss']:.3f}")
             checkpoint()
     bar.close()
-    return metrics
+    return model, metrics
