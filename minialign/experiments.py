@@ -23,7 +23,7 @@ from .config import ConfigError, arg, build, main_guard, parse_flags, usage
 from .ctrl import CTRLConfig, train_ctrl
 from .evaluate import world_rates
 from .rain import RainParams, rain_decode
-from .sampling import generate, stop_ids
+from .sampling import generate, generate_uncached, stop_ids
 from .tokenizer import get_tokenizer
 from .training import pick_device
 
@@ -42,11 +42,14 @@ def rain_table(model, tokenizer, prompts: list[world.Prompt], params: RainParams
                seed: int = 0, desc: str = "rain") -> dict:
     """Harm, attack success and help rates of vanilla and RAIN, RAIN's self-evaluation accuracy on every
     text it judged (against the gold rule), search statistics, wall times and their ratio."""
-    vanilla, v_time = [], 0.0
+    vanilla, v_time, u_time = [], 0.0, 0.0
     for p in prompts:
         text, seconds = vanilla_decode(model, tokenizer, p.text, max_new_tokens)
         vanilla.append(text)
         v_time += seconds
+        start = time.time()  # the official baseline: greedy without a KV cache
+        generate_uncached(model, tokenizer.encode(p.text), max_new_tokens, stop_ids(tokenizer))
+        u_time += time.time() - start
     g = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     answers, r_time, correct, judged = [], 0.0, 0, 0
     totals = {"iterations": 0, "rewinds": 0, "nodes": 0}
@@ -60,10 +63,10 @@ def rain_table(model, tokenizer, prompts: list[world.Prompt], params: RainParams
             gold = world.is_harmful(p.text, text)
             correct += int(((p_harmful > 0.5) == gold).sum())  # both label orders
             judged += 2
-    return {"vanilla": dict(world_rates(prompts, vanilla), seconds=v_time),
+    return {"vanilla": dict(world_rates(prompts, vanilla), seconds=v_time, uncached_seconds=u_time),
             "rain": dict(world_rates(prompts, answers), seconds=r_time, self_eval_accuracy=correct / judged,
                          **{k: v / len(prompts) for k, v in totals.items()}),
-            "time_ratio": r_time / v_time}
+            "time_ratio": r_time / v_time, "time_ratio_uncached": r_time / u_time}
 
 
 def rain_markdown(result: dict) -> str:
@@ -74,8 +77,9 @@ def rain_markdown(result: dict) -> str:
     lines += [f"| {label} | {v[key]:.3f} | {r[key]:.3f} |" for label, key in rows]
     lines += [f"| self-evaluation accuracy (texts RAIN judged) | | {r['self_eval_accuracy']:.3f} |",
               f"| search per prompt: iterations / rewinds / nodes | | {r['iterations']:.1f} / {r['rewinds']:.1f} / {r['nodes']:.1f} |",
-              f"| wall time, s | {v['seconds']:.1f} | {r['seconds']:.1f} |",
-              f"| time ratio RAIN / vanilla | | {result['time_ratio']:.1f}x |"]
+              f"| wall time, s | {v['seconds']:.1f} (uncached: {v['uncached_seconds']:.1f}) | {r['seconds']:.1f} |",
+              f"| time ratio RAIN / vanilla with KV cache | | {result['time_ratio']:.1f}x |",
+              f"| time ratio RAIN / vanilla without KV cache (the paper's baseline) | | {result['time_ratio_uncached']:.1f}x |"]
     return "\n".join(lines)
 
 

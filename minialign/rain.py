@@ -151,12 +151,17 @@ class Rain:
         """Token-set length of ``parent``'s children: 1, 2, 4 by parent depth 0, 1, 2; then 10 (official code)."""
         return self.lengths[min(parent.depth, len(self.lengths) - 1)]
 
-    def expand(self, node: Node, count: int | None = None) -> list[Node]:
+    def expand(self, node: Node, count: int | None = None, rollout: bool = False):
         """Add up to K children to ``node``: the top-K tokens for 1-token sets; else one greedy chain and
-        de-duplicated sampled chains (top-15, temperature 1), decoded together as one batch."""
+        de-duplicated sampled chains (top-15, temperature 1), decoded together as one batch.
+
+        With ``rollout`` (longer sets only) the leaf's rollout rides in the same batch as one extra row:
+        both start at the leaf and neither depends on the other, so this changes no result, only the
+        number of forward passes. Returns (new children, rollout tokens, rollout hidden states)."""
         K, L = count or self.p.candidates, self.set_length(node)
-        cache = self._cache([n.kv for n in node.path_from(self.context)], K, L)
+        roll, roll_hidden = [], []
         if L == 1:
+            cache = self._cache([n.kv for n in node.path_from(self.context)], K, L)
             probs = F.softmax(node.next_logits, -1)
             top = torch.topk(probs, K + len(node.children))
             existing = {tuple(c.tokens) for c in node.children}
@@ -164,16 +169,39 @@ class Rain:
             priors = [float(probs[c[0]]) for c in chains]
             k, v, hidden, logits = self._run(cache.select(torch.arange(len(chains))), chains)
         else:
-            greedy = torch.arange(K, device=self.device) == (0 if not node.children else -1)
-            logits, tokens, hiddens, logps = node.next_logits.expand(K, -1), [], [], []
+            R = K + rollout  # rows: K chains (+ the rollout)
+            steps = max(L, self.p.rollout_tokens if rollout else 0)
+            cache = self._cache([n.kv for n in node.path_from(self.context)], R, steps)
+            with_greedy = not node.children  # a first expansion includes the greedy chain (row 0)
+            greedy = torch.arange(R, device=self.device) == (0 if with_greedy else -1)
+            logits, tokens, hiddens, logps = node.next_logits.expand(R, -1), [], [], []
             start = int(cache.lengths[0])
-            for _ in range(L):  # RAIN: the K chains advance together, one batched forward per token
-                t = self._sample(logits, greedy)  # (K,)
-                logps.append(F.log_softmax(filter_logits(logits, self.p.sample_top_k), -1).gather(-1, t[:, None]))
-                h = self.model.hidden(t[:, None], cache)  # (K, 1, C)
+            rolling = rollout
+            for step in range(steps):  # RAIN: the chains advance together, one batched forward per token
+                if step > L and not rolling:
+                    break
+                if step == L:  # the chains are complete: keep their keys/values, go on with the rollout row
+                    k, v = cache.k[:, :K, start: start + L], cache.v[:, :K, start: start + L]
+                    chain_logits = logits[:K]
+                    if not rolling:
+                        break
+                    cache, logits, greedy = cache.select(torch.tensor([K])), logits[K:], greedy[K:]
+                t = self._sample(logits, greedy)  # (rows,)
+                if step < L:
+                    logps.append(F.log_softmax(filter_logits(logits[:K], self.p.sample_top_k), -1).gather(-1, t[:K, None]))
+                    tokens.append(t[:K])
+                if rolling:
+                    roll.append(int(t[-1]))
+                    rolling = not (roll[-1] in self.stop or self.tok.decode([roll[-1]]).endswith(CLAUSE_END))
+                h = self.model.hidden(t[:, None], cache)  # (rows, 1, C)
                 logits = self.model.lm_head(h[:, -1]).float()
-                tokens.append(t)
-                hiddens.append(h[:, 0])
+                if step < L:
+                    hiddens.append(h[:K, 0])
+                if rolling:
+                    roll_hidden.append(h[-1, 0])
+            if steps == L:
+                k, v = cache.k[:, :K, start: start + L], cache.v[:, :K, start: start + L]
+                chain_logits = logits[:K]
             tokens, hidden = torch.stack(tokens, 1).tolist(), torch.stack(hiddens, 1)  # (K, L), (K, L, C)
             chain_logp = torch.cat(logps, 1)  # (K, L)
             chains, priors, rows = [], [], []
@@ -186,12 +214,10 @@ class Rain:
                 chains.append(row[:cut])
                 priors.append(float(chain_logp[b, :cut].sum().exp()))  # product of per-token probabilities
                 rows.append(b)
-            if greedy.any() and len(priors) > 1:  # official code: the greedy chain's prior is clamped to
+            if with_greedy and len(priors) > 1:  # official code: the greedy chain's prior is clamped to
                 others = priors[1:]                # [max + min, sum] of the sampled chains' priors, so the
                 priors[0] = max(min(priors[0], sum(others)), max(others) + min(others))  # greedy goes first
-            k = cache.k[:, rows, start: start + L]
-            v = cache.v[:, rows, start: start + L]
-            hidden, logits = hidden[rows], logits[rows]
+            k, v, hidden, logits = k[:, rows], v[:, rows], hidden[rows], chain_logits[rows]
         total = sum(priors) or 1.0
         new = []
         for i, chain in enumerate(chains):
@@ -205,7 +231,7 @@ class Rain:
                 child.prior = (1 - self.p.root_mix) * child.prior + self.p.root_mix / len(new)
         node.children += new
         self.stats["nodes"] += len(new)
-        return new
+        return new, roll, (torch.stack(roll_hidden) if roll_hidden else node.hidden[:0])
 
     # --- one inner iteration -----------------------------------------------------------------------
 
@@ -217,10 +243,8 @@ class Rain:
             return qhat + self.p.c * child.prior * math.sqrt(node.n) / (1 + child.n)
         return max(node.children, key=puct)
 
-    def rollout(self, leaf: Node, text: str) -> tuple[list[int], torch.Tensor]:
+    def rollout(self, leaf: Node) -> tuple[list[int], torch.Tensor]:
         """Sample on from the leaf to the end of the clause (scoring only: not added to the tree)."""
-        if text.endswith(CLAUSE_END) or leaf.terminal:
-            return [], leaf.hidden[:0]
         cache = self._cache([n.kv for n in leaf.path_from(self.context)], 1, self.p.rollout_tokens)
         logits, tokens, hiddens = leaf.next_logits[None], [], []
         for _ in range(self.p.rollout_tokens):
@@ -306,12 +330,16 @@ class Rain:
         self._last_leaf = node
         reply_tokens = [t for n in node.path_from(self.context)[1:] for t in n.tokens]
         text = self.tok.decode(reply_tokens)
-        roll, roll_hidden = self.rollout(node, text)
-        full = reply_tokens + roll
+        needs_rollout = not (node.terminal or text.endswith(CLAUSE_END))
+        expandable = not node.terminal and len(reply_tokens) < self.max_new_tokens
+        if expandable and self.set_length(node) > 1:  # expansion and rollout in one batch
+            _, roll, roll_hidden = self.expand(node, rollout=needs_rollout)
+        else:
+            roll, roll_hidden = self.rollout(node) if needs_rollout else ([], node.hidden[:0])
+            if expandable:
+                self.expand(node)
         finished = node.terminal or (bool(roll) and roll[-1] in self.stop)
-        s = self.evaluate(self.tok.decode(full).strip(), finished)
-        if not node.terminal and len(reply_tokens) < self.max_new_tokens:
-            self.expand(node)
+        s = self.evaluate(self.tok.decode(reply_tokens + roll).strip(), finished)
         self.backup(path, s, roll_hidden)
         self.stats["iterations"] += 1
 
