@@ -14,7 +14,7 @@ import sys
 from minialign.calibrate import CalibrateConfig, run_calibration
 from minialign.checkpoint import load_meta
 from minialign.config import ConfigError, build, main_guard, parse_flags, usage
-from minialign.ctrl import CTRLConfig, ctrl_folder, train_ctrl
+from minialign.ctrl import CTRLConfig, ctrl_folder, print_summary, train_ctrl
 from minialign.reward import RewardConfig, train_reward
 from minialign.sft import SFTConfig, train_sft
 
@@ -24,18 +24,6 @@ STAGES = {  # name -> (config class, run function), in pipeline order
     "calibrate": (CalibrateConfig, run_calibration),
     "ctrl": (CTRLConfig, train_ctrl),
 }
-
-
-def print_summary(metrics: dict, n: int) -> None:
-    """The CTRL policy against pi_ref, judged by the world's gold reward."""
-    print("\nCTRL policy vs pi_ref on held-out world prompts (gold reward):")
-    rows = [("standard win rate", "win_rate"), (f"BoN_{n} inference-time win rate", f"bon{n}"),
-            (f"WoN_{n} inference-time win rate", f"won{n}")]
-    for label, key in rows:
-        print(f"  {label:32s} {metrics[key]:.3f} ± {metrics[key + '_se']:.3f}")
-    for label, key in (("KL(pi || pi_ref), nats", "kl"), ("harm rate (harmful prompts)", "harm_rate"),
-                       ("attack success (attacked prompts)", "attack_success"), ("help rate (benign prompts)", "help_rate")):
-        print(f"  {label:32s} {metrics[key]:.3f}")
 
 
 def main(argv: list[str]) -> None:
@@ -60,10 +48,11 @@ def main(argv: list[str]) -> None:
         folder = ctrl_folder(cfg) if name == "ctrl" else os.path.join(cfg.out_dir, name)
         if os.path.exists(os.path.join(folder, "config.json")) and not force and not getattr(cfg, "resume", False):
             print(f"[{name}] reusing {folder} (pass --force to retrain)")
+            if name == "ctrl":
+                print_summary(load_meta(folder)["metrics"], cfg.eval_n)
             continue
         print(f"[{name}] running")
         run(cfg)
-    print_summary(load_meta(folder)["metrics"], cfg.eval_n)  # folder and cfg are the ctrl stage's here
 
 
 if __name__ == "__main__":

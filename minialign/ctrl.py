@@ -36,7 +36,7 @@ from . import world
 from .calibrate import calibrated, load_calibration
 from .checkpoint import load_model, load_state, load_weights, save
 from .config import ConfigError, arg
-from .data import pad_responses
+from .data import load_prompts, pad_responses
 from .distributed import setup, shard, wrap
 from .evaluate import compare_policies
 from .model import token_logprobs
@@ -85,6 +85,19 @@ def ppo_loss(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor, adv
     return -(objective * mask).sum() / logp.size(0)
 
 
+def print_summary(metrics: dict, n: int) -> None:
+    """The CTRL policy against pi_ref, judged by the world's gold reward."""
+    print("\nCTRL policy vs pi_ref on held-out prompts:")
+    rows = [("standard win rate", "win_rate"), (f"BoN_{n} inference-time win rate", f"bon{n}"),
+            (f"WoN_{n} inference-time win rate", f"won{n}")]
+    for label, key in rows:
+        print(f"  {label:32s} {metrics[key]:.3f} ± {metrics[key + '_se']:.3f}")
+    for label, key in (("KL(pi || pi_ref), nats", "kl"), ("harm rate (harmful prompts)", "harm_rate"),
+                       ("attack success (attacked prompts)", "attack_success"), ("help rate (benign prompts)", "help_rate")):
+        if key in metrics:  # harm and help rates exist on world prompts only
+            print(f"  {label:32s} {metrics[key]:.3f}")
+
+
 @dataclass
 class CTRLConfig:
     out_dir: str = arg("out", "checkpoints root (reads sft, reward, calibration; writes <out_dir>/ctrl...)")
@@ -100,6 +113,7 @@ class CTRLConfig:
     max_new_tokens: int = arg(128, "longest sampled response")
     eval_n: int = arg(4, "N of the best-of-N / worst-of-N inference-time win rates")
     eval_prompts: int = arg(32, "held-out prompts per kind in the final evaluation")
+    eval_data: str = arg("", "prompt file for the final evaluation, judged by r; '' = held-out world prompts (gold)")
     eval_samples: int = arg(8, "samples per prompt and policy in the final evaluation")
     name: str = arg("", "checkpoint folder name under out_dir; '' = ctrl")
     save_every: int = arg(10, "steps between checkpoints")
@@ -188,8 +202,14 @@ def train_ctrl(cfg: CTRLConfig) -> dict:
     bar.close()
     if not d.is_main:
         return {}
-    summary = compare_policies(policy.eval(), reference, tokenizer, world.eval_prompts(cfg.eval_prompts),
-                               cfg.eval_samples, cfg.eval_n, cfg.max_new_tokens, cfg.seed)
+    if cfg.eval_data:  # real data: no gold reward, so the reward model judges
+        eval_prompts = load_prompts(cfg.eval_data)
+        judge = lambda ps, rs: score(reward_model, tokenizer, ps, rs)  # noqa: E731
+    else:
+        eval_prompts, judge = [p.text for p in world.eval_prompts(cfg.eval_prompts)], None
+    summary = compare_policies(policy.eval(), reference, tokenizer, eval_prompts, cfg.eval_samples, cfg.eval_n,
+                               cfg.max_new_tokens, cfg.seed, judge)
     log.write(step=step, final=summary)
     checkpoint(summary)
+    print_summary(summary, cfg.eval_n)
     return summary

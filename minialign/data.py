@@ -43,9 +43,12 @@ def pack(docs: list[str], tokenizer: Tokenizer, answer_weight: float = 1.0) -> t
 
 def random_windows(tokens: torch.Tensor, weights: torch.Tensor, batch_size: int, block_size: int,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch of random windows: inputs x (B, T), targets y (B, T), target weights w (B, T)."""
-    if len(tokens) <= block_size + 1:
-        raise DataError(f"the corpus has {len(tokens)} tokens, fewer than one window of {block_size + 1}.")
+    """A batch of random windows: inputs x (B, T), targets y (B, T), target weights w (B, T).
+
+    A corpus shorter than one window gives windows as long as it allows."""
+    block_size = min(block_size, len(tokens) - 2)
+    if block_size < 1:
+        raise DataError(f"the corpus has only {len(tokens)} tokens; give it at least one real document.")
     starts = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator)
     offsets = starts[:, None] + torch.arange(block_size + 1)  # (B, T+1)
     chunk, wchunk = tokens[offsets], weights[offsets]
@@ -97,13 +100,15 @@ def load_pairs(path: str) -> list[tuple[str, str, str]]:
 
 
 def load_documents(path: str) -> list[str]:
-    """A training corpus: a .jsonl file with a "text" field per line, or plain text split at blank lines."""
+    """A training corpus: a .jsonl file with a "text" field per line (or HH-format pairs, whose chosen
+    transcripts become the documents), or plain text split at blank lines."""
     if path.endswith(".jsonl"):
         docs = []
         for number, row in _jsonl_rows(path):
-            if not isinstance(row.get("text"), str):
-                raise DataError(f"{path}, line {number}: expected a \"text\" string field.")
-            docs.append(row["text"])
+            text = row.get("text", row.get("chosen"))
+            if not isinstance(text, str):
+                raise DataError(f"{path}, line {number}: expected a \"text\" (or HH \"chosen\") string field.")
+            docs.append(text)
         return docs
     if not os.path.exists(path):
         raise DataError(f"{path} does not exist.")
@@ -120,6 +125,8 @@ def load_prompts(path: str) -> list[str]:
                 raise DataError(f"{path}, line {number}: expected a \"prompt\" string field.")
             prompts.append(row["prompt"])
         return prompts
+    if not os.path.exists(path):
+        raise DataError(f"{path} does not exist.")
     with open(path, encoding="utf-8", errors="replace") as f:
         return [line.rstrip("\n") for line in f if line.strip()]
 

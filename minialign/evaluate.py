@@ -99,22 +99,25 @@ def self_eval_accuracy(model, tokenizer, prompts: list[world.Prompt], responses:
 
 
 @torch.no_grad()
-def compare_policies(policy, reference, tokenizer, prompts: list[world.Prompt], samples: int, n: int,
-                     max_new_tokens: int = 128, seed: int = 0) -> dict:
-    """The InfAlign readout of a policy against pi_ref on world prompts, judged by the gold reward.
+def compare_policies(policy, reference, tokenizer, prompts: list[str], samples: int, n: int,
+                     max_new_tokens: int = 128, seed: int = 0, judge=None) -> dict:
+    """The InfAlign readout of a policy against pi_ref.
 
     Draws ``samples`` responses per prompt from each policy and reports the standard, BoN_n and WoN_n
-    inference-time win rates (with standard errors across prompts), KL(pi || pi_ref) estimated from
-    the policy's samples (mean sequence log-ratio), and the policy's harm and help rates.
+    inference-time win rates (with standard errors across prompts), judged by ``judge(prompts,
+    responses) -> rewards`` (default: the world's gold reward; on real data, the reward model), and
+    KL(pi || pi_ref) estimated from the policy's samples (mean sequence log-ratio). On world prompts
+    it adds the policy's harm and help rates.
     """
     from .data import pad_responses
     from .model import token_logprobs
     from .sampling import generate, stop_ids
+    judge = judge or (lambda ps, rs: torch.tensor([world.gold_reward(p, r) for p, r in zip(ps, rs)]))
     device = policy.lm_head.weight.device
     stop = stop_ids(tokenizer)
-    rows = [tokenizer.encode(p.text) for p in prompts for _ in range(samples)]
+    rows = [tokenizer.encode(p) for p in prompts for _ in range(samples)]
     expanded = [p for p in prompts for _ in range(samples)]
-    gold, kl = {}, []
+    rewards, kl, out = {}, [], {}
     for name, model in (("policy", policy), ("reference", reference)):
         g = torch.Generator(device).manual_seed(seed + 7)
         responses = []
@@ -122,14 +125,17 @@ def compare_policies(policy, reference, tokenizer, prompts: list[world.Prompt], 
             responses += generate(model, rows[i: i + 256], max_new_tokens, stop, temperature=1.0, generator=g,
                                   keep_stop=True)
         texts = [tokenizer.decode(r).strip() for r in responses]
-        gold[name] = torch.tensor([world.gold_reward(p.text, t) for p, t in zip(expanded, texts)]).view(len(prompts), -1)
+        rewards[name] = judge(expanded, texts).view(len(prompts), -1)
         if name == "policy":
-            rates = world_rates(expanded, texts)
+            try:
+                rates = world_rates([world.parse_prompt(p) for p in expanded], texts)
+                out.update({k: rates[k] for k in ("harm_rate", "attack_success", "help_rate", "gold_reward")})
+            except ValueError:
+                pass  # not world prompts: no gold rules to apply
             for i in range(0, len(rows), 256):
                 ids, mask = pad_responses(rows[i: i + 256], responses[i: i + 256], device=device)
                 kl.append(((token_logprobs(policy, ids) - token_logprobs(reference, ids)) * mask).sum(1).cpu())
-    out = {"kl": float(torch.cat(kl).mean())}
+    out["kl"] = float(torch.cat(kl).mean())
     for label, procedure, k in (("win_rate", "sample", 1), (f"bon{n}", "bon", n), (f"won{n}", "won", n)):
-        out[label], out[label + "_se"] = inference_time_win_rate(gold["policy"], gold["reference"], procedure, k)
-    out.update({k: rates[k] for k in ("harm_rate", "attack_success", "help_rate", "gold_reward")})
+        out[label], out[label + "_se"] = inference_time_win_rate(rewards["policy"], rewards["reference"], procedure, k)
     return {k: round(v, 4) for k, v in out.items()}

@@ -74,6 +74,16 @@ class KVCache:
         return new
 
 
+@dataclass
+class CachedStep:
+    """What every layer needs to attend through the cache in one forward, computed once."""
+    cache: KVCache
+    rows: torch.Tensor       # (B, 1) row index of each query row
+    positions: torch.Tensor  # (B, T) absolute position of each new token
+    span: int                # no row needs keys beyond this many positions
+    mask: torch.Tensor       # (B, 1, T, span): a query at position p sees keys 0..p of its own row
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -81,23 +91,20 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, layer: int, cache: KVCache | None, positions: torch.Tensor | None):
+    def forward(self, x, layer: int, cached: CachedStep | None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))  # (B, T, nh, hs)
-        if cache is None:
+        if cached is None:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True)  # (B, nh, T, hs)
         else:
-            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
-            cache.k[layer][rows, positions] = k.to(cache.k.dtype)  # write this chunk at each row's positions
-            cache.v[layer][rows, positions] = v.to(cache.v.dtype)
-            span = int(positions.max()) + 1  # no row needs keys beyond this
+            cache, span = cached.cache, cached.span
+            cache.k[layer][cached.rows, cached.positions] = k.to(cache.k.dtype)  # write at each row's positions
+            cache.v[layer][cached.rows, cached.positions] = v.to(cache.v.dtype)
             keys = cache.k[layer][:, :span].transpose(1, 2).to(q.dtype)  # (B, nh, span, hs)
             values = cache.v[layer][:, :span].transpose(1, 2).to(q.dtype)
-            # query at position p sees keys 0..p of its own row: (B, 1, T, span)
-            mask = torch.arange(span, device=x.device)[None, None, :] <= positions[:, :, None]
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=cached.mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -119,8 +126,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer, cache, positions):
-        x = x + self.attn(self.ln_1(x), layer, cache, positions)  # pre-LN residual blocks
+    def forward(self, x, layer, cached):
+        x = x + self.attn(self.ln_1(x), layer, cached)  # pre-LN residual blocks
         return x + self.mlp(self.ln_2(x))
 
 
@@ -157,18 +164,19 @@ class GPT(nn.Module):
         With a cache, ``idx`` continues each row at its own length and the cache advances by T.
         """
         B, T = idx.shape
-        if cache is None:
-            positions = None
-            pos = torch.arange(T, device=idx.device)[None]  # (1, T)
-        else:
-            positions = cache.lengths[:, None] + torch.arange(T, device=idx.device)  # (B, T)
-            pos = positions
-        if int(pos.max()) >= self.config.block_size:
-            raise ModelError(f"sequence of length {int(pos.max()) + 1} exceeds the model's context of "
+        steps = torch.arange(T, device=idx.device)
+        pos = steps[None] if cache is None else cache.lengths[:, None] + steps  # (1, T) or (B, T)
+        span = int(pos.max()) + 1
+        if span > self.config.block_size:
+            raise ModelError(f"sequence of length {span} exceeds the model's context of "
                              f"{self.config.block_size} tokens; shorten the prompt or max_new_tokens.")
+        cached = None
+        if cache is not None:
+            mask = torch.arange(span, device=idx.device)[None, None, :] <= pos[:, :, None]  # (B, T, span)
+            cached = CachedStep(cache, torch.arange(B, device=idx.device)[:, None], pos, span, mask[:, None])
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, cache, positions)
+            x = block(x, layer, cached)
         if cache is not None:
             cache.lengths += T
         return self.transformer.ln_f(x)

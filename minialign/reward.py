@@ -24,7 +24,7 @@ from .config import arg
 from .data import load_pairs, split_transcript
 from .distributed import setup, shard, wrap
 from .model import GPT, GPTConfig, from_pretrained
-from .tokenizer import Tokenizer, get_tokenizer
+from .tokenizer import Tokenizer, check_pairing, get_tokenizer
 from .training import MetricsLog, autocast, cosine_lr, make_optimizer, pick_device, set_lr
 
 
@@ -111,6 +111,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 class RewardConfig:
     out_dir: str = arg("out", "checkpoints root (reads <out_dir>/sft, writes <out_dir>/reward)")
     init: str = arg("", "trunk from: '' = <out_dir>/sft, 'gpt2' or a local GPT-2 folder")
+    tokenizer: str = arg("auto", "with --init: the tokenizer (auto = gpt2); otherwise the sft checkpoint's")
     data: str = arg("", "HH-format JSONL of preference pairs; '' = world pairs")
     n_pairs: int = arg(8000, "world training pairs")
     label_temperature: float = arg(0.25, "Bradley-Terry temperature of the world's labels")
@@ -169,7 +170,8 @@ def train_reward(cfg: RewardConfig) -> dict:
         tokenizer = get_tokenizer(load_meta(folder)["tokenizer"])
     else:
         if cfg.init:
-            trunk, tokenizer = from_pretrained(cfg.init), get_tokenizer("gpt2")
+            trunk, tokenizer = from_pretrained(cfg.init), get_tokenizer("gpt2" if cfg.tokenizer == "auto" else cfg.tokenizer)
+            check_pairing(tokenizer, trunk.config.vocab_size, cfg.init)
         else:
             trunk, sft_meta = load_model(f"{cfg.out_dir}/sft")
             tokenizer = get_tokenizer(sft_meta["tokenizer"])

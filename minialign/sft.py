@@ -20,7 +20,7 @@ from .config import arg
 from .data import load_documents, pack, random_windows
 from .distributed import setup, shard, wrap
 from .model import GPT, GPTConfig, from_pretrained
-from .tokenizer import get_tokenizer
+from .tokenizer import check_pairing, get_tokenizer
 from .training import MetricsLog, autocast, cosine_lr, make_optimizer, pick_device, set_lr
 
 
@@ -29,7 +29,7 @@ class SFTConfig:
     out_dir: str = arg("out", "folder for every stage's checkpoint (this stage writes <out_dir>/sft)")
     init: str = arg("", "start from: '' random weights, 'gpt2' (hub) or a local GPT-2 folder")
     data: str = arg("", "training corpus (.txt split at blank lines, or .jsonl with a text field); '' = the world")
-    tokenizer: str = arg("bytes", "tokenizer: bytes (offline) or gpt2")
+    tokenizer: str = arg("auto", "tokenizer: bytes (offline), gpt2, or auto (gpt2 with --init, else bytes)")
     n_layer: int = arg(4, "transformer blocks (random init only)")
     n_head: int = arg(4, "attention heads (random init only)")
     n_embd: int = arg(128, "embedding width (random init only)")
@@ -80,7 +80,7 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
     """Run the SFT stage (one process, or one rank under torchrun); returns the model and final metrics."""
     d = setup(pick_device(cfg.device))
     device = d.device
-    tokenizer = get_tokenizer("gpt2" if cfg.init else cfg.tokenizer)
+    tokenizer = get_tokenizer(cfg.tokenizer if cfg.tokenizer != "auto" else "gpt2" if cfg.init else "bytes")
     folder = f"{cfg.out_dir}/sft"
     docs = load_documents(cfg.data) if cfg.data else world.corpus(cfg.corpus_dialogues, cfg.seed)
     n_val = max(1, len(docs) // 20)
@@ -92,6 +92,7 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
         state = load_state(folder)
     else:
         model, state = build_model(cfg, tokenizer.vocab_size), None
+    check_pairing(tokenizer, model.config.vocab_size, cfg.init or folder)
     model.to(device).train()
     ddp = wrap(model, d)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
