@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from minialign import world
-from minialign.checkpoint import load_model
+from minialign.checkpoint import load_model, world_seed
 from minialign.config import ConfigError, arg, build, main_guard, parse_flags, usage
 from minialign.evaluate import world_rates
 from minialign.experiments import rain_markdown, rain_table
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
         return complete(model, tokenizer, prompts, cfg.max_new_tokens, **sampling)
 
     if cfg.method == "rain":
-        return decode_rain(cfg, params, model, tokenizer)
+        return decode_rain(cfg, params, model, tokenizer, meta)
     if cfg.prompt:
         text = cfg.prompt if "Assistant:" in cfg.prompt else world.format_prompt(cfg.prompt)
         start = time.time()
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> None:
         except ValueError:
             pass  # not a world prompt: nothing to grade against
         return
-    prompts = world.eval_prompts(cfg.n_eval)
+    prompts = world.eval_prompts(cfg.n_eval, eval_world(cfg, meta))
     start = time.time()
     responses = respond([p.text for p in prompts])
     seconds = time.time() - start
@@ -118,10 +118,15 @@ def main(argv: list[str]) -> None:
         print(f"  {key:15s} {value:.3f}")
 
 
-def decode_rain(cfg: DecodeConfig, params: RainParams, model, tokenizer) -> None:
+def eval_world(cfg: DecodeConfig, meta: dict) -> int:
+    """The world seed of the reference policy, so held-out prompts are held out for this model."""
+    return meta["config"].get("seed", 0) if meta["stage"] == "sft" else world_seed(cfg.out_dir)
+
+
+def decode_rain(cfg: DecodeConfig, params: RainParams, model, tokenizer, meta: dict) -> None:
     """One prompt with search statistics, or the vanilla-vs-RAIN table on held-out world prompts."""
     if cfg.eval:
-        print(rain_markdown(rain_table(model, tokenizer, world.eval_prompts(cfg.n_eval), params, cfg.max_new_tokens,
+        print(rain_markdown(rain_table(model, tokenizer, world.eval_prompts(cfg.n_eval, eval_world(cfg, meta)), params, cfg.max_new_tokens,
                                        cfg.seed)))
         return
     text = cfg.prompt if "Assistant:" in cfg.prompt else world.format_prompt(cfg.prompt)

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import world
-from .checkpoint import CheckpointError, atomic_write_text, load_model
+from .checkpoint import CheckpointError, atomic_write_text, load_model, world_seed
 from .config import arg
 from .data import load_prompts
 from .reward import load_reward, score
@@ -48,7 +48,7 @@ class CalibrateConfig:
     k: int = arg(32, "reference samples per prompt (K)")
     temperature: float = arg(1.0, "sampling temperature of pi_ref")
     max_new_tokens: int = arg(128, "longest reference response")
-    seed: int = arg(0, "seed")
+    seed: int = arg(0, "seed of the prompt subset and the reference samples")
     device: str = arg("auto", "auto, cpu or cuda")
 
 
@@ -57,7 +57,7 @@ def training_prompts(cfg: CalibrateConfig) -> list[str]:
     if cfg.prompts:
         return load_prompts(cfg.prompts)[: cfg.n_prompts]
     g = torch.Generator().manual_seed(cfg.seed)
-    train = world.prompts("train", cfg.seed)
+    train = world.prompts("train", world_seed(cfg.out_dir))
     chosen = []
     for kind in world.KIND_MIX:
         pool = [p.text for p in train if p.kind == kind]

@@ -95,6 +95,12 @@ def load_model(folder: str, hint: str = "python train.py --stage sft") -> tuple[
     return model, meta
 
 
+def world_seed(out_dir: str) -> int:
+    """The seed of the world the reference policy was trained in (``<out_dir>/sft``): later stages and
+    evaluations must draw their world prompts from the same world, or held-out prompts could be seen."""
+    return int(load_meta(f"{out_dir}/sft", "python train.py --stage sft")["config"].get("seed", 0))
+
+
 def load_state(folder: str) -> dict:
     """The resume state (optimizer, generator, step) of a checkpoint folder."""
     path = os.path.join(folder, "state.pt")

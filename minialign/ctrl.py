@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from . import world
 from .calibrate import calibrated, load_calibration
-from .checkpoint import load_model, load_state, load_weights, save
+from .checkpoint import load_model, load_state, load_weights, save, world_seed
 from .config import ConfigError, arg
 from .data import load_prompts, pad_responses
 from .distributed import setup, shard, wrap
@@ -117,7 +117,7 @@ class CTRLConfig:
     eval_samples: int = arg(8, "samples per prompt and policy in the final evaluation")
     name: str = arg("", "checkpoint folder name under out_dir; '' = ctrl")
     save_every: int = arg(10, "steps between checkpoints")
-    seed: int = arg(0, "seed")
+    seed: int = arg(0, "seed of the prompt order and the samples")
     resume: bool = arg(False, "continue from the checkpoint's state.pt")
     device: str = arg("auto", "auto, cpu or cuda")
 
@@ -206,7 +206,7 @@ def train_ctrl(cfg: CTRLConfig) -> dict:
         eval_prompts = load_prompts(cfg.eval_data)
         judge = lambda ps, rs: score(reward_model, tokenizer, ps, rs)  # noqa: E731
     else:
-        eval_prompts, judge = [p.text for p in world.eval_prompts(cfg.eval_prompts)], None
+        eval_prompts, judge = [p.text for p in world.eval_prompts(cfg.eval_prompts, world_seed(cfg.out_dir))], None
     summary = compare_policies(policy.eval(), reference, tokenizer, eval_prompts, cfg.eval_samples, cfg.eval_n,
                                cfg.max_new_tokens, cfg.seed, judge)
     log.write(step=step, final=summary)

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from . import world
-from .checkpoint import atomic_write_text, load_model
+from .checkpoint import atomic_write_text, load_model, world_seed
 from .config import ConfigError, arg, build, main_guard, parse_flags, usage
 from .ctrl import CTRLConfig, train_ctrl
 from .evaluate import world_rates
@@ -202,7 +202,7 @@ def plot_sweep(rows: list[dict], path: str) -> None:
 class ExperimentConfig:
     out_dir: str = arg("out", "checkpoints root (needs sft; infalign also reward and calibration)")
     n_eval: int = arg(32, "rain: held-out prompts per kind")
-    seed: int = arg(0, "seed")
+    seed: int = arg(0, "sampling seed (the prompts come from the reference policy's world)")
     ctrl_steps: int = arg(30, "infalign: RL steps per sweep point")
     eval_prompts: int = arg(32, "infalign: held-out prompts per kind in each evaluation")
     eval_samples: int = arg(8, "infalign: samples per prompt and policy")
@@ -227,7 +227,7 @@ def main(argv: list[str]) -> None:
     model, meta = load_model(f"{cfg.out_dir}/sft")
     model.to(pick_device(cfg.device)).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
-    prompts = world.eval_prompts(cfg.n_eval, cfg.seed)
+    prompts = world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir))  # cfg.seed only seeds the sampling
     if argv[0] == "bon":
         from .reward import load_reward
         reward_model = load_reward(f"{cfg.out_dir}/reward")[0].to(pick_device(cfg.device)).eval()

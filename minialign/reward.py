@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import world
-from .checkpoint import load_meta, load_model, load_state, load_weights, save
+from .checkpoint import load_meta, load_model, load_state, load_weights, save, world_seed
 from .config import arg
 from .data import load_pairs, split_transcript
 from .distributed import setup, shard, wrap
@@ -121,7 +121,7 @@ class RewardConfig:
     warmup: int = arg(20, "warm-up steps")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     eval_every: int = arg(100, "steps between held-out evaluations and checkpoints")
-    seed: int = arg(0, "seed")
+    seed: int = arg(0, "seed of the batch order")
     resume: bool = arg(False, "continue from <out_dir>/reward/state.pt")
     device: str = arg("auto", "auto, cpu or cuda")
     bf16: bool = arg(True, "bf16 autocast")
@@ -162,8 +162,9 @@ def train_reward(cfg: RewardConfig) -> dict:
         n_test = max(1, len(pairs) // 10)
         train_pairs, test_pairs = pairs[n_test:], pairs[:n_test]
     else:
-        train_pairs = world_pair_tuples(world.preference_pairs(cfg.n_pairs, cfg.seed, cfg.label_temperature))
-        test_pairs = world_pair_tuples(world.preference_pairs(1000, cfg.seed, cfg.label_temperature, split="test"))
+        seed = world_seed(cfg.out_dir)  # the reference policy's world
+        train_pairs = world_pair_tuples(world.preference_pairs(cfg.n_pairs, seed, cfg.label_temperature))
+        test_pairs = world_pair_tuples(world.preference_pairs(1000, seed, cfg.label_temperature, split="test"))
     if cfg.resume:
         model, _ = load_reward(folder)
         state = load_state(folder)
