@@ -92,7 +92,7 @@ def decode_speed(config: GPTConfig, batch: int, tokens: int, device) -> dict:
     result = {"batch": batch, "tokens": tokens}
     sync(device)
     start = time.time()
-    generate(model, [prompt] * batch, tokens, stop=set(), temperature=0.0)
+    ours = generate(model, [prompt] * batch, tokens, stop=set(), temperature=0.0)
     sync(device)
     result["cached_tokens_per_s"] = round(batch * tokens / (time.time() - start), 1)
     if batch == 1:
@@ -110,14 +110,16 @@ def decode_speed(config: GPTConfig, batch: int, tokens: int, device) -> dict:
         n_layer=config.n_layer, n_head=config.n_head)).to(device).eval()
     state = {k: (v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v)
              for k, v in model.state_dict().items()}  # nn.Linear (out, in) -> GPT-2 Conv1D (in, out)
-    hf.load_state_dict(state, strict=False)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing, unexpected)
     ids = torch.tensor([prompt] * batch, device=device)
     sync(device)
     start = time.time()
-    hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, use_cache=True,
-                pad_token_id=0, attention_mask=torch.ones_like(ids))
+    theirs = hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, use_cache=True,
+                         pad_token_id=0, attention_mask=torch.ones_like(ids))
     sync(device)
     result["transformers_tokens_per_s"] = round(batch * tokens / (time.time() - start), 1)
+    result["same_tokens_as_transformers"] = theirs[0, len(prompt):].tolist() == ours[0]
     result["minialign_vs_transformers"] = round(result["cached_tokens_per_s"] / result["transformers_tokens_per_s"], 2)
     return result
 

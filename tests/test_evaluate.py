@@ -48,3 +48,4 @@ def test_best_of_n_of_reference_against_reference():
 
 def test_win_rate_counts_ties_half():
     assert win_rate(torch.tensor([1.0, 2.0]), torch.tensor([1.0])) == 0.75
+
