@@ -9,6 +9,7 @@ vanilla); absolute figures come with the device name, and MFU uses the device's 
 FLOP/s looked up by name (none for a CPU). Results also go to ``out/bench.json``.
 """
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +34,8 @@ class BenchConfig:
     train_steps: int = arg(10, "timed training steps (after 3 warm-up steps)")
     decode_tokens: int = arg(64, "tokens decoded per row (256 for the GPT-2 figures on a GPU)")
     compile: bool = arg(False, "torch.compile the training model")
+    out_dir: str = arg("out", "checkpoints root: with a trained sft model, RAIN is timed too")
+    rain_prompts: int = arg(4, "held-out prompts per kind for the RAIN / vanilla ratio")
     out: str = arg("out/bench.json", "where to write the results")
     device: str = arg("auto", "auto, cpu or cuda")
 
@@ -124,6 +127,21 @@ def decode_speed(config: GPTConfig, batch: int, tokens: int, device) -> dict:
     return result
 
 
+def rain_ratio(cfg: BenchConfig, device) -> dict:
+    """RAIN against greedy KV-cached decoding, one prompt at a time, on the trained world model."""
+    from . import world
+    from .checkpoint import load_model, world_seed
+    from .experiments import rain_table
+    from .rain import RainParams
+    from .tokenizer import get_tokenizer
+    model, meta = load_model(os.path.join(cfg.out_dir, "sft"))
+    prompts = world.eval_prompts(cfg.rain_prompts, world_seed(cfg.out_dir))
+    result = rain_table(model.to(device).eval(), get_tokenizer(meta["tokenizer"]), prompts, RainParams())
+    return {"prompts": len(prompts), "vanilla_s": round(result["vanilla"]["seconds"], 2),
+            "rain_s": round(result["rain"]["seconds"], 2), "ratio": round(result["time_ratio"], 2),
+            "ratio_vs_uncached": round(result["time_ratio_uncached"], 2)}
+
+
 def main(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         print(__doc__ + "\n" + usage(BenchConfig))
@@ -133,6 +151,8 @@ def main(argv: list[str]) -> None:
     report = {"device": device_name(device), "torch": torch.__version__, "config": asdict(cfg)}
     report["train_world"] = train_throughput(WORLD, 16, WORLD.block_size, cfg, device)
     report["decode_world"] = [decode_speed(WORLD, b, cfg.decode_tokens, device) for b in (1, 64)]
+    if os.path.exists(os.path.join(cfg.out_dir, "sft", "config.json")):
+        report["rain_vs_vanilla"] = rain_ratio(cfg, device)
     if cfg.gpt2:
         on_gpu = device.type == "cuda"
         report["train_gpt2"] = train_throughput(GPT2_124M, 16 if on_gpu else 2, 1024 if on_gpu else 256, cfg, device)

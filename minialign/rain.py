@@ -14,12 +14,13 @@ Rules and where they live (official defaults as ``RainParams`` fields):
 - rollout to the end of the clause; self-evaluation, both label orders ... ``rollout``, ``evaluate``
 - backup, similarity update (paper Eq. 2) ............................. ``backup``
 - dynamic node addition ............................................ ``maybe_add``
-- stop rule (T, T_m, V), commit with subtree reuse ..................... ``decode``
+- stop rule (T, T_m, V), commit with subtree reuse ........... ``search``, ``commit``, ``decode``
 
 Faster than the official code, same algorithm: every node keeps the keys/values of its own tokens, so
 a prefix is never recomputed (a path's cache is assembled by copying); the K candidate chains of an
-expansion are decoded as one batch; the self-evaluation template's prefix (up to the quoted reply) is
-computed once per prompt, and both label orders run as one batch of two rows.
+expansion are decoded as one batch, and the leaf's rollout rides in that batch as one more row; the
+self-evaluation template's prefix (up to the quoted reply) is computed once per prompt, and both
+label orders run as one batch of two rows.
 
 Embedding for the similarity update: the paper uses Sentence-BERT. minialign uses the model's own
 final hidden states, mean-pooled over the continuation text (from a node's tokens to the end of the

@@ -1,0 +1,35 @@
+"""The reward model reads the end-of-text token (never padding); Bradley-Terry by hand; rank correlation."""
+import math
+
+import pytest
+import torch
+
+from minialign.model import GPTConfig
+from minialign.reward import RewardModel, bradley_terry_loss, label_noise_ceiling, score, spearman
+from minialign.tokenizer import get_tokenizer
+
+TOK = get_tokenizer("bytes")
+
+
+def test_reward_is_read_at_end_of_text_not_at_padding():
+    torch.manual_seed(0)
+    model = RewardModel(GPTConfig(vocab_size=257, block_size=128, n_layer=2, n_head=2, n_embd=32)).eval()
+    torch.nn.init.normal_(model.head.weight)  # a non-zero head
+    alone = score(model, TOK, ["Human: hi\nAssistant:"], ["Hello."])
+    padded = score(model, TOK, ["Human: hi\nAssistant:", "Human: a much longer prompt here\nAssistant:"],
+                   ["Hello.", "A much, much longer answer than the first one."])
+    torch.testing.assert_close(alone[0], padded[0], rtol=1e-5, atol=1e-5)
+    assert score(model, TOK, ["p"], ["Hello"])[0] != score(model, TOK, ["p"], ["Hellp"])[0]  # the text matters
+
+
+def test_bradley_terry_loss_by_hand():
+    loss = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    assert float(loss) == pytest.approx((math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2)
+
+
+def test_label_noise_ceiling_and_spearman():
+    p = "Human: What colour is grass?\nAssistant:"
+    assert label_noise_ceiling([p], ["It is green."], ["It is green."], 0.25) == 0.5  # a tie: a coin flip
+    assert label_noise_ceiling([p], ["It is green."], ["Cats sleep a lot."], 0.25) > 0.99
+    x = torch.tensor([3.0, 1.0, 2.0, 5.0])
+    assert spearman(x, x ** 3) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
