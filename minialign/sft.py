@@ -47,6 +47,7 @@ class SFTConfig:
     resume: bool = arg(False, "continue from <out_dir>/sft/state.pt")
     device: str = arg("auto", "auto, cpu or cuda")
     bf16: bool = arg(True, "bf16 autocast (CPU and CUDA)")
+    compile: bool = arg(False, "torch.compile the training forward (the checkpoint stays the plain model)")
 
 
 def build_model(cfg: SFTConfig, vocab_size: int) -> GPT:
@@ -95,6 +96,8 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
     check_pairing(tokenizer, model.config.vocab_size, cfg.init or folder)
     model.to(device).train()
     ddp = wrap(model, d)
+    if cfg.compile:
+        ddp = torch.compile(ddp)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     step = 0
