@@ -82,7 +82,7 @@ def usage(*classes) -> str:
         lines.append(f"{cls.__name__}:")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  --{f.name}={default!s:<12} {f.metadata.get('help', '')}")
+            lines.append(f"  --{f.name}={default}".ljust(34) + f" {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 

@@ -210,11 +210,11 @@ class ExperimentConfig:
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("infalign", "rain", "rain-ablation", "bon"):
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__ + "\n" + usage(ExperimentConfig, RainParams))
-        if argv and argv[0] not in ("-h", "--help"):
-            raise ConfigError(f"unknown experiment {argv[0]!r}; choose infalign, rain, rain-ablation or bon.")
         return
+    if argv[0] not in ("infalign", "rain", "rain-ablation", "bon"):
+        raise ConfigError(f"unknown experiment {argv[0]!r}; choose infalign, rain, rain-ablation or bon.")
     flags = parse_flags(argv[1:])
     known = set(ExperimentConfig.__dataclass_fields__) | set(RainParams.__dataclass_fields__)
     if set(flags) - known:
