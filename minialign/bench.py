@@ -110,7 +110,8 @@ def decode_speed(config: GPTConfig, batch: int, tokens: int, device) -> dict:
         return result
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head)).to(device).eval()
+        n_layer=config.n_layer, n_head=config.n_head, bos_token_id=config.vocab_size - 1,
+        eos_token_id=config.vocab_size - 1)).to(device).eval()
     state = {k: (v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v)
              for k, v in model.state_dict().items()}  # nn.Linear (out, in) -> GPT-2 Conv1D (in, out)
     missing, unexpected = hf.load_state_dict(state, strict=False)

@@ -4,6 +4,7 @@
     python -m minialign.experiments rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
     python -m minialign.experiments rain-ablation   # full RAIN, no similarity update, no dynamic addition, c = 0
     python -m minialign.experiments bon             # BoN_N / WoN_N of pi_ref by the reward model -> out/bon.md
+    python -m minialign.experiments calibration-noise  # variance of r and C_hat the gold reward cannot see
 
 Each needs ``python train.py`` (sft, reward, calibrate) to have run first; flags are listed by --help.
 """
@@ -128,6 +129,28 @@ def bon_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def within_judge_share(model, reward_model, tokenizer, out_dir: str, samples: int = 16, every: int = 4,
+                       seed: int = 5) -> dict:
+    """How much of the per-prompt variance of raw r and of C_hat lies among pi_ref samples that the gold
+    reward scores the same (rounded to 0.1): signal the judge cannot see."""
+    from .calibrate import calibrated, load_calibration
+    from .reward import score
+    from .sampling import complete
+    prompts, reference = load_calibration(f"{out_dir}/calibration")
+    rows = list(range(0, len(prompts), every))
+    texts = [prompts[i] for i in rows for _ in range(samples)]
+    responses = complete(model, tokenizer, texts, 128, batch_size=256, temperature=1.0,
+                         generator=torch.Generator(model.lm_head.weight.device).manual_seed(seed))
+    r = score(reward_model, tokenizer, texts, responses).view(len(rows), samples)  # (P, M)
+    gold = torch.tensor([world.gold_reward(p, y) for p, y in zip(texts, responses)]).view_as(r).round(decimals=1)
+
+    def share(x):
+        within = sum(float(((x[i][gold[i] == g] - x[i][gold[i] == g].mean()) ** 2).sum())
+                     for i in range(len(rows)) for g in gold[i].unique())
+        return within / float(((x - x.mean(1, keepdim=True)) ** 2).sum())
+    return {"prompts": len(rows), "samples": samples, "raw_r": share(r), "c_hat": share(calibrated(reference[rows], r))}
+
+
 # ---------------------------------------------------------------------------------------------------
 # InfAlign: CTRL transforms x beta.
 
@@ -209,12 +232,15 @@ class ExperimentConfig:
     device: str = arg("auto", "auto, cpu or cuda")
 
 
+EXPERIMENTS = ("infalign", "rain", "rain-ablation", "bon", "calibration-noise")
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__ + "\n" + usage(ExperimentConfig, RainParams))
         return
-    if argv[0] not in ("infalign", "rain", "rain-ablation", "bon"):
-        raise ConfigError(f"unknown experiment {argv[0]!r}; choose infalign, rain, rain-ablation or bon.")
+    if argv[0] not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {argv[0]!r}; choose one of: {', '.join(EXPERIMENTS)}.")
     flags = parse_flags(argv[1:])
     known = set(ExperimentConfig.__dataclass_fields__) | set(RainParams.__dataclass_fields__)
     if set(flags) - known:
@@ -228,9 +254,12 @@ def main(argv: list[str]) -> None:
     model.to(pick_device(cfg.device)).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
     prompts = world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir))  # cfg.seed only seeds the sampling
-    if argv[0] == "bon":
+    if argv[0] in ("bon", "calibration-noise"):
         from .reward import load_reward
         reward_model = load_reward(f"{cfg.out_dir}/reward")[0].to(pick_device(cfg.device)).eval()
+        if argv[0] == "calibration-noise":
+            print(within_judge_share(model, reward_model, tokenizer, cfg.out_dir))
+            return
         table = bon_markdown(bon_table(model, reward_model, tokenizer, prompts, seed=cfg.seed))
         atomic_write_text(f"{cfg.out_dir}/bon.md", table + "\n")
         print(table)
