@@ -21,7 +21,7 @@ import torch
 
 from minialign import world
 from minialign.checkpoint import load_model, world_seed
-from minialign.config import ConfigError, arg, build, main_guard, parse_flags, usage
+from minialign.config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
 from minialign.evaluate import world_rates
 from minialign.experiments import rain_markdown, rain_table
 from minialign.rain import RainParams, rain_decode
@@ -66,10 +66,7 @@ def main(argv: list[str]) -> None:
         print(__doc__ + "\n" + usage(DecodeConfig, RainParams))
         return
     flags = parse_flags(argv)
-    known = set(DecodeConfig.__dataclass_fields__) | set(RainParams.__dataclass_fields__)
-    if set(flags) - known:
-        raise ConfigError(f"unknown flag --{sorted(set(flags) - known)[0]}; valid flags: "
-                          + ", ".join("--" + k for k in sorted(known)) + ".")
+    check_known(flags, DecodeConfig, RainParams)
     cfg, params = build(DecodeConfig, flags, strict=False), build(RainParams, flags, strict=False)
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown --method {cfg.method!r}; choose one of: {', '.join(METHODS)}.")

@@ -13,7 +13,7 @@ import sys
 
 from minialign.calibrate import CalibrateConfig, run_calibration
 from minialign.checkpoint import load_meta
-from minialign.config import ConfigError, build, main_guard, parse_flags, usage
+from minialign.config import ConfigError, build, check_known, main_guard, parse_flags, usage
 from minialign.ctrl import CTRLConfig, ctrl_folder, print_summary, train_ctrl
 from minialign.reward import RewardConfig, train_reward
 from minialign.sft import SFTConfig, train_sft
@@ -39,10 +39,7 @@ def main(argv: list[str]) -> None:
         cls, run = STAGES[stage]
         run(build(cls, flags))
         return
-    known = {name for cls, _ in STAGES.values() for name in cls.__dataclass_fields__}
-    unknown = sorted(set(flags) - known)
-    if unknown:
-        raise ConfigError(f"unknown flag --{unknown[0]}; valid flags: " + ", ".join("--" + k for k in sorted(known)) + ".")
+    check_known(flags, *(cls for cls, _ in STAGES.values()))
     for name, (cls, run) in STAGES.items():
         cfg = build(cls, flags, strict=False)
         folder = ctrl_folder(cfg) if name == "ctrl" else os.path.join(cfg.out_dir, name)

@@ -75,6 +75,14 @@ def build(cls, flags: dict[str, str | None], strict: bool = True):
     return cls(**values)
 
 
+def check_known(flags: dict, *classes) -> None:
+    """Refuse a flag that none of the given config classes has, listing the valid ones."""
+    known = {name for cls in classes for name in cls.__dataclass_fields__}
+    unknown = sorted(set(flags) - known)
+    if unknown:
+        raise ConfigError(f"unknown flag --{unknown[0]}; valid flags: " + ", ".join("--" + k for k in sorted(known)) + ".")
+
+
 def usage(*classes) -> str:
     """A help text listing every field of the given config classes with its default and help."""
     lines = []

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import world
 from .checkpoint import atomic_write_text, load_model, world_seed
-from .config import ConfigError, arg, build, main_guard, parse_flags, usage
+from .config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
 from .ctrl import CTRLConfig, train_ctrl
 from .evaluate import world_rates
 from .rain import RainParams, rain_decode
@@ -242,10 +242,7 @@ def main(argv: list[str]) -> None:
     if argv[0] not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {argv[0]!r}; choose one of: {', '.join(EXPERIMENTS)}.")
     flags = parse_flags(argv[1:])
-    known = set(ExperimentConfig.__dataclass_fields__) | set(RainParams.__dataclass_fields__)
-    if set(flags) - known:
-        raise ConfigError(f"unknown flag --{sorted(set(flags) - known)[0]}; valid flags: "
-                          + ", ".join("--" + k for k in sorted(known)) + ".")
+    check_known(flags, ExperimentConfig, RainParams)
     cfg, params = build(ExperimentConfig, flags, strict=False), build(RainParams, flags, strict=False)
     if argv[0] == "infalign":
         infalign_sweep(cfg)
