@@ -86,7 +86,7 @@ def ppo_loss(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor, adv
 
 
 def print_summary(metrics: dict, n: int) -> None:
-    """The CTRL policy against pi_ref, judged by the world's gold reward."""
+    """The CTRL policy against pi_ref (judged by the gold reward on the world, by r on real data)."""
     print("\nCTRL policy vs pi_ref on held-out prompts:")
     rows = [("standard win rate", "win_rate"), (f"BoN_{n} inference-time win rate", f"bon{n}"),
             (f"WoN_{n} inference-time win rate", f"won{n}")]
