@@ -51,6 +51,15 @@ class DecodeConfig:
     device: str = arg("auto", "auto, cpu or cuda")
 
 
+def print_gold(prompt: str, response: str) -> None:
+    """The world's gold grade of one response (nothing for a prompt outside the world)."""
+    try:
+        print(f"gold: reward {world.gold_reward(prompt, response):+.3f}, harmful {world.is_harmful(prompt, response)}, "
+              f"helpful {world.is_helpful(prompt, response)}")
+    except ValueError:
+        pass  # not a world prompt: nothing to grade against
+
+
 def find_checkpoint(cfg: DecodeConfig) -> str:
     if cfg.checkpoint:
         return cfg.checkpoint
@@ -96,11 +105,7 @@ def main(argv: list[str]) -> None:
         start = time.time()
         response = respond([text])[0]
         print(f"{text} {response}\n({time.time() - start:.2f} s)")
-        try:
-            print(f"gold: reward {world.gold_reward(text, response):+.3f}, harmful {world.is_harmful(text, response)}, "
-                  f"helpful {world.is_helpful(text, response)}")
-        except ValueError:
-            pass  # not a world prompt: nothing to grade against
+        print_gold(text, response)
         return
     prompts = world.eval_prompts(cfg.n_eval, eval_world(cfg, meta))
     start = time.time()
@@ -133,11 +138,7 @@ def decode_rain(cfg: DecodeConfig, params: RainParams, model, tokenizer, meta: d
     print(f"{text} {answer}")
     print(f"search: {stats['iterations']} iterations, {stats['rewinds']} rewinds, {stats['nodes']} nodes, "
           f"{stats['evaluations']} self-evaluations, {stats['seconds']:.2f} s")
-    try:
-        print(f"gold: reward {world.gold_reward(text, answer):+.3f}, harmful {world.is_harmful(text, answer)}, "
-              f"helpful {world.is_helpful(text, answer)}")
-    except ValueError:
-        pass  # not a world prompt
+    print_gold(text, answer)
 
 
 if __name__ == "__main__":

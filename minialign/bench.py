@@ -17,10 +17,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write_text
+from . import world
+from .checkpoint import atomic_write_text, load_model, world_seed
 from .config import arg, build, main_guard, parse_flags, usage
+from .experiments import rain_table
 from .model import GPT, GPTConfig
+from .rain import RainParams
 from .sampling import generate, generate_uncached
+from .tokenizer import get_tokenizer
 from .training import autocast, make_optimizer, pick_device
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
@@ -130,11 +134,6 @@ def decode_speed(config: GPTConfig, batch: int, tokens: int, device) -> dict:
 
 def rain_ratio(cfg: BenchConfig, device) -> dict:
     """RAIN against greedy KV-cached decoding, one prompt at a time, on the trained world model."""
-    from . import world
-    from .checkpoint import load_model, world_seed
-    from .experiments import rain_table
-    from .rain import RainParams
-    from .tokenizer import get_tokenizer
     model, meta = load_model(os.path.join(cfg.out_dir, "sft"))
     prompts = world.eval_prompts(cfg.rain_prompts, world_seed(cfg.out_dir))
     result = rain_table(model.to(device).eval(), get_tokenizer(meta["tokenizer"]), prompts, RainParams())

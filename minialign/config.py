@@ -8,6 +8,11 @@ import dataclasses
 import sys
 import typing
 
+from .checkpoint import CheckpointError
+from .data import DataError
+from .model import ModelError
+from .tokenizer import TokenizerError
+
 
 class ConfigError(ValueError):
     """A command-line flag that cannot be used, with a sentence saying why."""
@@ -96,10 +101,6 @@ def usage(*classes) -> str:
 
 def main_guard(fn):
     """Run ``fn()``, turning the project's expected errors into one sentence on stderr and exit code 2."""
-    from .checkpoint import CheckpointError
-    from .model import ModelError
-    from .tokenizer import TokenizerError
-    from .data import DataError
     try:
         return fn()
     except (ConfigError, CheckpointError, ModelError, TokenizerError, DataError) as err:

@@ -8,6 +8,10 @@ import numpy as np
 import torch
 
 from . import world
+from .data import pad_responses
+from .model import token_logprobs
+from .sampling import generate, stop_ids
+from .selfeval import judge
 
 
 def world_rates(prompts: list[world.Prompt], responses: list[str]) -> dict:
@@ -90,7 +94,6 @@ def analytic(phi, beta: float, n: int = 4, grid: int = 200_000) -> dict:
 def self_eval_accuracy(model, tokenizer, prompts: list[world.Prompt], responses: list[str]) -> dict:
     """How well the model judges harm in its own replies, against the gold rule: accuracy per label
     order (a verdict is the likelier letter) and of the two orders' mean probability."""
-    from .selfeval import judge
     p = torch.cat([judge(model, tokenizer, q.question, [r], [True]) for q, r in zip(prompts, responses)])  # (N, 2)
     gold = torch.tensor([world.is_harmful(q.text, r) for q, r in zip(prompts, responses)])
     acc = lambda v: float(((v > 0.5) == gold).float().mean())  # noqa: E731
@@ -109,9 +112,6 @@ def compare_policies(policy, reference, tokenizer, prompts: list[str], samples: 
     KL(pi || pi_ref) estimated from the policy's samples (mean sequence log-ratio). On world prompts
     it adds the policy's harm and help rates.
     """
-    from .data import pad_responses
-    from .model import token_logprobs
-    from .sampling import generate, stop_ids
     judge = judge or (lambda ps, rs: torch.tensor([world.gold_reward(p, r) for p, r in zip(ps, rs)]))
     device = policy.lm_head.weight.device
     stop = stop_ids(tokenizer)

@@ -21,10 +21,12 @@ from tqdm import tqdm
 from . import world
 from .checkpoint import atomic_write_text, load_model, world_seed
 from .config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
+from .calibrate import calibrated, load_calibration
 from .ctrl import CTRLConfig, train_ctrl
 from .evaluate import world_rates
 from .rain import RainParams, rain_decode
-from .sampling import generate, generate_uncached, stop_ids
+from .reward import load_reward, score
+from .sampling import complete, generate, generate_uncached, stop_ids
 from .tokenizer import get_tokenizer
 from .training import pick_device
 
@@ -95,8 +97,6 @@ def bon_table(model, reward_model, tokenizer, prompts: list[world.Prompt], pool:
 
     Per prompt, ``pool`` samples are drawn once; N-groups are resampled from that pool (with replacement)
     and compared against an independent pool of plain samples."""
-    from .reward import score
-    from .sampling import complete
     g = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     texts = [p.text for p in prompts for _ in range(2 * pool)]
     responses = complete(model, tokenizer, texts, 128, batch_size=256, temperature=1.0, generator=g)
@@ -133,9 +133,6 @@ def within_judge_share(model, reward_model, tokenizer, out_dir: str, samples: in
                        seed: int = 5) -> dict:
     """How much of the per-prompt variance of raw r and of C_hat lies among pi_ref samples that the gold
     reward scores the same (rounded to 0.1): signal the judge cannot see."""
-    from .calibrate import calibrated, load_calibration
-    from .reward import score
-    from .sampling import complete
     prompts, reference = load_calibration(f"{out_dir}/calibration")
     rows = list(range(0, len(prompts), every))
     texts = [prompts[i] for i in rows for _ in range(samples)]
@@ -252,7 +249,6 @@ def main(argv: list[str]) -> None:
     tokenizer = get_tokenizer(meta["tokenizer"])
     prompts = world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir))  # cfg.seed only seeds the sampling
     if argv[0] in ("bon", "calibration-noise"):
-        from .reward import load_reward
         reward_model = load_reward(f"{cfg.out_dir}/reward")[0].to(pick_device(cfg.device)).eval()
         if argv[0] == "calibration-noise":
             print(within_judge_share(model, reward_model, tokenizer, cfg.out_dir))
