@@ -21,6 +21,7 @@ from . import world
 from .checkpoint import atomic_write_text, load_model, world_seed
 from .config import arg, build, main_guard, parse_flags, usage
 from .experiments import rain_table
+from .graphs import GraphDecoder
 from .model import GPT, GPTConfig
 from .rain import RainParams
 from .sampling import generate, generate_uncached
@@ -29,6 +30,7 @@ from .training import autocast, make_optimizer, pick_device
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 WORLD = GPTConfig()
+PROMPT_LEN = 8  # tokens of the (random) prompt every decoding benchmark continues
 GPT2_124M = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 
 
@@ -36,7 +38,7 @@ GPT2_124M = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, 
 class BenchConfig:
     gpt2: bool = arg(False, "also benchmark GPT-2 124M shapes")
     train_steps: int = arg(10, "timed training steps (after 3 warm-up steps)")
-    decode_tokens: int = arg(64, "tokens decoded per row (256 for the GPT-2 figures on a GPU)")
+    decode_tokens: int = arg(0, "tokens decoded per row; 0 = 256 on a GPU, 64 on a CPU")
     compile: bool = arg(False, "torch.compile the training model")
     out_dir: str = arg("out", "checkpoints root: with a trained sft model, RAIN is timed too")
     rain_prompts: int = arg(4, "held-out prompts per kind for the RAIN / vanilla ratio")
@@ -89,46 +91,70 @@ def train_throughput(config: GPTConfig, batch: int, seq: int, cfg: BenchConfig, 
             "mfu": round(flops_per_token * tokens_per_s / peak, 4) if peak else None}
 
 
-@torch.no_grad()
-def decode_speed(config: GPTConfig, batch: int, tokens: int, device) -> dict:
-    """Greedy decoding tokens/s: cached (minialign), uncached (reference), and transformers' generate
-    with the same weights when transformers is installed."""
-    torch.manual_seed(0)
-    model = GPT(config).to(device).eval()
-    prompt = torch.randint(config.vocab_size, (8,)).tolist()
-    result = {"batch": batch, "tokens": tokens}
+def timed(run, tokens: int, device) -> float:
+    """Seconds for ``run(tokens)``, after an untimed 8-token call that pays the one-off costs (CUDA
+    context, cuBLAS handles, kernel choice, transformers' set-up)."""
+    run(8)
     sync(device)
     start = time.time()
-    ours = generate(model, [prompt] * batch, tokens, stop=set(), temperature=0.0)
+    run(tokens)
     sync(device)
-    result["cached_tokens_per_s"] = round(batch * tokens / (time.time() - start), 1)
-    if batch == 1:
-        start = time.time()
-        generate_uncached(model, prompt, tokens, stop=set())
-        sync(device)
-        result["uncached_tokens_per_s"] = round(tokens / (time.time() - start), 1)
-        result["cached_vs_uncached"] = round(result["cached_tokens_per_s"] / result["uncached_tokens_per_s"], 2)
+    return time.time() - start
+
+
+def transformers_twin(model: GPT):
+    """transformers' GPT2LMHeadModel holding exactly ``model``'s weights (None without transformers)."""
     try:
         import transformers
     except ImportError:
-        return result
+        return None
+    c = model.config
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, bos_token_id=config.vocab_size - 1,
-        eos_token_id=config.vocab_size - 1)).to(device).eval()
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1))
     state = {k: (v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v)
              for k, v in model.state_dict().items()}  # nn.Linear (out, in) -> GPT-2 Conv1D (in, out)
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing, unexpected)
-    ids = torch.tensor([prompt] * batch, device=device)
-    sync(device)
-    start = time.time()
-    theirs = hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, use_cache=True,
-                         pad_token_id=0, attention_mask=torch.ones_like(ids))
-    sync(device)
-    result["transformers_tokens_per_s"] = round(batch * tokens / (time.time() - start), 1)
-    result["same_tokens_as_transformers"] = theirs[0, len(prompt):].tolist() == ours[0]
-    result["minialign_vs_transformers"] = round(result["cached_tokens_per_s"] / result["transformers_tokens_per_s"], 2)
+    return hf.to(model.lm_head.weight.device).eval()
+
+
+@torch.no_grad()
+def decode_speed(config: GPTConfig, batch: int, tokens: int, device) -> dict:
+    """Greedy decoding tokens/s of one random model with ``batch`` rows of ``tokens`` new tokens each:
+    KV-cached (minialign), uncached (the reference; batch 1 only), the CUDA-graph decoder (on a GPU),
+    and transformers' ``generate`` with its KV cache and the same weights (when installed). Every
+    decoder runs without stop tokens, so all produce exactly ``tokens`` tokens per row."""
+    torch.manual_seed(0)
+    model = GPT(config).to(device).eval()
+    prompt = torch.randint(config.vocab_size, (PROMPT_LEN,)).tolist()
+    prompts = [prompt] * batch
+    result = {"batch": batch, "tokens": tokens}
+    outputs = {}
+
+    def measure(name: str, run) -> None:
+        def keep(n):
+            outputs[name] = run(n)
+        result[f"{name}_tokens_per_s"] = round(batch * tokens / timed(keep, tokens, device), 1)
+
+    measure("cached", lambda n: generate(model, prompts, n, stop=set(), temperature=0.0))
+    if batch == 1:
+        measure("uncached", lambda n: [generate_uncached(model, prompt, n, stop=set())])
+    if device.type == "cuda":
+        graphed = GraphDecoder(model, batch, len(prompt) + tokens)
+        measure("cuda_graph", lambda n: graphed.generate(prompts, n, stop=set(), temperature=0.0))
+    hf = transformers_twin(model)
+    if hf is not None:
+        ids = torch.tensor(prompts, device=device)
+        measure("transformers", lambda n: hf.generate(
+            ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0,
+            attention_mask=torch.ones_like(ids))[:, len(prompt):].tolist())
+    result["same_tokens"] = all(out == outputs["cached"] for out in outputs.values())
+    for ours in ("cached", "cuda_graph"):
+        for baseline in ("uncached", "transformers"):
+            if f"{ours}_tokens_per_s" in result and f"{baseline}_tokens_per_s" in result:
+                ratio = result[f"{ours}_tokens_per_s"] / result[f"{baseline}_tokens_per_s"]
+                result[f"{ours}_vs_{baseline}"] = round(ratio, 2)
     return result
 
 
@@ -142,23 +168,53 @@ def rain_ratio(cfg: BenchConfig, device) -> dict:
             "ratio_vs_uncached": round(result["time_ratio_uncached"], 2)}
 
 
+def table(report: dict) -> str:
+    """The report as aligned text: training, decoding (tokens/s and ratios), RAIN."""
+    lines = [f"device: {report['device']}, torch {report['torch']}", "",
+             f"{'training':12s} {'batch x seq':>12s} {'tokens/s':>10s} {'MFU':>6s}"]
+    for name in ("world", "gpt2"):
+        if f"train_{name}" in report:
+            t = report[f"train_{name}"]
+            mfu = "-" if t["mfu"] is None else f"{t['mfu']:.1%}"
+            lines.append(f"{name:12s} {t['batch']:>5d} x {t['seq']:<5d} {t['tokens_per_s']:>10,d} {mfu:>6s}")
+    methods = ("cached", "uncached", "cuda_graph", "transformers")
+    ratios = ("cached_vs_uncached", "cached_vs_transformers", "cuda_graph_vs_transformers")
+    lines += ["", f"{'decoding':12s} {'batch':>5s} {'tokens':>6s} " + " ".join(f"{m:>12s}" for m in methods)
+              + "   " + "  ".join(ratios)]
+    for name in ("world", "gpt2"):
+        for d in report.get(f"decode_{name}", []):
+            speeds = " ".join(f"{d.get(m + '_tokens_per_s', '-'):>12}" for m in methods)
+            lines.append(f"{name:12s} {d['batch']:>5d} {d['tokens']:>6d} {speeds}   "
+                         + "  ".join(f"{d.get(r, '-'):>{len(r)}}" for r in ratios))
+    lines.append("(decoding in tokens/s; every decoder produced the same tokens: "
+                 + str(all(d["same_tokens"] for k in ("decode_world", "decode_gpt2") for d in report.get(k, []))) + ")")
+    if "rain_vs_vanilla" in report:
+        r = report["rain_vs_vanilla"]
+        lines.append(f"\nRAIN / vanilla time: {r['ratio']}x against KV-cached greedy, {r['ratio_vs_uncached']}x "
+                     f"against uncached greedy ({r['prompts']} prompts)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         print(__doc__ + "\n" + usage(BenchConfig))
         return
     cfg = build(BenchConfig, parse_flags(argv))
     device = pick_device(cfg.device)
+    on_gpu = device.type == "cuda"
+    tokens = cfg.decode_tokens or (256 if on_gpu else 64)
     report = {"device": device_name(device), "torch": torch.__version__, "config": asdict(cfg)}
     report["train_world"] = train_throughput(WORLD, 16, WORLD.block_size, cfg, device)
-    report["decode_world"] = [decode_speed(WORLD, b, cfg.decode_tokens, device) for b in (1, 64)]
+    world_tokens = min(tokens, WORLD.block_size - PROMPT_LEN)
+    report["decode_world"] = [decode_speed(WORLD, b, world_tokens, device) for b in (1, 64)]
     if os.path.exists(os.path.join(cfg.out_dir, "sft", "config.json")):
         report["rain_vs_vanilla"] = rain_ratio(cfg, device)
     if cfg.gpt2:
-        on_gpu = device.type == "cuda"
         report["train_gpt2"] = train_throughput(GPT2_124M, 16 if on_gpu else 2, 1024 if on_gpu else 256, cfg, device)
-        report["decode_gpt2"] = [decode_speed(GPT2_124M, b, cfg.decode_tokens, device) for b in (1, 64)]
+        report["decode_gpt2"] = [decode_speed(GPT2_124M, b, tokens, device) for b in (1, 64)]
     atomic_write_text(cfg.out, json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    print(table(report))
+    print(f"\n(all figures: {cfg.out})")
 
 
 if __name__ == "__main__":

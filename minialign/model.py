@@ -158,18 +158,24 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, static_shapes: bool = False) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, C) for tokens ``idx`` (B, T).
 
         With a cache, ``idx`` continues each row at its own length and the cache advances by T.
+        ``static_shapes`` attends over the whole preallocated cache instead of the longest row, so every
+        shape is fixed and nothing waits on the GPU: the form a CUDA graph can capture (see
+        ``graphs.py``); its caller guarantees the cache fits the context.
         """
         B, T = idx.shape
         steps = torch.arange(T, device=idx.device)
         pos = steps[None] if cache is None else cache.lengths[:, None] + steps  # (1, T) or (B, T)
-        span = int(pos.max()) + 1
-        if span > self.config.block_size:
-            raise ModelError(f"sequence of length {span} exceeds the model's context of "
-                             f"{self.config.block_size} tokens; shorten the prompt or max_new_tokens.")
+        if static_shapes:
+            span = cache.max_len
+        else:
+            span = int(pos.max()) + 1  # reads the lengths back from the device
+            if span > self.config.block_size:
+                raise ModelError(f"sequence of length {span} exceeds the model's context of "
+                                 f"{self.config.block_size} tokens; shorten the prompt or max_new_tokens.")
         cached = None
         if cache is not None:
             mask = torch.arange(span, device=idx.device)[None, None, :] <= pos[:, :, None]  # (B, T, span)
@@ -181,9 +187,9 @@ class GPT(nn.Module):
             cache.lengths += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, static_shapes: bool = False) -> torch.Tensor:
         """Next-token logits (B, T, vocab) for tokens ``idx`` (B, T)."""
-        return self.lm_head(self.hidden(idx, cache))
+        return self.lm_head(self.hidden(idx, cache, static_shapes))
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.lm_head.weight

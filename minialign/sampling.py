@@ -3,7 +3,8 @@
 Prompts of different lengths share one batch: the prompt block is right-padded, prefilled in one
 forward pass, and each row's cache length is then set to its own prompt length, so every row continues
 from its last real token (padding positions are masked and later overwritten). A row stops at
-end-of-text or at the end of the assistant's turn (a token containing a newline).
+end-of-text or at the end of the assistant's turn (a token containing a newline). ``prefill`` and the
+token loop ``decode`` are shared with the CUDA-graph decoder in ``graphs.py``.
 
 ``generate_uncached`` recomputes the whole sequence for every new token; it is the reference the
 cached decoder is tested against and the baseline it is benchmarked against.
@@ -11,7 +12,7 @@ cached decoder is tested against and the baseline it is benchmarked against.
 import torch
 import torch.nn.functional as F
 
-from .model import GPT, ModelError
+from .model import GPT, KVCache, ModelError
 from .reward import score
 from .tokenizer import Tokenizer
 
@@ -56,6 +57,49 @@ def _check_room(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
     return min(max_new_tokens, room)
 
 
+def prefill(model: GPT, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
+    """Run the right-padded prompt block through ``cache`` (empty) in one forward; next-token logits (B, V).
+
+    Each row's cache length is then cut back to its own prompt length, so it continues after its last
+    real token (the padding positions are masked and later overwritten)."""
+    device = model.lm_head.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    block = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)  # (B, Tp)
+    for b, p in enumerate(prompts):
+        block[b, : len(p)] = torch.tensor(p)
+    logits = model(block, cache)  # (B, Tp, V)
+    cache.truncate(lengths)
+    return logits[torch.arange(len(prompts)), lengths - 1]  # (B, V)
+
+
+def decode(step, logits: torch.Tensor, max_new_tokens: int, stop: set[int], temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+           keep_stop: bool = False, check_every: int = 1) -> list[list[int]]:
+    """The token loop shared by every decoder: pick a token per row from ``logits`` (B, V), feed it to
+    ``step`` (tokens (B,) -> next logits (B, V)), until every row has stopped or ``max_new_tokens``.
+
+    Tokens stay on the device; whether all rows are done is read back every ``check_every`` steps (a
+    host sync stalls a CUDA-graph decoder, so it checks rarely and decodes a few discarded tokens).
+    Returns each row's new tokens up to its first stop token (included only with ``keep_stop``).
+    """
+    stop_tensor = torch.tensor(sorted(stop), dtype=torch.long, device=logits.device)
+    done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
+    tokens = []
+    for i in range(max_new_tokens):
+        token = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        tokens.append(token)
+        done |= torch.isin(token, stop_tensor)
+        if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and done.all()):
+            break
+        logits = step(token)
+    rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(logits.size(0))]
+    out = []
+    for row in rows:
+        end = next((i for i, t in enumerate(row) if t in stop), None)
+        out.append(row if end is None else row[: end + keep_stop])
+    return out
+
+
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop: set[int],
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -65,30 +109,12 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop: se
     Returns the new tokens of each row; the stop token is included only with ``keep_stop`` (RL needs
     the probability of stopping). ``temperature=0`` is greedy.
     """
-    device = model.lm_head.weight.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    max_new_tokens = _check_room(model, int(lengths.max()), max_new_tokens)
-    B = len(prompts)
-    block = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=device)  # right-padded (B, Tp)
-    for b, p in enumerate(prompts):
-        block[b, : len(p)] = torch.tensor(p)
-    cache = model.new_cache(B, int(lengths.max()) + max_new_tokens)
-    logits = model(block, cache)  # (B, Tp, V) prefill
-    cache.truncate(lengths)  # each row continues after its own last prompt token
-    logits = logits[torch.arange(B), lengths - 1]  # (B, V)
-    out = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    stop_tensor = torch.tensor(sorted(stop), device=device)
-    for _ in range(max_new_tokens):
-        token = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
-        done_now = torch.isin(token, stop_tensor)
-        for b in (~done & (keep_stop | ~done_now)).nonzero().flatten().tolist():
-            out[b].append(int(token[b]))
-        done |= done_now
-        if done.all():
-            break
-        logits = model(token[:, None], cache)[:, -1]  # one-token decode (B, V)
-    return out
+    longest = max(len(p) for p in prompts)
+    max_new_tokens = _check_room(model, longest, max_new_tokens)
+    cache = model.new_cache(len(prompts), longest + max_new_tokens)
+    logits = prefill(model, prompts, cache)
+    return decode(lambda token: model(token[:, None], cache)[:, -1], logits, max_new_tokens, stop,
+                  temperature, top_k, top_p, generator, keep_stop)
 
 
 @torch.no_grad()

@@ -9,4 +9,4 @@ def test_bench_decoding_matches_transformers_with_the_same_weights():
     from minialign.model import GPTConfig
     result = decode_speed(GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=2, n_embd=32), 1, 16,
                           torch.device("cpu"))
-    assert result["same_tokens_as_transformers"] and result["cached_tokens_per_s"] > 0
+    assert result["same_tokens"] and "transformers_tokens_per_s" in result and result["cached_tokens_per_s"] > 0

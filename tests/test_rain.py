@@ -33,7 +33,7 @@ class BigramModel(GPT):
         with torch.no_grad():
             self.lm_head.weight.copy_(table.t())  # logits = one_hot(token) @ table
 
-    def hidden(self, idx, cache=None):
+    def hidden(self, idx, cache=None, static_shapes=False):
         if cache is not None:
             cache.lengths += idx.size(1)
         return F.one_hot(idx, V).float()
