@@ -31,7 +31,9 @@ from .training import autocast, make_optimizer, pick_device
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 WORLD = GPTConfig()
 PROMPT_LEN = 8  # tokens of the (random) prompt every decoding benchmark continues
-GPT2_124M = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+# GPT-2 124M with the vocabulary padded from 50257 to 50304 (a multiple of 64, friendlier to tensor
+# cores), as in nanoGPT, whose 460k tokens/s on an H100 is the anchor this shape is compared with.
+GPT2_124M = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 
 
 @dataclass

@@ -164,18 +164,20 @@ class GPT(nn.Module):
         With a cache, ``idx`` continues each row at its own length and the cache advances by T.
         ``static_shapes`` attends over the whole preallocated cache instead of the longest row, so every
         shape is fixed and nothing waits on the GPU: the form a CUDA graph can capture (see
-        ``graphs.py``); its caller guarantees the cache fits the context.
+        ``graphs.py``).
         """
         B, T = idx.shape
         steps = torch.arange(T, device=idx.device)
         pos = steps[None] if cache is None else cache.lengths[:, None] + steps  # (1, T) or (B, T)
-        if static_shapes:
+        if cache is None:
+            span = T  # known on the host: training never waits on the GPU here (nor breaks a compiled graph)
+        elif static_shapes:
             span = cache.max_len
         else:
             span = int(pos.max()) + 1  # reads the lengths back from the device
-            if span > self.config.block_size:
-                raise ModelError(f"sequence of length {span} exceeds the model's context of "
-                                 f"{self.config.block_size} tokens; shorten the prompt or max_new_tokens.")
+        if span > self.config.block_size:
+            raise ModelError(f"sequence of length {span} exceeds the model's context of "
+                             f"{self.config.block_size} tokens; shorten the prompt or max_new_tokens.")
         cached = None
         if cache is not None:
             mask = torch.arange(span, device=idx.device)[None, None, :] <= pos[:, :, None]  # (B, T, span)

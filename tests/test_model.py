@@ -48,3 +48,15 @@ def test_context_overflow_is_a_clear_error(tiny_model):
     from minialign.model import ModelError
     with pytest.raises(ModelError, match="context"):
         generate(tiny_model, [[1] * 64], max_new_tokens=5, stop={256})
+
+
+def test_training_forward_and_static_decode_step_never_read_the_device(tiny_model):
+    """No value goes back to the host: torch.compile traces each as one graph (a read such as
+    ``int(tensor)`` would break it), which is also what CUDA-graph capture of the decode step needs."""
+    explain = torch._dynamo.explain
+    assert explain(tiny_model)(torch.randint(257, (2, 16))).graph_break_count == 0
+    cache = tiny_model.new_cache(3, 20)
+    tiny_model(torch.randint(257, (3, 5)), cache)
+    step = explain(lambda token: tiny_model(token, cache, static_shapes=True))(torch.randint(257, (3, 1)))
+    assert step.graph_break_count == 0
+    assert explain(lambda token: tiny_model(token, cache))(torch.randint(257, (3, 1))).graph_break_count > 0  # the check can fail
