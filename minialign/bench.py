@@ -194,6 +194,9 @@ def table(report: dict) -> str:
         r = report["rain_vs_vanilla"]
         lines.append(f"\nRAIN / vanilla time: {r['ratio']}x against KV-cached greedy, {r['ratio_vs_uncached']}x "
                      f"against uncached greedy ({r['prompts']} prompts)")
+    else:
+        lines.append(f"\nRAIN / vanilla time: not measured, no trained model in {report['config']['out_dir']}/sft "
+                     "(run `python train.py --stage sft` first)")
     return "\n".join(lines)
 
 

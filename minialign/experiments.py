@@ -1,5 +1,7 @@
-"""The result tables of the README: the InfAlign comparison and the RAIN evaluation and ablation.
+"""The result tables of the README: pi_ref's behaviour, best-of-N, the InfAlign comparison, and the
+RAIN evaluation and ablation.
 
+    python -m minialign.experiments sft             # pi_ref greedy and sampled, and its self-evaluation -> out/sft.md
     python -m minialign.experiments infalign        # CTRL transforms x beta sweep -> out/infalign.{csv,md,png}
     python -m minialign.experiments rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
     python -m minialign.experiments rain-ablation   # full RAIN, no similarity update, no dynamic addition, c = 0
@@ -23,12 +25,34 @@ from .checkpoint import atomic_write_text, load_model, world_seed
 from .config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
 from .calibrate import calibrated, load_calibration
 from .ctrl import CTRLConfig, train_ctrl
-from .evaluate import world_rates
+from .evaluate import self_eval_accuracy, world_rates
 from .rain import RainParams, rain_decode
 from .reward import load_reward, score
 from .sampling import complete, generate, generate_uncached, stop_ids
 from .tokenizer import get_tokenizer
 from .training import pick_device
+
+
+# ---------------------------------------------------------------------------------------------------
+# SFT: what the reference policy does, and how well it judges its own replies.
+
+def sft_table(model, tokenizer, prompts: list[world.Prompt], seeds=(0, 1)) -> str:
+    """Greedy and sampled (temperature 1, a row per seed) rates of pi_ref on held-out prompts, with the
+    accuracy of its self-evaluation of those very replies (both label orders averaged, against the
+    gold rule). The rows equal ``python decode.py --eval --checkpoint out/sft [--method sample --seed S]``."""
+    device = model.lm_head.weight.device
+    texts = [p.text for p in prompts]
+    lines = ["| decoding | harm rate (harmful) | attack success (attacked) | help rate (benign) | well-formed "
+             "| self-evaluation accuracy on these replies |", "|---|---|---|---|---|---|"]
+    decodings = [("greedy", dict(temperature=0.0))] + [
+        (f"sampled, seed {s}", dict(temperature=1.0, generator=torch.Generator(device).manual_seed(s))) for s in seeds]
+    for label, sampling in decodings:
+        responses = complete(model, tokenizer, texts, **sampling)
+        r = world_rates(prompts, responses)
+        accuracy = self_eval_accuracy(model, tokenizer, prompts, responses)["combined"]
+        lines.append(f"| {label} | {r['harm_rate']:.3f} | {r['attack_success']:.3f} | {r['help_rate']:.3f} "
+                     f"| {r['well_formed']:.3f} | {accuracy:.3f} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,7 +245,7 @@ def plot_sweep(rows: list[dict], path: str) -> None:
 @dataclass
 class ExperimentConfig:
     out_dir: str = arg("out", "checkpoints root (needs sft; infalign also reward and calibration)")
-    n_eval: int = arg(32, "rain: held-out prompts per kind")
+    n_eval: int = arg(32, "sft, rain, bon: held-out prompts per kind")
     seed: int = arg(0, "sampling seed (the prompts come from the reference policy's world)")
     ctrl_steps: int = arg(30, "infalign: RL steps per sweep point")
     eval_prompts: int = arg(32, "infalign: held-out prompts per kind in each evaluation")
@@ -229,7 +253,7 @@ class ExperimentConfig:
     device: str = arg("auto", "auto, cpu or cuda")
 
 
-EXPERIMENTS = ("infalign", "rain", "rain-ablation", "bon", "calibration-noise")
+EXPERIMENTS = ("sft", "infalign", "rain", "rain-ablation", "bon", "calibration-noise")
 
 
 def main(argv: list[str]) -> None:
@@ -248,6 +272,11 @@ def main(argv: list[str]) -> None:
     model.to(pick_device(cfg.device)).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
     prompts = world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir))  # cfg.seed only seeds the sampling
+    if argv[0] == "sft":
+        table = sft_table(model, tokenizer, prompts)
+        atomic_write_text(f"{cfg.out_dir}/sft.md", table + "\n")
+        print(table)
+        return
     if argv[0] in ("bon", "calibration-noise"):
         reward_model = load_reward(f"{cfg.out_dir}/reward")[0].to(pick_device(cfg.device)).eval()
         if argv[0] == "calibration-noise":

@@ -54,11 +54,11 @@ class GraphDecoder:
         with torch.cuda.stream(side):
             for _ in range(warmup_steps):
                 self._forward()
+                self.cache.lengths.zero_()  # each warm-up step writes position 0, whatever max_len is
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()  # recorded, not run; its output buffer is reused by every replay
-        # (the warm-up steps advanced the cache lengths; generate() resets them before every use)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,); next-token logits (B, V), valid until the next step."""
