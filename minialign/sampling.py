@@ -67,9 +67,9 @@ def prefill(model: GPT, prompts: list[list[int]], cache: KVCache) -> torch.Tenso
     block = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)  # (B, Tp)
     for b, p in enumerate(prompts):
         block[b, : len(p)] = torch.tensor(p)
-    logits = model(block, cache)  # (B, Tp, V)
+    hidden = model.hidden(block, cache)  # (B, Tp, C)
     cache.truncate(lengths)
-    return logits[torch.arange(len(prompts)), lengths - 1]  # (B, V)
+    return model.lm_head(hidden[torch.arange(len(prompts)), lengths - 1])  # (B, V): the head only where needed
 
 
 def decode(step, logits: torch.Tensor, max_new_tokens: int, stop: set[int], temperature: float = 1.0,
