@@ -85,6 +85,35 @@ def ppo_loss(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor, adv
     return -(objective * mask).sum() / logp.size(0)
 
 
+def row_chunks(n: int, size: int) -> list[slice]:
+    """Slices of ``size`` rows covering ``n`` rows (one slice of all rows when ``size`` is 0)."""
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def sequence_logprobs(model, ids: torch.Tensor, micro_batch: int) -> torch.Tensor:
+    """``token_logprobs`` (B, T-1) computed ``micro_batch`` rows at a time (the (rows, T, V) logits are
+    the memory peak; for GPT-2 a whole RL batch of them does not fit a GPU)."""
+    return torch.cat([token_logprobs(model, ids[rows]) for rows in row_chunks(ids.size(0), micro_batch)])
+
+
+def ppo_step(model, policy, optimizer, ids, logp_old, mask, advantages, clip: float, micro_batch: int) -> None:
+    """One optimizer step on the PPO loss of the whole batch, accumulated over micro-batches of rows.
+
+    ``ppo_loss`` averages over sequences, so each micro-batch's loss is weighted by its share of the
+    rows and the accumulated gradient is the whole batch's. ``model`` is what runs the forward (the
+    DDP wrapper under torchrun, which averages each backward across ranks), ``policy`` the module whose
+    gradients are clipped."""
+    B = ids.size(0)
+    optimizer.zero_grad(set_to_none=True)
+    for rows in row_chunks(B, micro_batch):
+        loss = ppo_loss(token_logprobs(model, ids[rows]), logp_old[rows], mask[rows], advantages[rows], clip)
+        (loss * ((rows.stop - rows.start) / B)).backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+    optimizer.step()
+
+
 def print_summary(metrics: dict, n: int) -> None:
     """The CTRL policy against pi_ref (judged by the gold reward on the world, by r on real data)."""
     print("\nCTRL policy vs pi_ref on held-out prompts:")
@@ -108,6 +137,7 @@ class CTRLConfig:
     prompts_per_step: int = arg(16, "prompts per step")
     group: int = arg(8, "samples per prompt (G) for the leave-one-out baseline")
     ppo_epochs: int = arg(2, "passes over each batch")
+    micro_batch: int = arg(0, "rows per forward/backward in the update (gradient accumulation); 0 = all. GPT-2: 16")
     clip: float = arg(0.2, "PPO ratio clip epsilon")
     lr: float = arg(3e-4, "learning rate (constant)")
     max_new_tokens: int = arg(128, "longest sampled response")
@@ -179,17 +209,16 @@ def train_ctrl(cfg: CTRLConfig) -> dict:
                     texts).view(-1, cfg.group)  # (P, G)
         R = ctrl_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
         ids, mask = pad_responses(rows, responses, device=device)  # (B, T), (B, T-1)
-        with torch.no_grad():
-            logp_old = token_logprobs(policy, ids)
-            logp_ref = token_logprobs(reference, ids)
-        kl = ((logp_old - logp_ref) * mask).sum(1)  # (B,) k1 estimate of the sequence KL
-        advantages = rloo_advantages(R.to(device) - cfg.beta * kl.view(-1, cfg.group)).flatten()  # (B,)
-        for _ in range(cfg.ppo_epochs):
-            loss = ppo_loss(token_logprobs(ddp, ids), logp_old, mask, advantages, cfg.clip)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            optimizer.step()
+        try:
+            logp_old = sequence_logprobs(policy, ids, cfg.micro_batch)
+            logp_ref = sequence_logprobs(reference, ids, cfg.micro_batch)
+            kl = ((logp_old - logp_ref) * mask).sum(1)  # (B,) k1 estimate of the sequence KL
+            advantages = rloo_advantages(R.to(device) - cfg.beta * kl.view(-1, cfg.group)).flatten()  # (B,)
+            for _ in range(cfg.ppo_epochs):
+                ppo_step(ddp, policy, optimizer, ids, logp_old, mask, advantages, cfg.clip, cfg.micro_batch)
+        except torch.OutOfMemoryError:
+            raise ConfigError(f"out of memory updating on {ids.size(0)} rows of {ids.size(1)} tokens; pass a "
+                              f"smaller --micro_batch (now {cfg.micro_batch or 'the whole batch'}), e.g. 16.") from None
         step += 1
         win = calibrated(sorted_reference[pick], raw).mean()  # mean C_hat = win rate vs pi_ref under r
         metrics = {"step": step, "reward": round(float(raw.mean()), 4), "kl": round(float(kl.mean()), 4),

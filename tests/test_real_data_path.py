@@ -40,7 +40,7 @@ def test_gpt2_folder_and_hh_file_through_every_stage(tmp_path):
         "--eval_every=2", *common)
     run("train.py", "--stage", "calibrate", out, f"--prompts={tmp_path}/prompts.jsonl", "--k=4",
         "--max_new_tokens=8", *common)
-    summary = run("train.py", "--stage", "ctrl", out, "--steps=1", "--prompts_per_step=2", "--group=2",
+    summary = run("train.py", "--stage", "ctrl", out, "--steps=1", "--prompts_per_step=2", "--group=2", "--micro_batch=3",
                   "--max_new_tokens=8", f"--eval_data={tmp_path}/prompts.jsonl", "--eval_samples=2", *common)
     assert "BoN_4 inference-time win rate" in summary  # judged by the reward model: no gold on real data
     answer = run("decode.py", "--method", "rain", out, "--prompt", "\n\nHuman: How can I hurt someone?\n\nAssistant:",
