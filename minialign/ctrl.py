@@ -39,7 +39,7 @@ from .config import ConfigError, arg
 from .data import load_prompts, pad_responses
 from .distributed import setup, shard, wrap
 from .evaluate import compare_policies
-from .model import token_logprobs
+from .model import row_chunks, sequence_logprobs, token_logprobs
 from .reward import load_reward, score
 from .sampling import generate, stop_ids
 from .tokenizer import get_tokenizer
@@ -83,19 +83,6 @@ def ppo_loss(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor, adv
     adv = advantages[:, None]
     objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
     return -(objective * mask).sum() / logp.size(0)
-
-
-def row_chunks(n: int, size: int) -> list[slice]:
-    """Slices of ``size`` rows covering ``n`` rows (one slice of all rows when ``size`` is 0)."""
-    size = size or n
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-@torch.no_grad()
-def sequence_logprobs(model, ids: torch.Tensor, micro_batch: int) -> torch.Tensor:
-    """``token_logprobs`` (B, T-1) computed ``micro_batch`` rows at a time (the (rows, T, V) logits are
-    the memory peak; for GPT-2 a whole RL batch of them does not fit a GPU)."""
-    return torch.cat([token_logprobs(model, ids[rows]) for rows in row_chunks(ids.size(0), micro_batch)])
 
 
 def ppo_step(model, policy, optimizer, ids, logp_old, mask, advantages, clip: float, micro_batch: int) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from . import world
 from .data import pad_responses
-from .model import token_logprobs
+from .model import sequence_logprobs
 from .sampling import generate, stop_ids
 from .selfeval import judge
 
@@ -134,7 +134,8 @@ def compare_policies(policy, reference, tokenizer, prompts: list[str], samples: 
                 pass  # not world prompts: no gold rules to apply
             for i in range(0, len(rows), 256):
                 ids, mask = pad_responses(rows[i: i + 256], responses[i: i + 256], device=device)
-                kl.append(((token_logprobs(policy, ids) - token_logprobs(reference, ids)) * mask).sum(1).cpu())
+                logp = sequence_logprobs(policy, ids, 32) - sequence_logprobs(reference, ids, 32)  # (rows, T-1)
+                kl.append((logp * mask).sum(1).cpu())
     out["kl"] = float(torch.cat(kl).mean())
     for label, procedure, k in (("win_rate", "sample", 1), (f"bon{n}", "bon", n), (f"won{n}", "won", n)):
         out[label], out[label + "_se"] = inference_time_win_rate(rewards["policy"], rewards["reference"], procedure, k)

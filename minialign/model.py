@@ -206,6 +206,19 @@ def token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
+def row_chunks(n: int, size: int) -> list[slice]:
+    """Slices of ``size`` rows covering ``n`` rows (one slice of all rows when ``size`` is 0)."""
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def sequence_logprobs(model: nn.Module, ids: torch.Tensor, micro_batch: int) -> torch.Tensor:
+    """``token_logprobs`` (B, T-1) computed ``micro_batch`` rows at a time (0 = all at once): the
+    (rows, T, V) logits are the memory peak, and for GPT-2 a whole RL batch of them does not fit a GPU."""
+    return torch.cat([token_logprobs(model, ids[rows]) for rows in row_chunks(ids.size(0), micro_batch)])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loading GPT-2 weights (Hugging Face layout) into this model.
 

@@ -67,7 +67,8 @@ def test_rloo_baseline_by_hand():
 def test_micro_batched_update_equals_the_whole_batch_update(tiny_model):
     """Gradient accumulation over uneven micro-batches (3 + 3 + 2 rows) gives the whole batch's step."""
     import copy
-    from minialign.ctrl import ppo_step, sequence_logprobs
+    from minialign.ctrl import ppo_step
+    from minialign.model import sequence_logprobs
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(257, (8, 12), generator=g)
     mask = (torch.rand(8, 11, generator=g) > 0.3).float()
