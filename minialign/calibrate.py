@@ -25,6 +25,7 @@ from . import world
 from .checkpoint import CheckpointError, atomic_write_text, load_model, world_seed
 from .config import arg
 from .data import load_prompts
+from .distributed import setup, wait_for_rank0
 from .reward import load_reward, score
 from .sampling import complete
 from .tokenizer import get_tokenizer
@@ -78,8 +79,15 @@ def load_calibration(folder: str) -> tuple[list[str], torch.Tensor]:
 
 
 def run_calibration(cfg: CalibrateConfig) -> dict:
-    """Sample K responses per prompt from pi_ref, score them with r, cache the sorted rewards."""
-    device = pick_device(cfg.device)
+    """Sample K responses per prompt from pi_ref, score them with r, cache the sorted rewards.
+
+    Under torchrun rank 0 does the sampling (a short job next to training, and one generator stream
+    gives the same cache as a single process) while the other ranks wait for the files."""
+    d = setup(pick_device(cfg.device))
+    if not d.is_main:
+        wait_for_rank0(d)  # released once rank 0 has written the calibration
+        return {}
+    device = d.device
     policy, meta = load_model(f"{cfg.out_dir}/sft")
     reward_model, _ = load_reward(f"{cfg.out_dir}/reward")
     policy.to(device).eval()
@@ -105,4 +113,5 @@ def run_calibration(cfg: CalibrateConfig) -> dict:
     atomic_write_text(os.path.join(folder, "config.json"), json.dumps({"stage": "calibrate", "config": asdict(cfg),
                                                                       "metrics": summary}, indent=2))
     print(f"calibration: {summary}")
+    wait_for_rank0(d)
     return summary

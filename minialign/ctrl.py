@@ -39,7 +39,7 @@ from .config import ConfigError, arg
 from .data import load_prompts, pad_responses
 from .distributed import setup, shard, wrap
 from .evaluate import compare_policies
-from .model import row_chunks, sequence_logprobs, token_logprobs
+from .model import GPT, row_chunks, sequence_logprobs, token_logprobs
 from .reward import load_reward, score
 from .sampling import generate, stop_ids
 from .tokenizer import get_tokenizer
@@ -143,8 +143,9 @@ def ctrl_folder(cfg: CTRLConfig) -> str:
     return f"{cfg.out_dir}/{cfg.name or 'ctrl'}"
 
 
-def train_ctrl(cfg: CTRLConfig) -> dict:
-    """Run CTRL from pi_ref = out/sft with r = out/reward and the cached calibration; evaluate at the end."""
+def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
+    """Run CTRL from pi_ref = out/sft with r = out/reward and the cached calibration (one process, or one
+    rank under torchrun); rank 0 evaluates at the end. Returns the policy and the evaluation summary."""
     if cfg.transform not in TRANSFORMS:
         raise ConfigError(f"unknown --transform {cfg.transform!r}; choose one of: {', '.join(TRANSFORMS)}.")
     d = setup(pick_device(cfg.device))
@@ -217,7 +218,7 @@ def train_ctrl(cfg: CTRLConfig) -> dict:
             checkpoint(metrics)
     bar.close()
     if not d.is_main:
-        return {}
+        return policy, {}
     if cfg.eval_data:  # real data: no gold reward, so the reward model judges
         eval_prompts = load_prompts(cfg.eval_data)
         judge = lambda ps, rs: score(reward_model, tokenizer, ps, rs)  # noqa: E731
@@ -228,4 +229,4 @@ def train_ctrl(cfg: CTRLConfig) -> dict:
     log.write(step=step, final=summary)
     checkpoint(summary)
     print_summary(summary, cfg.eval_n)
-    return summary
+    return policy, summary

@@ -52,6 +52,13 @@ def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def wait_for_rank0(d: Dist) -> None:
+    """A barrier at the end of a stage: no rank goes on to the next stage (which reads this stage's
+    checkpoint) before rank 0 has written it."""
+    if d.enabled:
+        dist.barrier()
+
+
 def shard(rows, d: Dist):
     """This rank's share of a global batch (tensor rows or a list): rows rank, rank + N, ..."""
     return rows[d.rank::d.world_size]

@@ -193,7 +193,7 @@ def infalign_sweep(cfg: "ExperimentConfig") -> list[dict]:
             ctrl = CTRLConfig(out_dir=cfg.out_dir, transform=transform, t=t, beta=beta, steps=cfg.ctrl_steps,
                               name=name, eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples,
                               seed=cfg.seed, device=cfg.device)
-            rows.append({"transform": transform, "t": t, "beta": beta, **train_ctrl(ctrl)})
+            rows.append({"transform": transform, "t": t, "beta": beta, **train_ctrl(ctrl)[1]})
     fields = list(rows[0])
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)

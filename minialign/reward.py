@@ -22,7 +22,7 @@ from . import world
 from .checkpoint import load_meta, load_model, load_state, load_weights, save, world_seed
 from .config import arg
 from .data import load_pairs, split_transcript
-from .distributed import setup, shard, wrap
+from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import Tokenizer, check_pairing, get_tokenizer
 from .training import MetricsLog, autocast, cosine_lr, make_optimizer, pick_device, set_lr
@@ -217,4 +217,5 @@ def train_reward(cfg: RewardConfig) -> dict:
             save(folder, model, meta, {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                                        "step": step})
     bar.close()
+    wait_for_rank0(d)
     return metrics

@@ -18,7 +18,7 @@ from . import world
 from .checkpoint import load_model, load_state, save
 from .config import arg
 from .data import load_documents, pack, random_windows
-from .distributed import setup, shard, wrap
+from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import check_pairing, get_tokenizer
 from .training import MetricsLog, autocast, cosine_lr, make_optimizer, pick_device, set_lr
@@ -138,4 +138,5 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
                 bar.write(f"step {step}: train loss {metrics['train_loss']:.3f}, held-out loss {metrics['heldout_loss']:.3f}")
             checkpoint()
     bar.close()
+    wait_for_rank0(d)
     return model, metrics
