@@ -25,6 +25,8 @@ STAGES = {  # name -> (config class, run function), in pipeline order
     "ctrl": (CTRLConfig, train_ctrl),
 }
 
+FOLDERS = {"calibrate": "calibration"}  # where a stage writes, where that is not its name
+
 
 def main(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
@@ -40,15 +42,16 @@ def main(argv: list[str]) -> None:
         run(build(cls, flags))
         return
     check_known(flags, *(cls for cls, _ in STAGES.values()))
+    say = print if os.environ.get("RANK", "0") == "0" else lambda *_: None  # under torchrun: rank 0 speaks
     for name, (cls, run) in STAGES.items():
         cfg = build(cls, flags, strict=False)
-        folder = ctrl_folder(cfg) if name == "ctrl" else os.path.join(cfg.out_dir, name)
+        folder = ctrl_folder(cfg) if name == "ctrl" else os.path.join(cfg.out_dir, FOLDERS.get(name, name))
         if os.path.exists(os.path.join(folder, "config.json")) and not force and not getattr(cfg, "resume", False):
-            print(f"[{name}] reusing {folder} (pass --force to retrain)")
-            if name == "ctrl":
+            say(f"[{name}] reusing {folder} (pass --force to retrain)")
+            if name == "ctrl" and say is print:
                 print_summary(load_meta(folder)["metrics"], cfg.eval_n)
             continue
-        print(f"[{name}] running")
+        say(f"[{name}] running")
         run(cfg)
 
 

@@ -31,3 +31,15 @@ def test_prompt_longer_than_context_is_one_sentence(tmp_path):
                "--block_size=64", "--batch_size=2", "--corpus_dialogues=100").returncode == 0
     out = run("decode.py", f"--out_dir={tmp_path}", "--prompt", "x" * 100)
     assert out.returncode == 2 and "context holds only 64" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_pipeline_reuses_every_finished_stage(tmp_path):
+    flags = [f"--out_dir={tmp_path}", "--steps=2", "--n_layer=1", "--n_embd=32", "--corpus_dialogues=100",
+             "--batch_size=4", "--eval_every=2", "--n_pairs=16", "--n_prompts=6", "--k=4", "--prompts_per_step=2",
+             "--group=2", "--eval_prompts=2", "--eval_samples=2", "--max_new_tokens=12", "--device=cpu"]
+    first = run("train.py", *flags)
+    assert first.returncode == 0, first.stderr
+    assert [f"[{s}] running" in first.stdout for s in ("sft", "reward", "calibrate", "ctrl")] == [True] * 4
+    second = run("train.py", *flags)
+    assert [f"[{s}] reusing" in second.stdout for s in ("sft", "reward", "calibrate", "ctrl")] == [True] * 4
+    assert "BoN_4 inference-time win rate" in second.stdout  # the finished CTRL run's summary
