@@ -43,3 +43,12 @@ def test_pipeline_reuses_every_finished_stage(tmp_path):
     second = run("train.py", *flags)
     assert [f"[{s}] reusing" in second.stdout for s in ("sft", "reward", "calibrate", "ctrl")] == [True] * 4
     assert "BoN_4 inference-time win rate" in second.stdout  # the finished CTRL run's summary
+
+
+def test_rain_without_a_prompt_decodes_the_demo_prompt_both_ways(tmp_path):
+    assert run("train.py", "--stage", "sft", f"--out_dir={tmp_path}", "--steps=1", "--n_layer=1", "--n_embd=32",
+               "--batch_size=2", "--corpus_dialogues=100").returncode == 0
+    out = run("decode.py", f"--out_dir={tmp_path}", "--method", "rain", "--max_new_tokens=8", "--max_visits=4",
+              "--min_new_visits=2")
+    assert out.returncode == 0, out.stderr
+    assert "demo prompt" in out.stdout and "vanilla (greedy):" in out.stdout and "RAIN:" in out.stdout
