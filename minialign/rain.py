@@ -171,38 +171,29 @@ class Rain:
             k, v, hidden, logits = self._run(cache.select(torch.arange(len(chains))), chains)
         else:
             R = K + rollout  # rows: K chains (+ the rollout)
-            steps = max(L, self.p.rollout_tokens if rollout else 0)
-            cache = self._cache([n.kv for n in node.path_from(self.context)], R, steps)
+            cache = self._cache([n.kv for n in node.path_from(self.context)], R,
+                                max(L, self.p.rollout_tokens if rollout else 0))
             with_greedy = not node.children  # a first expansion includes the greedy chain (row 0)
             greedy = torch.arange(R, device=self.device) == (0 if with_greedy else -1)
             logits, tokens, hiddens, logps = node.next_logits.expand(R, -1), [], [], []
             start = int(cache.lengths[0])
             rolling = rollout
-            for step in range(steps):  # RAIN: the chains advance together, one batched forward per token
-                if step > L and not rolling:
-                    break
-                if step == L:  # the chains are complete: keep their keys/values, go on with the rollout row
-                    k, v = cache.k[:, :K, start: start + L], cache.v[:, :K, start: start + L]
-                    chain_logits = logits[:K]
-                    if not rolling:
-                        break
-                    cache, logits, greedy = cache.select(torch.tensor([K])), logits[K:], greedy[K:]
-                t = self._sample(logits, greedy)  # (rows,)
-                if step < L:
-                    logps.append(F.log_softmax(filter_logits(logits[:K], self.p.sample_top_k), -1).gather(-1, t[:K, None]))
-                    tokens.append(t[:K])
+            for _ in range(L):  # RAIN: the chains advance together, one batched forward per token
+                t = self._sample(logits, greedy)  # (R,)
+                logps.append(F.log_softmax(filter_logits(logits[:K], self.p.sample_top_k), -1).gather(-1, t[:K, None]))
+                tokens.append(t[:K])
                 if rolling:
                     roll.append(int(t[-1]))
-                    rolling = not (roll[-1] in self.stop or self.tok.decode([roll[-1]]).endswith(CLAUSE_END))
-                h = self.model.hidden(t[:, None], cache)  # (rows, 1, C)
+                    rolling = not self._ends_clause(roll[-1])
+                h = self.model.hidden(t[:, None], cache)  # (R, 1, C)
                 logits = self.model.lm_head(h[:, -1]).float()
-                if step < L:
-                    hiddens.append(h[:K, 0])
+                hiddens.append(h[:K, 0])
                 if rolling:
                     roll_hidden.append(h[-1, 0])
-            if steps == L:
-                k, v = cache.k[:, :K, start: start + L], cache.v[:, :K, start: start + L]
-                chain_logits = logits[:K]
+            k, v = cache.k[:, :K, start: start + L], cache.v[:, :K, start: start + L]  # the chains' keys/values
+            chain_logits = logits[:K]
+            if rolling:  # the chains are complete; the rollout row goes on alone to the end of its clause
+                self._roll_on(cache.select(torch.tensor([K])), logits[K:], roll, roll_hidden, self.p.rollout_tokens - L)
             tokens, hidden = torch.stack(tokens, 1).tolist(), torch.stack(hiddens, 1)  # (K, L), (K, L, C)
             chain_logp = torch.cat(logps, 1)  # (K, L)
             chains, priors, rows = [], [], []
@@ -244,20 +235,29 @@ class Rain:
             return qhat + self.p.c * child.prior * math.sqrt(node.n) / (1 + child.n)
         return max(node.children, key=puct)
 
+    def _ends_clause(self, token: int) -> bool:
+        return token in self.stop or self.tok.decode([token]).endswith(CLAUSE_END)
+
+    def _roll_on(self, cache: KVCache, logits: torch.Tensor, tokens: list[int], hiddens: list[torch.Tensor],
+                 budget: int) -> None:
+        """Sample one row (next-token logits (1, V) after ``cache``) on for at most ``budget`` tokens,
+        until a token ends the clause; append the tokens, and the hidden state of every token but a
+        clause-ending one (the embedding's continuation text)."""
+        for _ in range(budget):
+            t = self._sample(logits, torch.zeros(1, dtype=torch.bool, device=self.device))  # (1,)
+            tokens.append(int(t))
+            if self._ends_clause(int(t)):
+                return
+            h = self.model.hidden(t[:, None], cache)  # (1, 1, C)
+            hiddens.append(h[0, 0])
+            logits = self.model.lm_head(h[:, -1]).float()
+
     def rollout(self, leaf: Node) -> tuple[list[int], torch.Tensor]:
         """Sample on from the leaf to the end of the clause (scoring only: not added to the tree)."""
         cache = self._cache([n.kv for n in leaf.path_from(self.context)], 1, self.p.rollout_tokens)
-        logits, tokens, hiddens = leaf.next_logits[None], [], []
-        for _ in range(self.p.rollout_tokens):
-            t = self._sample(logits, torch.zeros(1, dtype=torch.bool, device=self.device))
-            tokens.append(int(t))
-            if int(t) in self.stop or self.tok.decode([int(t)]).endswith(CLAUSE_END):
-                break
-            h = self.model.hidden(t[:, None], cache)
-            hiddens.append(h[0, 0])
-            logits = self.model.lm_head(h[:, -1]).float()
-        hidden = torch.stack(hiddens) if hiddens else leaf.hidden[:0]
-        return tokens, hidden
+        tokens, hiddens = [], []
+        self._roll_on(cache, leaf.next_logits[None], tokens, hiddens, self.p.rollout_tokens)
+        return tokens, (torch.stack(hiddens) if hiddens else leaf.hidden[:0])
 
     @torch.no_grad()
     def evaluate(self, reply: str, finished: bool) -> float:
