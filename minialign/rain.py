@@ -137,7 +137,7 @@ class Rain:
             cache = self.model.new_cache(B, T)
         start = int(cache.lengths[0])
         hidden = self.model.hidden(ids, cache)  # (B, T, C)
-        logits = self.model.lm_head(hidden[torch.arange(B), lengths - 1]).float()  # (B, V)
+        logits = self.model.lm_head(hidden[torch.arange(B, device=self.device), lengths - 1]).float()  # (B, V)
         return cache.k[:, :, start: start + T], cache.v[:, :, start: start + T], hidden, logits
 
     def _sample(self, logits: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:

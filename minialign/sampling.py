@@ -69,7 +69,7 @@ def prefill(model: GPT, prompts: list[list[int]], cache: KVCache) -> torch.Tenso
         block[b, : len(p)] = torch.tensor(p)
     hidden = model.hidden(block, cache)  # (B, Tp, C)
     cache.truncate(lengths)
-    return model.lm_head(hidden[torch.arange(len(prompts)), lengths - 1])  # (B, V): the head only where needed
+    return model.lm_head(hidden[torch.arange(len(prompts), device=device), lengths - 1])  # (B, V): the head only where needed
 
 
 def decode(step, logits: torch.Tensor, max_new_tokens: int, stop: set[int], temperature: float = 1.0,
