@@ -12,7 +12,6 @@ import os
 
 import torch
 
-from .checkpoint import atomic_write_text
 from .tokenizer import Tokenizer
 
 ANSWER_CUE = "The answer is: ("  # self-evaluation documents: the letter after this cue is up-weighted
@@ -129,11 +128,6 @@ def load_prompts(path: str) -> list[str]:
         raise DataError(f"{path} does not exist.")
     with open(path, encoding="utf-8", errors="replace") as f:
         return [line.rstrip("\n") for line in f if line.strip()]
-
-
-def write_jsonl(rows: list[dict], path: str) -> None:
-    """Write one JSON object per line, atomically."""
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def pad_responses(prompts: list[list[int]], responses: list[list[int]], pad: int = 0,

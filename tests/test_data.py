@@ -1,6 +1,5 @@
 """Data: HH transcripts split at the last Assistant turn, loss weights, response masks."""
 import pytest
-import torch
 
 from minialign.data import DataError, load_pairs, pack, pad_responses, split_transcript
 from minialign.tokenizer import get_tokenizer
