@@ -124,7 +124,7 @@ def transformers_twin(model: GPT):
 @torch.no_grad()
 def decode_speed(config: GPTConfig, batch: int, tokens: int, device) -> dict:
     """Greedy decoding tokens/s of one random model with ``batch`` rows of ``tokens`` new tokens each:
-    KV-cached (minialign), uncached (the reference; batch 1 only), the CUDA-graph decoder (on a GPU),
+    KV-cached (minialign), uncached (the reference), the CUDA-graph decoder (on a GPU),
     and transformers' ``generate`` with its KV cache and the same weights (when installed). Every
     decoder runs without stop tokens, so all produce exactly ``tokens`` tokens per row."""
     torch.manual_seed(0)
@@ -140,8 +140,7 @@ def decode_speed(config: GPTConfig, batch: int, tokens: int, device) -> dict:
         result[f"{name}_tokens_per_s"] = round(batch * tokens / timed(keep, tokens, device), 1)
 
     measure("cached", lambda n: generate(model, prompts, n, stop=set(), temperature=0.0))
-    if batch == 1:
-        measure("uncached", lambda n: [generate_uncached(model, prompt, n, stop=set())])
+    measure("uncached", lambda n: generate_uncached(model, prompts, n, stop=set()))
     if device.type == "cuda":
         graphed = GraphDecoder(model, batch, len(prompt) + tokens)
         measure("cuda_graph", lambda n: graphed.generate(prompts, n, stop=set(), temperature=0.0))

@@ -70,12 +70,13 @@ def rain_table(model, tokenizer, prompts: list[world.Prompt], params: RainParams
     """Harm, attack success and help rates of vanilla and RAIN, RAIN's self-evaluation accuracy on every
     text it judged (against the gold rule), search statistics, wall times and their ratio."""
     vanilla, v_time, u_time = [], 0.0, 0.0
+    stop = stop_ids(tokenizer)
     for p in prompts:
         text, seconds = vanilla_decode(model, tokenizer, p.text, max_new_tokens)
         vanilla.append(text)
         v_time += seconds
         start = time.time()  # the official baseline: greedy without a KV cache
-        generate_uncached(model, tokenizer.encode(p.text), max_new_tokens, stop_ids(tokenizer))
+        generate_uncached(model, [tokenizer.encode(p.text)], max_new_tokens, stop)
         u_time += time.time() - start
     g = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     answers, r_time, correct, judged = [], 0.0, 0, 0

@@ -118,18 +118,24 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop: se
 
 
 @torch.no_grad()
-def generate_uncached(model: GPT, prompt: list[int], max_new_tokens: int, stop: set[int]) -> list[int]:
-    """Greedy decoding of one prompt that recomputes the full sequence for every token (the reference)."""
+def generate_uncached(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop: set[int]) -> list[list[int]]:
+    """Greedy decoding that recomputes the full sequence for every token (the reference): prompts of
+    one length, each row until its stop token (excluded) or ``max_new_tokens``."""
+    if len({len(p) for p in prompts}) != 1:
+        raise ModelError("the uncached reference decodes prompts of one length; call it once per length.")
     device = model.lm_head.weight.device
-    max_new_tokens = _check_room(model, len(prompt), max_new_tokens)
-    seq = torch.tensor([prompt], device=device)
-    out = []
+    max_new_tokens = _check_room(model, len(prompts[0]), max_new_tokens)
+    seq = torch.tensor(prompts, device=device)  # (B, T)
+    out, done = [[] for _ in prompts], [False] * len(prompts)
     for _ in range(max_new_tokens):
-        token = int(model(seq)[0, -1].argmax())
-        if token in stop:
+        tokens = model(seq)[:, -1].argmax(-1)  # (B,) from the whole sequence, every time
+        for b, token in enumerate(tokens.tolist()):
+            done[b] = done[b] or token in stop
+            if not done[b]:
+                out[b].append(token)
+        if all(done):
             break
-        out.append(token)
-        seq = torch.cat([seq, torch.tensor([[token]], device=device)], dim=1)
+        seq = torch.cat([seq, tokens[:, None]], dim=1)
     return out
 
 

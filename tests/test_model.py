@@ -7,7 +7,7 @@ from minialign.sampling import generate, generate_uncached
 def test_cached_greedy_equals_uncached_batched_different_lengths(tiny_model):
     prompts = [[1, 2, 3], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7], [100, 5, 9, 200, 30]]
     cached = generate(tiny_model, prompts, max_new_tokens=40, stop={256}, temperature=0)
-    reference = [generate_uncached(tiny_model, p, 40, {256}) for p in prompts]
+    reference = [generate_uncached(tiny_model, [p], 40, {256})[0] for p in prompts]
     assert cached == reference
     assert all(len(row) == 40 for row in cached)  # many steps, no early stop
 
@@ -60,3 +60,18 @@ def test_training_forward_and_static_decode_step_never_read_the_device(tiny_mode
     step = explain(lambda token: tiny_model(token, cache, static_shapes=True))(torch.randint(257, (3, 1)))
     assert step.graph_break_count == 0
     assert explain(lambda token: tiny_model(token, cache))(torch.randint(257, (3, 1))).graph_break_count > 0  # the check can fail
+
+
+def test_uncached_reference_batches_prompts_of_one_length(tiny_model):
+    import pytest
+    from minialign.model import ModelError
+    prompts = [[1, 2, 3], [40, 41, 42], [7, 7, 7], [100, 5, 9]]
+    free = generate_uncached(tiny_model, prompts, 20, set())
+    tokens = [t for row in free for t in row]
+    stop = {max(set(tokens), key=tokens.count)}  # a frequent token: rows stop at different steps
+    batched = generate_uncached(tiny_model, prompts, 20, stop)
+    assert batched == [generate_uncached(tiny_model, [p], 20, stop)[0] for p in prompts]
+    assert batched == generate(tiny_model, prompts, 20, stop, temperature=0)
+    assert len({len(row) for row in batched}) > 1
+    with pytest.raises(ModelError, match="one length"):
+        generate_uncached(tiny_model, [[1], [1, 2]], 5, set())
