@@ -57,7 +57,7 @@ class GraphDecoder:
                 self.cache.lengths.zero_()  # each warm-up step writes position 0, whatever max_len is
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=side):  # record on the warmed-up stream
             self.logits = self._forward()  # recorded, not run; its output buffer is reused by every replay
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
