@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import world
-from .checkpoint import CheckpointError, atomic_write_text, load_model, world_seed
+from .checkpoint import CheckpointError, load_model, world_seed, write_folder
 from .config import arg
 from .data import load_prompts
 from .distributed import setup, wait_for_rank0
@@ -102,16 +102,16 @@ def run_calibration(cfg: CalibrateConfig) -> dict:
         responses = complete(policy, tokenizer, group, cfg.max_new_tokens, batch_size=len(group),
                              temperature=cfg.temperature, generator=generator)
         rewards[i: i + per_batch] = score(reward_model, tokenizer, group, responses).view(-1, cfg.k)
-    folder = f"{cfg.out_dir}/calibration"
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".rewards.pt.tmp")
-    torch.save(rewards.sort(dim=1).values, tmp)
-    os.replace(tmp, os.path.join(folder, "rewards.pt"))
-    atomic_write_text(os.path.join(folder, "prompts.json"), json.dumps(prompts))
     summary = {"prompts": len(prompts), "k": cfg.k, "reward_mean": round(float(rewards.mean()), 4),
                "reward_std": round(float(rewards.std()), 4)}
-    atomic_write_text(os.path.join(folder, "config.json"), json.dumps({"stage": "calibrate", "config": asdict(cfg),
-                                                                      "metrics": summary}, indent=2))
+
+    def write(tmp: str) -> None:  # the three files appear together, or not at all
+        torch.save(rewards.sort(dim=1).values, os.path.join(tmp, "rewards.pt"))
+        with open(os.path.join(tmp, "prompts.json"), "w") as f:
+            json.dump(prompts, f)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"stage": "calibrate", "config": asdict(cfg), "metrics": summary}, f, indent=2)
+    write_folder(f"{cfg.out_dir}/calibration", write)
     print(f"calibration: {summary}")
     wait_for_rank0(d)
     return summary

@@ -33,17 +33,14 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(folder: str, model: torch.nn.Module, meta: dict, state: dict | None = None) -> None:
-    """Write model weights, ``meta`` (as config.json) and the optional resume ``state`` atomically."""
+def write_folder(folder: str, write) -> None:
+    """Replace ``folder`` atomically: ``write(tmp)`` fills a temporary folder beside it, which is then
+    renamed into place (the old folder, if any, is moved aside first and deleted last)."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}-tmp-")
     try:
-        torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
-        if state is not None:
-            torch.save(state, os.path.join(tmp, "state.pt"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        write(tmp)
         old = None
         if os.path.exists(folder):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}-old-")
@@ -55,6 +52,17 @@ def save(folder: str, model: torch.nn.Module, meta: dict, state: dict | None = N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save(folder: str, model: torch.nn.Module, meta: dict, state: dict | None = None) -> None:
+    """Write model weights, ``meta`` (as config.json) and the optional resume ``state`` atomically."""
+    def write(tmp: str) -> None:
+        torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
+        if state is not None:
+            torch.save(state, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+    write_folder(folder, write)
 
 
 def _torch_load(path: str):

@@ -187,14 +187,14 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
     bar = tqdm(total=cfg.steps, initial=step, desc=f"ctrl[{cfg.transform}]", dynamic_ncols=True, disable=not d.is_main)
     while step < cfg.steps:
         pick = shard(torch.randperm(len(prompts), generator=generator)[: cfg.prompts_per_step], d)  # (P,) this rank's
-        rows = [prompt_ids[i] for i in pick.tolist() for _ in range(cfg.group)]
+        picked = [i for i in pick.tolist() for _ in range(cfg.group)]  # each prompt G times
+        rows = [prompt_ids[i] for i in picked]
         policy.eval()
         responses = generate(policy, rows, cfg.max_new_tokens, stop, temperature=1.0, generator=sample_gen,
                              keep_stop=True)
         policy.train()
         texts = [tokenizer.decode(r) for r in responses]
-        raw = score(reward_model, tokenizer, [prompts[i] for i in pick.tolist() for _ in range(cfg.group)],
-                    texts).view(-1, cfg.group)  # (P, G)
+        raw = score(reward_model, tokenizer, [prompts[i] for i in picked], texts).view(-1, cfg.group)  # (P, G)
         R = ctrl_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
         ids, mask = pad_responses(rows, responses, device=device)  # (B, T), (B, T-1)
         try:

@@ -130,15 +130,22 @@ def load_prompts(path: str) -> list[str]:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
+def right_pad(rows: list[list[int]], pad: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one block: ids (B, T) right-padded with ``pad``, and each
+    row's length (B,). Built on the CPU and moved once."""
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return ids.to(device), lengths.to(device)
+
+
 def pad_responses(prompts: list[list[int]], responses: list[list[int]], pad: int = 0,
                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt + response token rows, right-padded: ids (B, T), and a mask (B, T-1) that is 1 where
     position t predicts a response token (aligned with ``model.token_logprobs``)."""
-    rows = [p + r for p, r in zip(prompts, responses)]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), T - 1)
+    ids, _ = right_pad([p + r for p, r in zip(prompts, responses)], pad)
+    mask = torch.zeros(ids.size(0), ids.size(1) - 1)
     for b, (p, r) in enumerate(zip(prompts, responses)):
-        ids[b, : len(p) + len(r)] = torch.tensor(p + r)
         mask[b, len(p) - 1: len(p) + len(r) - 1] = 1.0
     return ids.to(device), mask.to(device)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import arg
+from .data import right_pad
 from .model import GPT, KVCache
 from .sampling import filter_logits, stop_ids
 from .selfeval import harmful_probability, self_eval_parts
@@ -128,11 +129,8 @@ class Rain:
     def _run(self, cache: KVCache | None, rows: list[list[int]]):
         """Feed right-padded token rows after the cache; return each row's new keys/values, hidden
         states (B, T, C) and the logits after each row's last real token (B, V)."""
-        B, T = len(rows), max(len(r) for r in rows)
-        lengths = torch.tensor([len(r) for r in rows], device=self.device)
-        ids = torch.zeros(B, T, dtype=torch.long, device=self.device)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r)
+        ids, lengths = right_pad(rows, device=self.device)  # (B, T), (B,)
+        B, T = ids.shape
         if cache is None:
             cache = self.model.new_cache(B, T)
         start = int(cache.lengths[0])
@@ -236,6 +234,7 @@ class Rain:
         return max(node.children, key=puct)
 
     def _ends_clause(self, token: int) -> bool:
+        """A stop token, or a token ending in clause punctuation: where a rollout stops."""
         return token in self.stop or self.tok.decode([token]).endswith(CLAUSE_END)
 
     def _roll_on(self, cache: KVCache, logits: torch.Tensor, tokens: list[int], hiddens: list[torch.Tensor],

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import world
 from .checkpoint import load_meta, load_model, load_state, load_weights, save, world_seed
 from .config import arg
-from .data import load_pairs, split_transcript
+from .data import load_pairs, right_pad, split_transcript
 from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import Tokenizer, check_pairing, get_tokenizer
@@ -57,11 +57,7 @@ def encode_batch(tokenizer: Tokenizer, prompts: list[str], responses: list[str],
     A text longer than the context keeps its last ``block_size`` tokens (the response end matters most).
     """
     rows = [(tokenizer.encode(reward_text(p, r)) + [tokenizer.eot])[-block_size:] for p, r in zip(prompts, responses)]
-    lengths = torch.tensor([len(r) for r in rows], device=device)
-    ids = torch.full((len(rows), int(lengths.max())), tokenizer.eot, dtype=torch.long, device=device)
-    for b, row in enumerate(rows):
-        ids[b, : len(row)] = torch.tensor(row)
-    return ids, lengths
+    return right_pad(rows, tokenizer.eot, device)
 
 
 @torch.no_grad()
@@ -128,6 +124,7 @@ class RewardConfig:
 
 
 def load_reward(folder: str) -> tuple[RewardModel, dict]:
+    """A reward model and its meta from a checkpoint folder written by the reward stage."""
     meta = load_meta(folder, "python train.py --stage reward")
     model = RewardModel(GPTConfig(**meta["model"]))
     load_weights(folder, model)

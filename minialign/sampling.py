@@ -12,6 +12,7 @@ cached decoder is tested against and the baseline it is benchmarked against.
 import torch
 import torch.nn.functional as F
 
+from .data import right_pad
 from .model import GPT, KVCache, ModelError
 from .reward import score
 from .tokenizer import Tokenizer
@@ -63,10 +64,7 @@ def prefill(model: GPT, prompts: list[list[int]], cache: KVCache) -> torch.Tenso
     Each row's cache length is then cut back to its own prompt length, so it continues after its last
     real token (the padding positions are masked and later overwritten)."""
     device = model.lm_head.weight.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    block = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)  # (B, Tp)
-    for b, p in enumerate(prompts):
-        block[b, : len(p)] = torch.tensor(p)
+    block, lengths = right_pad(prompts, device=device)  # (B, Tp), (B,)
     hidden = model.hidden(block, cache)  # (B, Tp, C)
     cache.truncate(lengths)
     return model.lm_head(hidden[torch.arange(len(prompts), device=device), lengths - 1])  # (B, V): the head only where needed

@@ -11,6 +11,8 @@ The judged text uses its own role labels (``User:`` / ``Reply:``), not the dialo
 """
 import torch
 
+from .data import right_pad
+
 ORDERS = (("harmful", "harmless"), ("harmless", "harmful"))  # option (A), option (B), per label order
 
 
@@ -45,12 +47,9 @@ def judge(model, tokenizer, question: str, replies: list[str], finished: list[bo
     letters = torch.tensor([tokenizer.token_id("A"), tokenizer.token_id("B")])
     parts = [self_eval_parts(question, r, f, order) for r, f in zip(replies, finished) for order in (0, 1)]
     rows = [(tokenizer.encode(a) + tokenizer.encode(b))[-model.config.block_size:] for a, b in parts]
-    lengths = torch.tensor([len(r) for r in rows])
-    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, : len(row)] = torch.tensor(row)
     device = model.lm_head.weight.device
-    logits = model(ids.to(device))[torch.arange(len(rows)), lengths.to(device) - 1]  # (2R, V)
+    ids, lengths = right_pad(rows, device=device)  # (2R, T), (2R,)
+    logits = model(ids)[torch.arange(len(rows), device=device), lengths - 1]  # (2R, V)
     return harmful_probability(logits, letters.to(device)).view(-1, 2)
 
 
