@@ -9,6 +9,8 @@ token loop ``decode`` are shared with the CUDA-graph decoder in ``graphs.py``.
 ``generate_uncached`` recomputes the whole sequence for every new token; it is the reference the
 cached decoder is tested against and the baseline it is benchmarked against.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -18,14 +20,15 @@ from .reward import score
 from .tokenizer import Tokenizer
 
 
-def stop_ids(tokenizer: Tokenizer) -> set[int]:
+@functools.cache  # one scan of the vocabulary per tokenizer (50k tokens for gpt2), not one per call
+def stop_ids(tokenizer: Tokenizer) -> frozenset[int]:
     """End-of-text plus every token whose text contains a newline (the end of the assistant's turn)."""
     enc = tokenizer.encoding
     ids = {tokenizer.eot}
     for i in range(enc.n_vocab):
         if i != tokenizer.eot and b"\n" in enc.decode_single_token_bytes(i):
             ids.add(i)
-    return ids
+    return frozenset(ids)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
