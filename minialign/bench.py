@@ -3,6 +3,9 @@
     python -m minialign.bench                    # world-default shapes on this machine
     python -m minialign.bench --gpt2=true        # also GPT-2 124M shapes (B=16, T=1024 on a GPU)
 
+Training is timed in fp32 and in bf16 autocast side by side, with the precision ``--bf16 auto`` picks
+on this device: on a CPU without native bf16, bf16 is emulated and many times slower than fp32.
+
 Every speed is printed next to a baseline measured in the same run (cached vs uncached decoding,
 minialign vs transformers' ``generate`` with the same weights when transformers is installed, RAIN vs
 vanilla); absolute figures come with the device name, and MFU uses the device's peak bf16 dense
@@ -26,7 +29,7 @@ from .model import GPT, GPTConfig
 from .rain import RainParams
 from .sampling import generate, generate_uncached
 from .tokenizer import get_tokenizer
-from .training import autocast, make_optimizer, pick_device
+from .training import autocast, describe_device, make_optimizer, pick_device, precision_name, resolve_bf16
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 WORLD = GPTConfig()
@@ -48,12 +51,8 @@ class BenchConfig:
     device: str = arg("auto", "auto, cpu or cuda")
 
 
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-
-
 def peak_flops(device: torch.device) -> float | None:
-    name = device_name(device)
+    name = describe_device(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
@@ -62,8 +61,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_throughput(config: GPTConfig, batch: int, seq: int, cfg: BenchConfig, device) -> dict:
-    """Tokens/s of full training steps (forward, backward, AdamW) in bf16 autocast, and MFU."""
+def train_throughput(config: GPTConfig, batch: int, seq: int, cfg: BenchConfig, device, bf16: bool) -> dict:
+    """Tokens/s of full training steps (forward, backward, AdamW) in fp32 or bf16 autocast, and MFU
+    (against the device's peak bf16 FLOP/s, so given for bf16 only)."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
     step_model = torch.compile(model) if cfg.compile else model
@@ -71,7 +71,7 @@ def train_throughput(config: GPTConfig, batch: int, seq: int, cfg: BenchConfig, 
     x = torch.randint(config.vocab_size, (batch, seq + 1), device=device)
 
     def step():
-        with autocast(device, True):
+        with autocast(device, bf16):
             logits = step_model(x[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)
@@ -88,9 +88,9 @@ def train_throughput(config: GPTConfig, batch: int, seq: int, cfg: BenchConfig, 
     n = model.num_params() - config.block_size * config.n_embd  # non-embedding-position parameters
     flops_per_token = 6 * n + 12 * config.n_layer * config.n_embd * seq  # nanoGPT's estimate (PaLM appendix B)
     tokens_per_s = batch * seq / seconds
-    peak = peak_flops(device)
-    return {"batch": batch, "seq": seq, "tokens_per_s": round(tokens_per_s), "step_s": round(seconds, 4),
-            "mfu": round(flops_per_token * tokens_per_s / peak, 4) if peak else None}
+    peak = peak_flops(device) if bf16 else None
+    return {"precision": precision_name(bf16), "batch": batch, "seq": seq, "tokens_per_s": round(tokens_per_s),
+            "step_s": round(seconds, 4), "mfu": round(flops_per_token * tokens_per_s / peak, 4) if peak else None}
 
 
 def timed(run, tokens: int, device) -> float:
@@ -171,13 +171,16 @@ def rain_ratio(cfg: BenchConfig, device) -> dict:
 
 def table(report: dict) -> str:
     """The report as aligned text: training, decoding (tokens/s and ratios), RAIN."""
-    lines = [f"device: {report['device']}, torch {report['torch']}", "",
-             f"{'training':12s} {'batch x seq':>12s} {'tokens/s':>10s} {'MFU':>6s}"]
+    lines = [f"device: {report['device']}, torch {report['torch']}",
+             f"--bf16 auto picks {report['auto_precision']} here", "",
+             f"{'training':12s} {'precision':>9s} {'batch x seq':>12s} {'tokens/s':>10s} {'MFU':>6s}"]
     for name in ("world", "gpt2"):
-        if f"train_{name}" in report:
-            t = report[f"train_{name}"]
+        for t in report.get(f"train_{name}", []):
             mfu = "-" if t["mfu"] is None else f"{t['mfu']:.1%}"
-            lines.append(f"{name:12s} {t['batch']:>5d} x {t['seq']:<5d} {t['tokens_per_s']:>10,d} {mfu:>6s}")
+            lines.append(f"{name:12s} {t['precision']:>9s} {t['batch']:>5d} x {t['seq']:<5d} "
+                         f"{t['tokens_per_s']:>10,d} {mfu:>6s}")
+    fp32, bf16 = report["train_world"]
+    lines.append(f"(world training, bf16 / fp32 speed: {bf16['tokens_per_s'] / fp32['tokens_per_s']:.2f}x)")
     methods = ("cached", "uncached", "cuda_graph", "transformers")
     ratios = ("cached_vs_uncached", "cached_vs_transformers", "cuda_graph_vs_transformers")
     lines += ["", f"{'decoding':12s} {'batch':>5s} {'tokens':>6s} " + " ".join(f"{m:>12s}" for m in methods)
@@ -207,14 +210,17 @@ def main(argv: list[str]) -> None:
     device = pick_device(cfg.device)
     on_gpu = device.type == "cuda"
     tokens = cfg.decode_tokens or (256 if on_gpu else 64)
-    report = {"device": device_name(device), "torch": torch.__version__, "config": asdict(cfg)}
-    report["train_world"] = train_throughput(WORLD, 16, WORLD.block_size, cfg, device)
+    auto = resolve_bf16("auto", device)
+    report = {"device": describe_device(device), "torch": torch.__version__, "config": asdict(cfg),
+              "auto_precision": precision_name(auto)}
+    report["train_world"] = [train_throughput(WORLD, 16, WORLD.block_size, cfg, device, bf16) for bf16 in (False, True)]
     world_tokens = min(tokens, WORLD.block_size - PROMPT_LEN)
     report["decode_world"] = [decode_speed(WORLD, b, world_tokens, device) for b in (1, 64)]
     if os.path.exists(os.path.join(cfg.out_dir, "sft", "config.json")):
         report["rain_vs_vanilla"] = rain_ratio(cfg, device)
     if cfg.gpt2:
-        report["train_gpt2"] = train_throughput(GPT2_124M, 16 if on_gpu else 2, 1024 if on_gpu else 256, cfg, device)
+        report["train_gpt2"] = [train_throughput(GPT2_124M, 16 if on_gpu else 2, 1024 if on_gpu else 256, cfg, device,
+                                                 auto)]
         report["decode_gpt2"] = [decode_speed(GPT2_124M, b, tokens, device) for b in (1, 64)]
     atomic_write_text(cfg.out, json.dumps(report, indent=2))
     print(table(report))

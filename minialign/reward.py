@@ -25,7 +25,8 @@ from .data import load_pairs, right_pad, split_transcript
 from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import Tokenizer, check_pairing, get_tokenizer
-from .training import MetricsLog, autocast, cosine_lr, make_optimizer, pick_device, set_lr
+from .training import (MetricsLog, autocast, cosine_lr, describe_device, make_optimizer, pick_device,
+                       precision_name, resolve_bf16, set_lr)
 
 
 def reward_text(prompt: str, response: str) -> str:
@@ -120,7 +121,7 @@ class RewardConfig:
     seed: int = arg(0, "seed of the batch order")
     resume: bool = arg(False, "continue from <out_dir>/reward/state.pt")
     device: str = arg("auto", "auto, cpu or cuda")
-    bf16: bool = arg(True, "bf16 autocast")
+    bf16: str = arg("auto", "bf16 autocast: auto (where the device does bf16 natively), true or false")
 
 
 def load_reward(folder: str) -> tuple[RewardModel, dict]:
@@ -131,11 +132,11 @@ def load_reward(folder: str) -> tuple[RewardModel, dict]:
     return model, meta
 
 
-def evaluate_reward(model, tokenizer, pairs, cfg) -> dict:
+def evaluate_reward(model, tokenizer, pairs, cfg, bf16: bool) -> dict:
     """Held-out pairwise accuracy (ties count half) and, on the world, ceiling and rank correlation."""
     prompts, chosen, rejected = zip(*pairs)
-    rc = score(model, tokenizer, list(prompts), list(chosen), bf16=cfg.bf16)
-    rr = score(model, tokenizer, list(prompts), list(rejected), bf16=cfg.bf16)
+    rc = score(model, tokenizer, list(prompts), list(chosen), bf16=bf16)
+    rr = score(model, tokenizer, list(prompts), list(rejected), bf16=bf16)
     metrics = {"accuracy": float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())}
     if not cfg.data:
         metrics["ceiling"] = label_noise_ceiling(prompts, chosen, rejected, cfg.label_temperature)
@@ -153,6 +154,7 @@ def train_reward(cfg: RewardConfig) -> dict:
     """Train r by Bradley-Terry (one process, or one rank under torchrun); returns held-out metrics."""
     d = setup(pick_device(cfg.device))
     device = d.device
+    bf16 = resolve_bf16(cfg.bf16, device)
     folder = f"{cfg.out_dir}/reward"
     if cfg.data:
         pairs = load_pairs(cfg.data)
@@ -185,6 +187,9 @@ def train_reward(cfg: RewardConfig) -> dict:
         generator.set_state(state["generator"])
         step = state["step"]
     log = MetricsLog(f"{cfg.out_dir}/logs/reward.jsonl", enabled=d.is_main)
+    log.write(step=step, precision=precision_name(bf16), device=describe_device(device))
+    if d.is_main:
+        print(f"reward: {precision_name(bf16)} on {describe_device(device)}")
     bar = tqdm(total=cfg.steps, initial=step, desc="reward", dynamic_ncols=True, disable=not d.is_main)
     while step < cfg.steps:
         set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
@@ -192,7 +197,7 @@ def train_reward(cfg: RewardConfig) -> dict:
         prompts, chosen, rejected = zip(*shard(batch, d))  # this rank's pairs of the global batch
         ids, lengths = encode_batch(tokenizer, list(prompts + prompts), list(chosen + rejected),
                                     model.trunk.config.block_size, device)
-        with autocast(device, cfg.bf16):
+        with autocast(device, bf16):
             r = ddp(ids, lengths)  # (2b,): chosen then rejected
         b = len(prompts)
         loss = bradley_terry_loss(r[:b], r[b:]) * b * d.world_size / cfg.batch_size  # DDP's average -> global mean
@@ -205,12 +210,12 @@ def train_reward(cfg: RewardConfig) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step % cfg.eval_every == 0 or step == cfg.steps) and d.is_main:
             model.eval()
-            metrics = {"step": step, "loss": round(loss.item(), 4), **evaluate_reward(model, tokenizer, test_pairs, cfg)}
+            metrics = {"step": step, "loss": round(loss.item(), 4), **evaluate_reward(model, tokenizer, test_pairs, cfg, bf16)}
             model.train()
             log.write(**metrics)
             bar.write(f"reward step {step}: " + ", ".join(f"{k} {v}" for k, v in metrics.items() if k != "step"))
             meta = {"stage": "reward", "model": asdict(model.trunk.config), "tokenizer": tokenizer.name,
-                    "config": asdict(cfg), "step": step, "metrics": metrics}
+                    "config": asdict(cfg), "precision": precision_name(bf16), "step": step, "metrics": metrics}
             save(folder, model, meta, {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                                        "step": step})
     bar.close()

@@ -21,7 +21,8 @@ from .data import load_documents, pack, random_windows
 from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import check_pairing, get_tokenizer
-from .training import MetricsLog, autocast, cosine_lr, make_optimizer, pick_device, set_lr
+from .training import (MetricsLog, autocast, cosine_lr, describe_device, make_optimizer, pick_device,
+                       precision_name, resolve_bf16, set_lr)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class SFTConfig:
     stop_at: int = arg(0, "stop (with a checkpoint) after this step, e.g. to time-box a run; 0 = run all steps")
     resume: bool = arg(False, "continue from <out_dir>/sft/state.pt")
     device: str = arg("auto", "auto, cpu or cuda")
-    bf16: bool = arg(True, "bf16 autocast (CPU and CUDA)")
+    bf16: str = arg("auto", "bf16 autocast: auto (where the device does bf16 natively), true or false")
     compile: bool = arg(False, "torch.compile the training forward (the checkpoint stays the plain model)")
 
 
@@ -67,11 +68,11 @@ def lm_loss(model: GPT, x, y, w, device, bf16: bool, total_weight: torch.Tensor 
 
 
 @torch.no_grad()
-def heldout_loss(model, tokens, weights, cfg, device, batches: int = 8) -> float:
+def heldout_loss(model, tokens, weights, cfg, device, bf16: bool, batches: int = 8) -> float:
     g = torch.Generator().manual_seed(1234)  # the same windows at every evaluation
     model.eval()
     losses = [lm_loss(model, *(t.to(device) for t in random_windows(tokens, weights, cfg.batch_size,
-                                                                    model.config.block_size, g)), device, cfg.bf16)
+                                                                    model.config.block_size, g)), device, bf16)
               for _ in range(batches)]
     model.train()
     return float(torch.stack(losses).mean())
@@ -81,6 +82,7 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
     """Run the SFT stage (one process, or one rank under torchrun); returns the model and final metrics."""
     d = setup(pick_device(cfg.device))
     device = d.device
+    bf16 = resolve_bf16(cfg.bf16, device)
     tokenizer = get_tokenizer(cfg.tokenizer if cfg.tokenizer != "auto" else "gpt2" if cfg.init else "bytes")
     folder = f"{cfg.out_dir}/sft"
     docs = load_documents(cfg.data) if cfg.data else world.corpus(cfg.corpus_dialogues, cfg.seed)
@@ -106,12 +108,15 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
         generator.set_state(state["generator"])
         step = state["step"]
     log = MetricsLog(f"{cfg.out_dir}/logs/sft.jsonl", enabled=d.is_main)
+    log.write(step=step, precision=precision_name(bf16), device=describe_device(device))
+    if d.is_main:
+        print(f"sft: {precision_name(bf16)} on {describe_device(device)}")
     last = cfg.stop_at if 0 < cfg.stop_at < cfg.steps else cfg.steps
     metrics = {}
 
     def checkpoint():
         meta = {"stage": "sft", "model": asdict(model.config), "tokenizer": tokenizer.name,
-                "config": asdict(cfg), "step": step, "metrics": metrics}
+                "config": asdict(cfg), "precision": precision_name(bf16), "step": step, "metrics": metrics}
         state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step}
         if d.is_main:
             save(folder, model, meta, state)
@@ -122,7 +127,7 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
         x, y, w = (t.to(device) for t in random_windows(train_tokens, train_w, cfg.batch_size,
                                                          model.config.block_size, generator))  # the global batch
         # this rank's rows; scaled so that DDP's gradient average is the gradient of the global mean
-        loss = lm_loss(ddp, shard(x, d), shard(y, d), shard(w, d), device, cfg.bf16, w.sum() / d.world_size)
+        loss = lm_loss(ddp, shard(x, d), shard(y, d), shard(w, d), device, bf16, w.sum() / d.world_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -132,7 +137,7 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.eval_every == 0 or step == last:
             metrics = {"step": step, "train_loss": round(loss.item(), 4),
-                       "heldout_loss": round(heldout_loss(model, val_tokens, val_w, cfg, device), 4)}
+                       "heldout_loss": round(heldout_loss(model, val_tokens, val_w, cfg, device, bf16), 4)}
             log.write(**metrics)
             if d.is_main:
                 bar.write(f"step {step}: train loss {metrics['train_loss']:.3f}, held-out loss {metrics['heldout_loss']:.3f}")
