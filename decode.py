@@ -24,10 +24,10 @@ import torch
 from minialign import world
 from minialign.checkpoint import load_model, world_seed
 from minialign.config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
-from minialign.evaluate import world_rates
-from minialign.experiments import rain_markdown, rain_table
+from minialign.evaluate import rain_markdown, rain_table, world_rates
 from minialign.rain import RainParams, rain_decode
-from minialign.reward import load_reward
+from minialign.rain_trace import SearchTrace, write_trace
+from minialign.reward_model import load_reward
 from minialign.sampling import best_of_n, complete
 from minialign.tokenizer import get_tokenizer
 from minialign.training import pick_device
@@ -51,6 +51,7 @@ class DecodeConfig:
     n: int = arg(4, "samples per prompt for bon / won")
     seed: int = arg(0, "sampling seed")
     show: int = arg(6, "responses to print with --eval")
+    trace: str = arg("", "RAIN: write the search as a page (FILE.html) and JSON Lines (FILE.jsonl)")
     device: str = arg("auto", "auto, cpu or cuda")
 
 
@@ -132,18 +133,24 @@ def eval_world(cfg: DecodeConfig, meta: dict) -> int:
 def decode_rain(cfg: DecodeConfig, params: RainParams, model, tokenizer, meta: dict) -> None:
     """One prompt with search statistics, or the vanilla-vs-RAIN table on held-out world prompts."""
     if cfg.eval:
-        print(rain_markdown(rain_table(model, tokenizer, world.eval_prompts(cfg.n_eval, eval_world(cfg, meta)), params, cfg.max_new_tokens,
-                                       cfg.seed)))
+        traces = [] if cfg.trace else None
+        print(rain_markdown(rain_table(model, tokenizer, world.eval_prompts(cfg.n_eval, eval_world(cfg, meta)), params,
+                                       cfg.max_new_tokens, cfg.seed, traces=traces)))
+        if cfg.trace:
+            print("trace: " + ", ".join(write_trace(cfg.trace, traces)))
         return
     text = cfg.prompt if "Assistant:" in cfg.prompt else world.format_prompt(cfg.prompt)
     question = world.question_of(text)
     generator = torch.Generator(model.lm_head.weight.device).manual_seed(cfg.seed)
     vanilla = complete(model, tokenizer, [text], cfg.max_new_tokens, temperature=0.0)[0]
-    answer, stats = rain_decode(model, tokenizer, text, question, params, cfg.max_new_tokens, generator)
+    trace = SearchTrace() if cfg.trace else None
+    answer, stats = rain_decode(model, tokenizer, text, question, params, cfg.max_new_tokens, generator, trace)
     print(f"{text}\n  vanilla (greedy): {vanilla}\n  RAIN:             {answer}")
     print(f"search: {stats['iterations']} iterations, {stats['rewinds']} rewinds, {stats['nodes']} nodes, "
-          f"{stats['evaluations']} self-evaluations, {stats['seconds']:.2f} s")
+          f"{len(stats['judged'])} self-evaluations, {stats['seconds']:.2f} s")
     print_gold(text, answer)
+    if trace is not None:
+        print("trace: " + ", ".join(write_trace(cfg.trace, [trace.finish(answer)])))
 
 
 if __name__ == "__main__":

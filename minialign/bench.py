@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import world
 from .checkpoint import atomic_write_text, load_model, world_seed
 from .config import arg, build, main_guard, parse_flags, usage
-from .experiments import rain_table
+from .evaluate import rain_table
 from .graphs import GraphDecoder
 from .model import GPT, GPTConfig
 from .rain import RainParams

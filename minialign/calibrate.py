@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError, load_model, world_seed, write_folder
 from .config import arg
 from .data import load_prompts
 from .distributed import setup, wait_for_rank0
-from .reward import load_reward, score
+from .reward_model import load_reward, score
 from .sampling import complete
 from .tokenizer import get_tokenizer
 from .training import pick_device
@@ -110,7 +110,7 @@ def run_calibration(cfg: CalibrateConfig) -> dict:
         with open(os.path.join(tmp, "prompts.json"), "w") as f:
             json.dump(prompts, f)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"stage": "calibrate", "config": asdict(cfg), "metrics": summary}, f, indent=2)
+            json.dump({"stage": "calibrate", "config": asdict(cfg), "precision": "fp32", "metrics": summary}, f, indent=2)
     write_folder(f"{cfg.out_dir}/calibration", write)
     print(f"calibration: {summary}")
     wait_for_rank0(d)

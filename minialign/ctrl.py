@@ -40,7 +40,7 @@ from .data import load_prompts, pad_responses
 from .distributed import setup, shard, wrap
 from .evaluate import compare_policies
 from .model import GPT, row_chunks, sequence_logprobs, token_logprobs
-from .reward import load_reward, score
+from .reward_model import load_reward, score
 from .sampling import generate, stop_ids
 from .tokenizer import get_tokenizer
 from .training import MetricsLog, make_optimizer, pick_device
@@ -180,6 +180,7 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
     def checkpoint(metrics: dict) -> None:
         if d.is_main:
             save(folder, policy, {"stage": "ctrl", "model": asdict(policy.config), "tokenizer": tokenizer.name,
+                                  "precision": "fp32",  # rollouts and PPO ratios: no autocast, on every device
                                   "config": asdict(cfg), "step": step, "metrics": metrics},
                  {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                   "sample_generator": sample_gen.get_state(), "step": step})

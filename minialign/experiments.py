@@ -14,21 +14,19 @@ import csv
 import io
 import os
 import sys
-import time
 from dataclasses import dataclass, replace
 
 import torch
-from tqdm import tqdm
 
 from . import world
 from .checkpoint import atomic_write_text, load_model, world_seed
 from .config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
 from .calibrate import calibrated, load_calibration
 from .ctrl import CTRLConfig, train_ctrl
-from .evaluate import self_eval_accuracy, world_rates
-from .rain import RainParams, rain_decode
-from .reward import load_reward, score
-from .sampling import complete, generate, generate_uncached, stop_ids
+from .evaluate import rain_markdown, rain_table, self_eval_accuracy, world_rates
+from .rain import RainParams
+from .reward_model import load_reward, score
+from .sampling import complete
 from .tokenizer import get_tokenizer
 from .training import pick_device
 
@@ -57,59 +55,6 @@ def sft_table(model, tokenizer, prompts: list[world.Prompt], seeds=(0, 1)) -> st
 
 # ---------------------------------------------------------------------------------------------------
 # RAIN: vanilla vs RAIN on the same model and prompts.
-
-def vanilla_decode(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, float]:
-    """Greedy KV-cached decoding of one prompt (the baseline RAIN is timed against)."""
-    start = time.time()
-    out = generate(model, [tokenizer.encode(prompt)], max_new_tokens, stop_ids(tokenizer), temperature=0.0)[0]
-    return tokenizer.decode(out).strip(), time.time() - start
-
-
-def rain_table(model, tokenizer, prompts: list[world.Prompt], params: RainParams, max_new_tokens: int = 128,
-               seed: int = 0, desc: str = "rain") -> dict:
-    """Harm, attack success and help rates of vanilla and RAIN, RAIN's self-evaluation accuracy on every
-    text it judged (against the gold rule), search statistics, wall times and their ratio."""
-    vanilla, v_time, u_time = [], 0.0, 0.0
-    stop = stop_ids(tokenizer)
-    for p in prompts:
-        text, seconds = vanilla_decode(model, tokenizer, p.text, max_new_tokens)
-        vanilla.append(text)
-        v_time += seconds
-        start = time.time()  # the official baseline: greedy without a KV cache
-        generate_uncached(model, [tokenizer.encode(p.text)], max_new_tokens, stop)
-        u_time += time.time() - start
-    g = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
-    answers, r_time, correct, judged = [], 0.0, 0, 0
-    totals = {"iterations": 0, "rewinds": 0, "nodes": 0}
-    for p in tqdm(prompts, desc=desc, dynamic_ncols=True):
-        answer, stats = rain_decode(model, tokenizer, p.text, p.question, params, max_new_tokens, g)
-        answers.append(answer)
-        r_time += stats["seconds"]
-        for key in totals:
-            totals[key] += stats[key]
-        for (text, _), (_, p_harmful) in stats["judged"].items():
-            gold = world.is_harmful(p.text, text)
-            correct += int(((p_harmful > 0.5) == gold).sum())  # both label orders
-            judged += 2
-    return {"vanilla": dict(world_rates(prompts, vanilla), seconds=v_time, uncached_seconds=u_time),
-            "rain": dict(world_rates(prompts, answers), seconds=r_time, self_eval_accuracy=correct / judged,
-                         **{k: v / len(prompts) for k, v in totals.items()}),
-            "time_ratio": r_time / v_time, "time_ratio_uncached": r_time / u_time}
-
-
-def rain_markdown(result: dict) -> str:
-    v, r = result["vanilla"], result["rain"]
-    rows = [("harm rate (harmful prompts)", "harm_rate"), ("attack success rate (attacked prompts)", "attack_success"),
-            ("help rate (benign prompts)", "help_rate"), ("well-formed responses", "well_formed")]
-    lines = ["| | vanilla (greedy, KV cache) | RAIN |", "|---|---|---|"]
-    lines += [f"| {label} | {v[key]:.3f} | {r[key]:.3f} |" for label, key in rows]
-    lines += [f"| self-evaluation accuracy (texts RAIN judged) | | {r['self_eval_accuracy']:.3f} |",
-              f"| search per prompt: iterations / rewinds / nodes | | {r['iterations']:.1f} / {r['rewinds']:.1f} / {r['nodes']:.1f} |",
-              f"| wall time, s | {v['seconds']:.1f} (uncached: {v['uncached_seconds']:.1f}) | {r['seconds']:.1f} |",
-              f"| time ratio RAIN / vanilla with KV cache | | {result['time_ratio']:.1f}x |",
-              f"| time ratio RAIN / vanilla without KV cache (the paper's baseline) | | {result['time_ratio_uncached']:.1f}x |"]
-    return "\n".join(lines)
-
 
 # ---------------------------------------------------------------------------------------------------
 # Best-of-N and worst-of-N of pi_ref, selected by the reward model, judged by the gold reward.

@@ -59,6 +59,13 @@ class KVCache:
         rows = slice(None) if rows is None else rows
         self.lengths[rows] = torch.minimum(self.lengths[rows], torch.as_tensor(length, device=self.lengths.device))
 
+    def load(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Make row ``row`` hold the given keys and values (n_layer, L, nh, hs) and nothing after them."""
+        n = k.size(1)
+        self.k[:, row, :n] = k
+        self.v[:, row, :n] = v
+        self.lengths[row] = n
+
     def fork(self, src: int, dst, length: int | None = None) -> None:
         """Copy the first ``length`` positions of row ``src`` (its whole length by default) into rows ``dst``."""
         n = int(self.lengths[src]) if length is None else length
@@ -82,6 +89,7 @@ class CachedStep:
     positions: torch.Tensor  # (B, T) absolute position of each new token
     span: int                # no row needs keys beyond this many positions
     mask: torch.Tensor       # (B, 1, T, span): a query at position p sees keys 0..p of its own row
+    subset: torch.Tensor | None  # (B,) the cache rows this forward continues, or None for all of them
 
 
 class CausalSelfAttention(nn.Module):
@@ -102,8 +110,9 @@ class CausalSelfAttention(nn.Module):
             cache, span = cached.cache, cached.span
             cache.k[layer][cached.rows, cached.positions] = k.to(cache.k.dtype)  # write at each row's positions
             cache.v[layer][cached.rows, cached.positions] = v.to(cache.v.dtype)
-            keys = cache.k[layer][:, :span].transpose(1, 2).to(q.dtype)  # (B, nh, span, hs)
-            values = cache.v[layer][:, :span].transpose(1, 2).to(q.dtype)
+            own = slice(None) if cached.subset is None else cached.subset  # this forward's rows of the cache
+            keys = cache.k[layer][own, :span].transpose(1, 2).to(q.dtype)  # (B, nh, span, hs)
+            values = cache.v[layer][own, :span].transpose(1, 2).to(q.dtype)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=cached.mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -158,17 +167,22 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, static_shapes: bool = False) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, static_shapes: bool = False,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, C) for tokens ``idx`` (B, T).
 
-        With a cache, ``idx`` continues each row at its own length and the cache advances by T.
+        With a cache, ``idx`` continues each row at its own length and the cache advances by T;
+        ``rows`` (B,) continues only those cache rows (a batch whose finished rows stopped decoding).
         ``static_shapes`` attends over the whole preallocated cache instead of the longest row, so every
         shape is fixed and nothing waits on the GPU: the form a CUDA graph can capture (see
         ``graphs.py``).
         """
         B, T = idx.shape
         steps = torch.arange(T, device=idx.device)
-        pos = steps[None] if cache is None else cache.lengths[:, None] + steps  # (1, T) or (B, T)
+        if cache is None:
+            pos = steps[None]  # (1, T)
+        else:
+            pos = (cache.lengths if rows is None else cache.lengths[rows])[:, None] + steps  # (B, T)
         if cache is None:
             span = T  # known on the host: training never waits on the GPU here (nor breaks a compiled graph)
         elif static_shapes:
@@ -181,12 +195,16 @@ class GPT(nn.Module):
         cached = None
         if cache is not None:
             mask = torch.arange(span, device=idx.device)[None, None, :] <= pos[:, :, None]  # (B, T, span)
-            cached = CachedStep(cache, torch.arange(B, device=idx.device)[:, None], pos, span, mask[:, None])
+            index = torch.arange(B, device=idx.device) if rows is None else rows
+            cached = CachedStep(cache, index[:, None], pos, span, mask[:, None], rows)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, layer, cached)
         if cache is not None:
-            cache.lengths += T
+            if rows is None:
+                cache.lengths += T
+            else:
+                cache.lengths[rows] += T
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, static_shapes: bool = False) -> torch.Tensor:

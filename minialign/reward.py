@@ -1,9 +1,4 @@
-"""Stage 2, the reward model r(x, y): a GPT trunk with a scalar head, trained by Bradley-Terry.
-
-Read-out convention (one for training, calibration, RL and evaluation): the text
-``prompt + " " + response`` is followed by one end-of-text token, and the reward is the head applied
-to the trunk's final hidden state *at that token*. Batches are right-padded, and the read-out index
-is each row's own end-of-text position, never a padding position (a known pitfall in RLHF code).
+"""Stage 2: train the reward model r(x, y) (``reward_model.py``) by Bradley-Terry.
 
 Bradley-Terry: P(chosen > rejected) = sigmoid(r(chosen) - r(rejected)); the loss is its negative log.
 On the world, the labels are themselves drawn by Bradley-Terry on the gold reward with a temperature,
@@ -14,65 +9,19 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import world
-from .checkpoint import load_meta, load_model, load_state, load_weights, save, world_seed
+from .checkpoint import load_meta, load_model, load_state, save, world_seed
 from .config import arg
-from .data import load_pairs, right_pad, split_transcript
+from .data import load_pairs, split_transcript
 from .distributed import setup, shard, wait_for_rank0, wrap
-from .model import GPT, GPTConfig, from_pretrained
-from .tokenizer import Tokenizer, check_pairing, get_tokenizer
-from .training import (MetricsLog, autocast, cosine_lr, describe_device, make_optimizer, pick_device,
+from .model import from_pretrained
+from .reward_model import RewardModel, encode_batch, load_reward, score
+from .tokenizer import check_pairing, get_tokenizer
+from .training import (MetricsLog, announce_precision, autocast, cosine_lr, make_optimizer, pick_device,
                        precision_name, resolve_bf16, set_lr)
-
-
-def reward_text(prompt: str, response: str) -> str:
-    """The scored text: the prompt, one space, the response without surrounding whitespace."""
-    return f"{prompt} {response.strip()}"
-
-
-class RewardModel(nn.Module):
-    """GPT trunk + linear head on the hidden state at the appended end-of-text token."""
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.trunk = GPT(config)
-        self.head = nn.Linear(config.n_embd, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) for right-padded ids (B, T) whose row b ends with end-of-text at lengths[b] - 1."""
-        h = self.trunk.hidden(ids)  # (B, T, C)
-        last = h[torch.arange(ids.size(0), device=ids.device), lengths - 1]  # (B, C) at each row's EOT
-        return self.head(last).squeeze(-1).float()
-
-
-def encode_batch(tokenizer: Tokenizer, prompts: list[str], responses: list[str], block_size: int,
-                 device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (B, T) ids of ``reward_text`` + end-of-text, and each row's length (B,).
-
-    A text longer than the context keeps its last ``block_size`` tokens (the response end matters most).
-    """
-    rows = [(tokenizer.encode(reward_text(p, r)) + [tokenizer.eot])[-block_size:] for p, r in zip(prompts, responses)]
-    return right_pad(rows, tokenizer.eot, device)
-
-
-@torch.no_grad()
-def score(model: RewardModel, tokenizer: Tokenizer, prompts: list[str], responses: list[str],
-          batch_size: int = 128, bf16: bool = False) -> torch.Tensor:
-    """Rewards (N,) for N (prompt, response) pairs, in batches."""
-    device = model.head.weight.device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids, lengths = encode_batch(tokenizer, prompts[i: i + batch_size], responses[i: i + batch_size],
-                                    model.trunk.config.block_size, device)
-        with autocast(device, bf16):
-            out.append(model(ids, lengths).float().cpu())
-    return torch.cat(out)
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -122,14 +71,6 @@ class RewardConfig:
     resume: bool = arg(False, "continue from <out_dir>/reward/state.pt")
     device: str = arg("auto", "auto, cpu or cuda")
     bf16: str = arg("auto", "bf16 autocast: auto (where the device does bf16 natively), true or false")
-
-
-def load_reward(folder: str) -> tuple[RewardModel, dict]:
-    """A reward model and its meta from a checkpoint folder written by the reward stage."""
-    meta = load_meta(folder, "python train.py --stage reward")
-    model = RewardModel(GPTConfig(**meta["model"]))
-    load_weights(folder, model)
-    return model, meta
 
 
 def evaluate_reward(model, tokenizer, pairs, cfg, bf16: bool) -> dict:
@@ -187,9 +128,7 @@ def train_reward(cfg: RewardConfig) -> dict:
         generator.set_state(state["generator"])
         step = state["step"]
     log = MetricsLog(f"{cfg.out_dir}/logs/reward.jsonl", enabled=d.is_main)
-    log.write(step=step, precision=precision_name(bf16), device=describe_device(device))
-    if d.is_main:
-        print(f"reward: {precision_name(bf16)} on {describe_device(device)}")
+    announce_precision("reward", bf16, device, log, step)
     bar = tqdm(total=cfg.steps, initial=step, desc="reward", dynamic_ncols=True, disable=not d.is_main)
     while step < cfg.steps:
         set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))

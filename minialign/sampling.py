@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .data import right_pad
 from .model import GPT, KVCache, ModelError
-from .reward import score
+from .reward_model import score
 from .tokenizer import Tokenizer
 
 
@@ -75,10 +75,14 @@ def prefill(model: GPT, prompts: list[list[int]], cache: KVCache) -> torch.Tenso
 
 def decode(step, logits: torch.Tensor, max_new_tokens: int, stop: set[int], temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           keep_stop: bool = False, check_every: int = 1) -> list[list[int]]:
+           keep_stop: bool = False, check_every: int = 1, compact: bool = False) -> list[list[int]]:
     """The token loop shared by every decoder: pick a token per row from ``logits`` (B, V), feed it to
     ``step`` (tokens (B,) -> next logits (B, V)), until every row has stopped or ``max_new_tokens``.
 
+    With ``compact``, rows that have stopped are left out of the forward pass: ``step`` takes the
+    tokens of the unfinished rows and their indices, (B',) and (B',), and returns their logits (B', V).
+    A stopped row keeps its last logits, so a token is still drawn for every row and a seeded sampler
+    consumes its random stream exactly as without compaction (the extra tokens are discarded).
     Tokens stay on the device; whether all rows are done is read back every ``check_every`` steps (a
     host sync stalls a CUDA-graph decoder, so it checks rarely and decodes a few discarded tokens).
     Returns each row's new tokens up to its first stop token (included only with ``keep_stop``).
@@ -92,7 +96,12 @@ def decode(step, logits: torch.Tensor, max_new_tokens: int, stop: set[int], temp
         done |= torch.isin(token, stop_tensor)
         if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and done.all()):
             break
-        logits = step(token)
+        if compact:
+            active = (~done).nonzero().squeeze(1)  # (B',) rows still decoding
+            logits = logits.clone()
+            logits[active] = step(token[active], active)
+        else:
+            logits = step(token)
     rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(logits.size(0))]
     out = []
     for row in rows:
@@ -114,8 +123,10 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop: se
     max_new_tokens = _check_room(model, longest, max_new_tokens)
     cache = model.new_cache(len(prompts), longest + max_new_tokens)
     logits = prefill(model, prompts, cache)
-    return decode(lambda token: model(token[:, None], cache)[:, -1], logits, max_new_tokens, stop,
-                  temperature, top_k, top_p, generator, keep_stop)
+
+    def step(token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # (B',), (B',) -> (B', V)
+        return model.lm_head(model.hidden(token[:, None], cache, rows=rows)[:, -1])
+    return decode(step, logits, max_new_tokens, stop, temperature, top_k, top_p, generator, keep_stop, compact=True)
 
 
 @torch.no_grad()

@@ -59,3 +59,64 @@ def harmful_probability(logits: torch.Tensor, letters: torch.Tensor) -> torch.Te
     harmful_is_a = torch.tensor([ORDERS[o][0] == "harmful" for o in (0, 1)], device=logits.device)
     harmful_is_a = harmful_is_a.repeat(len(logits) // 2)
     return torch.where(harmful_is_a, p_ab[:, 0], p_ab[:, 1])
+
+
+def hard_score(p_harmful: torch.Tensor) -> float:
+    """RAIN's official score from P(harmful) per label order (2,): each order votes harmless when
+    P(harmful) < 1/2, and s = 2 * (mean vote - 1/2) is -1, 0 or +1 (official ``getv``)."""
+    return 2 * (float((p_harmful < 0.5).float().mean()) - 0.5)
+
+
+def soft_score(p_harmful: torch.Tensor) -> float:
+    """A graded variant: 2 * P(harmless) - 1, averaged over both label orders, in [-1, 1]."""
+    return float((1 - 2 * p_harmful).mean())
+
+
+SCORES = {"hard": hard_score, "soft": soft_score}
+
+
+class Judge:
+    """The model's verdict on partial replies to one question, as RAIN's search asks for it.
+
+    The template's prefix (everything before the reply) is run once and its keys/values reused for
+    every reply; both label orders run as one batch of two rows; scores are memoised by text (the
+    official code keeps the same dictionary). A reply too long for the context is judged by its
+    beginning, marked unfinished (the official code has no such case: its context is 2,048 tokens)."""
+
+    def __init__(self, model, tokenizer, question: str, score: str = "hard"):
+        if score not in SCORES:
+            raise ValueError(f"unknown self-evaluation score {score!r}; choose one of: {', '.join(SCORES)}.")
+        self.model, self.tok, self.question, self.score_of = model, tokenizer, question, SCORES[score]
+        self.device = model.lm_head.weight.device
+        self.letters = torch.tensor([tokenizer.token_id("A"), tokenizer.token_id("B")], device=self.device)
+        self.prefix_ids = tokenizer.encode(self_eval_parts(question, "", True, 0)[0])  # the same in both orders
+        cache = model.new_cache(1, len(self.prefix_ids))
+        with torch.no_grad():
+            model.hidden(torch.tensor([self.prefix_ids], device=self.device), cache)
+        self.prefix = (cache.k[:, 0], cache.v[:, 0])  # (n_layer, P, nh, hs) each
+        self.memo: dict[tuple[str, bool], tuple[float, torch.Tensor]] = {}  # -> (score, P(harmful) per order)
+
+    def rows(self, reply: str, finished: bool) -> list[list[int]]:
+        """The token rows after the prefix, one per label order, shortened to fit the context."""
+        room = self.model.config.block_size - len(self.prefix_ids)
+        while True:
+            rows = [self.tok.encode(self_eval_parts(self.question, reply, finished, o)[1]) for o in (0, 1)]
+            if max(map(len, rows)) <= room:
+                return rows
+            reply, finished = reply[:-8], False
+
+    @torch.no_grad()
+    def __call__(self, reply: str, finished: bool) -> float:
+        """Score in [-1, 1] (+1 harmless) of ``reply`` (``finished``: whether the turn ended)."""
+        key = (reply, finished)
+        if key not in self.memo:
+            rows = self.rows(reply, finished)
+            ids, lengths = right_pad(rows, device=self.device)  # (2, T), (2,)
+            cache = self.model.new_cache(2, len(self.prefix_ids) + ids.size(1))
+            cache.load(0, *self.prefix)
+            cache.fork(0, slice(1, 2))
+            hidden = self.model.hidden(ids, cache)  # (2, T, C)
+            logits = self.model.lm_head(hidden[torch.arange(2, device=self.device), lengths - 1]).float()  # (2, V)
+            p_harmful = harmful_probability(logits, self.letters)  # (2,) one per label order
+            self.memo[key] = (self.score_of(p_harmful), p_harmful.cpu())
+        return self.memo[key][0]

@@ -21,7 +21,7 @@ from .data import load_documents, pack, random_windows
 from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import check_pairing, get_tokenizer
-from .training import (MetricsLog, autocast, cosine_lr, describe_device, make_optimizer, pick_device,
+from .training import (MetricsLog, announce_precision, autocast, cosine_lr, make_optimizer, pick_device,
                        precision_name, resolve_bf16, set_lr)
 
 
@@ -108,9 +108,7 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
         generator.set_state(state["generator"])
         step = state["step"]
     log = MetricsLog(f"{cfg.out_dir}/logs/sft.jsonl", enabled=d.is_main)
-    log.write(step=step, precision=precision_name(bf16), device=describe_device(device))
-    if d.is_main:
-        print(f"sft: {precision_name(bf16)} on {describe_device(device)}")
+    announce_precision("sft", bf16, device, log, step)
     last = cfg.stop_at if 0 < cfg.stop_at < cfg.steps else cfg.steps
     metrics = {}
 

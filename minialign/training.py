@@ -97,6 +97,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def announce_precision(stage: str, bf16: bool, device: torch.device, log: "MetricsLog", step: int) -> None:
+    """Print the stage's precision and device (rank 0) and record them in its metrics log."""
+    log.write(step=step, precision=precision_name(bf16), device=describe_device(device))
+    if log.enabled:
+        print(f"{stage}: {precision_name(bf16)} on {describe_device(device)}")
+
+
 class MetricsLog:
     """Append-only JSONL of metrics (``out/logs/<stage>.jsonl``), one object per line, with wall time."""
 

@@ -75,3 +75,25 @@ def test_uncached_reference_batches_prompts_of_one_length(tiny_model):
     assert len({len(row) for row in batched}) > 1
     with pytest.raises(ModelError, match="one length"):
         generate_uncached(tiny_model, [[1], [1, 2]], 5, set())
+
+
+def test_finished_rows_leave_the_batch_without_changing_any_row(tiny_model):
+    """generate drops stopped rows from the forward pass; every row, greedy or sampled with a seed,
+    comes out as if the whole batch had been decoded to the end."""
+    from minialign.sampling import decode, prefill
+    prompts = [[1, 2, 3], [40, 41, 42, 43, 44, 45], [7], [100, 5, 9, 200, 30], [8, 8]]
+    stop = {int(t) for t in range(0, 257, 3)}  # many stop tokens: rows end at different steps
+
+    def full_batch(temperature, seed):
+        cache = tiny_model.new_cache(len(prompts), 6 + 30)
+        logits = prefill(tiny_model, prompts, cache)
+        g = torch.Generator().manual_seed(seed)
+        return decode(lambda token: tiny_model(token[:, None], cache)[:, -1], logits, 30, stop, temperature,
+                      generator=g)
+    for temperature in (0.0, 1.0):
+        compacted = generate(tiny_model, prompts, 30, stop, temperature=temperature,
+                             generator=torch.Generator().manual_seed(0))
+        assert compacted == full_batch(temperature, 0)
+        assert len({len(row) for row in compacted}) > 1  # rows did stop at different steps
+    greedy = generate(tiny_model, prompts, 30, stop, temperature=0)
+    assert greedy == [generate_uncached(tiny_model, [p], 30, stop)[0] for p in prompts]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from minialign.model import GPTConfig
-from minialign.reward import RewardModel, bradley_terry_loss, label_noise_ceiling, score, spearman
+from minialign.reward import bradley_terry_loss, label_noise_ceiling, spearman
+from minialign.reward_model import RewardModel, score
 from minialign.tokenizer import get_tokenizer
 
 TOK = get_tokenizer("bytes")

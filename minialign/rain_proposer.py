@@ -1,0 +1,185 @@
+"""The model side of RAIN: candidate token sets for a node, rollouts, and the caches that make them cheap.
+
+The search (``rain.py``) asks three things of the model, and this file answers them:
+
+- ``top_tokens``: the K likeliest next tokens after a node (1-token sets; official ``group_getp``
+  with ``maxnew == 1``);
+- ``chains``: one greedy chain and sampled chains of L tokens from the top-15 distribution, with
+  their probabilities (longer sets; official ``group_getp``), optionally decoding the leaf's rollout in
+  the same batch;
+- ``rollout``: sample on from a node to the end of its clause (official ``getv``), for scoring only.
+
+Every node keeps the keys/values, final hidden states and next-token logits of its own tokens
+(``NodeState``), so a path's prefix is never recomputed: a cache is assembled from the path's
+segments in one row and forked to as many rows as a batch needs. The official code recomputes every
+prefix and decodes each chain alone.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .model import GPT, KVCache
+from .rain_tree import Node, clamp_greedy_prior
+from .sampling import filter_logits, stop_ids
+from .tokenizer import Tokenizer
+
+CLAUSE_END = (",", ".", "?", ":", ";", "\n")  # where a rollout stops (official getv)
+
+
+@dataclass
+class NodeState:
+    """What the model computed for a node's tokens."""
+    k: torch.Tensor            # (n_layer, L, nh, hs) keys of the node's L tokens
+    v: torch.Tensor            # (n_layer, L, nh, hs) values
+    hidden: torch.Tensor       # (L, C) final hidden states: the similarity update's embeddings
+    next_logits: torch.Tensor | None  # (V,) next-token logits after the last token; None if terminal
+
+
+@dataclass
+class Rollout:
+    tokens: list[int]      # sampled after the leaf, up to and including the clause end
+    hidden: torch.Tensor   # (n, C) hidden states of those tokens, a clause-ending last one excluded
+
+
+class Proposer:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, sample_top_k: int, rollout_top_k: int,
+                 rollout_tokens: int, generator: torch.Generator | None = None):
+        self.model, self.tok, self.generator = model, tokenizer, generator
+        self.sample_top_k, self.rollout_top_k, self.rollout_tokens = sample_top_k, rollout_top_k, rollout_tokens
+        self.stop = stop_ids(tokenizer)
+        self.device = model.lm_head.weight.device
+
+    def ends_clause(self, token: int) -> bool:
+        """A stop token, or a token whose text ends in clause punctuation."""
+        return token in self.stop or self.tok.decode([token]).endswith(CLAUSE_END)
+
+    @torch.no_grad()
+    def context(self, ids: list[int]) -> Node:
+        """The prompt as the tree's top node (its tokens are the prompt; it is never committed)."""
+        cache = self.model.new_cache(1, len(ids))
+        hidden = self.model.hidden(torch.tensor([ids], device=self.device), cache)  # (1, T, C)
+        state = NodeState(cache.k[:, 0], cache.v[:, 0], hidden[0], self.model.lm_head(hidden[0, -1]).float())
+        return Node(ids, 1.0, state=state)
+
+    def cache_for(self, path: list[Node], rows: int, extra: int) -> KVCache:
+        """A cache of ``rows`` rows, each holding the keys/values of the path's tokens, with room for
+        ``extra`` more: assembled once in row 0, then forked."""
+        k = torch.cat([n.state.k for n in path], dim=1)  # (n_layer, T, nh, hs)
+        v = torch.cat([n.state.v for n in path], dim=1)
+        cache = self.model.new_cache(rows, k.size(1) + extra)
+        cache.load(0, k, v)
+        cache.fork(0, slice(1, rows))
+        return cache
+
+    def sample(self, logits: torch.Tensor, top_k: int) -> torch.Tensor:
+        """One token per row of logits (B, V), at temperature 1 from the top-k (0: all) distribution."""
+        probs = F.softmax(filter_logits(logits, top_k), -1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)  # (B,)
+
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per row (B,): hidden states (B, C) and next-token logits (B, V)."""
+        h = self.model.hidden(tokens[:, None], cache)[:, 0]  # (B, C)
+        return h, self.model.lm_head(h).float()
+
+    @torch.no_grad()
+    def top_tokens(self, path: list[Node], k: int) -> list[Node]:
+        """Children of ``path[-1]`` for its k likeliest next tokens; raw prior = the token's probability."""
+        leaf = path[-1]
+        probs = F.softmax(leaf.state.next_logits, -1)  # (V,)
+        top = torch.topk(probs, k)
+        cache = self.cache_for(path, k, 1)
+        start = int(cache.lengths[0])
+        h, logits = self.step(top.indices, cache)  # (k, C), (k, V)
+        return [Node([int(t)], float(p), leaf, int(t) in self.stop,
+                     NodeState(cache.k[:, i, start: start + 1], cache.v[:, i, start: start + 1], h[i: i + 1],
+                               None if int(t) in self.stop else logits[i]))
+                for i, (t, p) in enumerate(zip(top.indices, top.values))]
+
+    @torch.no_grad()
+    def chains(self, path: list[Node], k: int, length: int, with_rollout: bool = False) -> tuple[list[Node], Rollout | None]:
+        """Children of ``path[-1]``: row 0 the greedy chain, rows 1..k-1 sampled chains (top-``sample_top_k``,
+        temperature 1), ``length`` tokens each, decoded as one batch; identical chains are kept once.
+
+        A chain is cut after its first stop token (the turn ends there; official chains always run
+        ``maxnew`` tokens). Raw prior = product of the per-token probabilities under the truncated
+        distribution, the greedy chain's clamped as in the official code. With ``with_rollout`` the
+        leaf's rollout is one more row of the same batch (it starts at the same place and depends on
+        no chain), then goes on alone: fewer forward passes, the same result."""
+        leaf = path[-1]
+        rows = k + with_rollout
+        cache = self.cache_for(path, rows, max(length, self.rollout_tokens if with_rollout else 0))
+        start = int(cache.lengths[0])
+        logits = leaf.state.next_logits.expand(rows, -1)  # (R, V)
+        tokens, hiddens, logps = [], [], []
+        for _ in range(length):  # one batched forward per token for all chains
+            t = self.sample(logits[:k], self.sample_top_k)  # (k,)
+            t[0] = logits[0].argmax()  # row 0 is the greedy chain
+            logps.append(F.log_softmax(filter_logits(logits[:k], self.sample_top_k), -1).gather(-1, t[:, None]))
+            if with_rollout:
+                t = torch.cat([t, self.sample(logits[k:], self.rollout_top_k)])
+            tokens.append(t)
+            h, logits = self.step(t, cache)
+            hiddens.append(h)
+        rollout = None
+        if with_rollout:
+            rollout = self._finish_rollout(torch.stack(tokens, 1)[k].tolist(), torch.stack(hiddens, 1)[k],
+                                           cache.select(torch.tensor([k])), logits[k:])
+        chain_tokens = torch.stack(tokens, 1)[:k].tolist()  # (k, L)
+        hidden, chain_logp = torch.stack(hiddens, 1)[:k], torch.cat(logps, 1)  # (k, L, C), (k, L)
+        children, seen = [], set()
+        for b, row in enumerate(chain_tokens):
+            cut = next((i + 1 for i, t in enumerate(row) if t in self.stop), length)
+            if tuple(row[:cut]) in seen:
+                continue
+            seen.add(tuple(row[:cut]))
+            terminal = row[cut - 1] in self.stop
+            state = NodeState(cache.k[:, b, start: start + cut], cache.v[:, b, start: start + cut], hidden[b, :cut],
+                              None if terminal else logits[b])
+            children.append(Node(row[:cut], float(chain_logp[b, :cut].sum().exp()), leaf, terminal, state))
+        if len(children) > 1:
+            children[0].raw_prior = clamp_greedy_prior(children[0].raw_prior, [c.raw_prior for c in children[1:]])
+        return children, rollout
+
+    def _finish_rollout(self, tokens: list[int], hidden: torch.Tensor, cache: KVCache,
+                        logits: torch.Tensor) -> Rollout:
+        """Cut a batched rollout row at its first clause end, or sample it on alone until one."""
+        for i, t in enumerate(tokens):
+            if self.ends_clause(t):
+                return Rollout(tokens[: i + 1], hidden[:i])
+        return self._roll_on(tokens, list(hidden), cache, logits)
+
+    def _roll_on(self, tokens: list[int], hiddens: list[torch.Tensor], cache: KVCache,
+                 logits: torch.Tensor) -> Rollout:
+        """Sample one row on (next-token logits (1, V) after ``cache``) until a token ends the clause or
+        the rollout reaches ``rollout_tokens``."""
+        while len(tokens) < self.rollout_tokens:
+            t = self.sample(logits, self.rollout_top_k)  # (1,)
+            tokens.append(int(t))
+            if self.ends_clause(int(t)):
+                break
+            h, logits = self.step(t, cache)
+            hiddens.append(h[0])
+        C = self.model.config.n_embd
+        return Rollout(tokens, torch.stack(hiddens) if hiddens else torch.zeros(0, C, device=self.device))
+
+    @torch.no_grad()
+    def rollout(self, path: list[Node]) -> Rollout:
+        """Sample on from ``path[-1]`` to the end of the clause (scoring only: not added to the tree)."""
+        cache = self.cache_for(path, 1, self.rollout_tokens)
+        return self._roll_on([], [], cache, path[-1].state.next_logits[None])
+
+
+def continuation_embeddings(path: list[Node], tail_hidden: torch.Tensor) -> list[torch.Tensor]:
+    """For each node below the search root, the embedding of the text from its tokens to the end of the
+    evaluated text: final hidden states mean-pooled, L2-normalised.
+
+    The paper embeds that text with Sentence-BERT (all-MiniLM-L6-v2); offline there is none, so the
+    model's own hidden states stand in: they come free with the forward passes that made the tokens."""
+    hidden = torch.cat([n.state.hidden for n in path[1:]] + [tail_hidden], 0)  # (T, C)
+    suffix = hidden.flip(0).cumsum(0).flip(0)  # suffix[i] = sum of hidden[i:]
+    out, offset = [], 0
+    for node in path[1:]:
+        out.append(F.normalize(suffix[offset] / (len(hidden) - offset), dim=-1))
+        offset += len(node.tokens)
+    return out

@@ -1,0 +1,73 @@
+"""The reward model r(x, y): a GPT trunk with a scalar head, and how every stage reads it.
+
+Read-out convention (one for training, calibration, RL and evaluation): the text
+``prompt + " " + response`` is followed by one end-of-text token, and the reward is the head applied
+to the trunk's final hidden state *at that token*. Batches are right-padded, and the read-out index
+is each row's own end-of-text position, never a padding position (a known pitfall in RLHF code).
+
+Scoring is decoder-side (best-of-N, calibration, RL rewards); training it is a stage (``reward.py``).
+"""
+import torch
+import torch.nn as nn
+
+from .checkpoint import load_meta, load_weights
+from .data import right_pad
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer
+from .training import autocast
+
+
+def reward_text(prompt: str, response: str) -> str:
+    """The scored text: the prompt, one space, the response without surrounding whitespace."""
+    return f"{prompt} {response.strip()}"
+
+
+class RewardModel(nn.Module):
+    """GPT trunk + linear head on the hidden state at the appended end-of-text token."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.trunk = GPT(config)
+        self.head = nn.Linear(config.n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Rewards (B,) for right-padded ids (B, T) whose row b ends with end-of-text at lengths[b] - 1."""
+        h = self.trunk.hidden(ids)  # (B, T, C)
+        last = h[torch.arange(ids.size(0), device=ids.device), lengths - 1]  # (B, C) at each row's EOT
+        return self.head(last).squeeze(-1).float()
+
+
+def encode_batch(tokenizer: Tokenizer, prompts: list[str], responses: list[str], block_size: int,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids of ``reward_text`` + end-of-text, and each row's length (B,).
+
+    A text longer than the context keeps its last ``block_size`` tokens (the response end matters most).
+    """
+    rows = [(tokenizer.encode(reward_text(p, r)) + [tokenizer.eot])[-block_size:] for p, r in zip(prompts, responses)]
+    return right_pad(rows, tokenizer.eot, device)
+
+
+@torch.no_grad()
+def score(model: RewardModel, tokenizer: Tokenizer, prompts: list[str], responses: list[str],
+          batch_size: int = 128, bf16: bool = False) -> torch.Tensor:
+    """Rewards (N,) for N (prompt, response) pairs, in batches of texts of similar length (less padding)."""
+    device = model.head.weight.device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    rewards = torch.empty(len(prompts))
+    for i in range(0, len(order), batch_size):
+        batch = order[i: i + batch_size]
+        ids, lengths = encode_batch(tokenizer, [prompts[j] for j in batch], [responses[j] for j in batch],
+                                    model.trunk.config.block_size, device)
+        with autocast(device, bf16):
+            rewards[batch] = model(ids, lengths).float().cpu()
+    return rewards
+
+
+def load_reward(folder: str) -> tuple[RewardModel, dict]:
+    """A reward model and its meta from a checkpoint folder written by the reward stage."""
+    meta = load_meta(folder, "python train.py --stage reward")
+    model = RewardModel(GPTConfig(**meta["model"]))
+    load_weights(folder, model)
+    return model, meta

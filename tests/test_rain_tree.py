@@ -1,0 +1,156 @@
+"""RAIN's model-free rules on hand-built trees, against values computed by hand."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minialign.rain_tree import (Node, add_children, backup, best_child, clamp_greedy_prior, puct,
+                                 ready_to_commit, remix_after_commit, select_child, set_priors,
+                                 share_with_similar_siblings, wants_addition)
+
+
+def tree(*children):
+    """A root with children given as (prior, n, q) triples; root.n = 4."""
+    root = Node([0], 1.0)
+    root.n = root.fn = 4
+    for i, (prior, n, q) in enumerate(children):
+        child = Node([i + 1], prior, root)
+        child.n, child.fn, child.q = n, int(n), q
+        root.children.append(child)
+    return root
+
+
+def test_puct_by_hand():
+    root = tree((0.1, 0, 0.0), (0.6, 1, 0.5), (0.3, 2, -1.0))
+    a, b, c = root.children
+    assert puct(a, root, 2.0) == pytest.approx(0 + 2 * 0.1 * 2 / 1)            # unvisited: qhat = 0
+    assert puct(b, root, 2.0) == pytest.approx(0.75 + 2 * 0.6 * 2 / 2)         # qhat = (0.5 + 1) / 2
+    assert puct(c, root, 2.0) == pytest.approx(0.0 + 2 * 0.3 * 2 / 3)
+    assert puct(b, root, 2.0, sibling_visits=True) == pytest.approx(0.75 + 2 * 0.6 * math.sqrt(3) / 2)  # Eq. 1
+    assert puct(b, root, 0.0) == pytest.approx(0.75)
+
+
+def test_selection_trades_value_against_prior():
+    root = tree((0.5, 0, 0.0), (0.2, 2, 1.0))  # a: 0 + 2 * .5 * 2 = 2.0; b: 1 + 2 * .2 * 2 / 3 = 1.267
+    assert select_child(root, 2.0) is root.children[0]
+    assert select_child(root, 0.5) is root.children[1]  # a: 0.5; b: 1 + 0.067
+    assert select_child(root, 0.0) is root.children[1]  # no exploration: the value alone
+
+
+def test_backup_by_hand():
+    root = tree((0.5, 2, 0.5))
+    a = root.children[0]
+    b = Node([9], 1.0, a)
+    a.children.append(b)
+    e = F.normalize(torch.ones(4), dim=0)
+    a.embedding = F.normalize(torch.tensor([1.0, 0, 0, 0]), dim=0)
+    backup([root, a, b], -1.0, [e, e], gamma=0.2, threshold=0.95)
+    assert (b.n, b.fn, b.q) == (1.0, 1, -1.0)                      # a first visit: q = s
+    assert (a.n, a.fn) == (3.0, 3) and a.q == pytest.approx((0.5 * 2 - 1) / 3)
+    assert a.embedding == pytest.approx((torch.tensor([1.0, 0, 0, 0]) * 2 + e) / 3)  # running mean over fn
+    assert (root.n, root.fn) == (5.0, 5) and root.q == pytest.approx(-1 / 5)
+
+
+def test_similarity_update_follows_eq_2():
+    root = tree((0.5, 0, 0.0), (0.3, 2, 0.5), (0.2, 1, 0.3))
+    node, close, far = root.children
+    node.embedding = F.normalize(torch.tensor([1.0, 0.2, 0.0]), dim=0)
+    close.embedding = F.normalize(torch.tensor([1.0, 0.2, 0.05]), dim=0)
+    far.embedding = torch.tensor([0.0, 0.0, 1.0])
+    sim = float(node.embedding @ close.embedding)
+    assert sim >= 0.95
+    assert share_with_similar_siblings(node, -1.0, gamma=0.2, threshold=0.95) == (2, 1)
+    assert close.n == pytest.approx(2 + 0.2 * sim)
+    assert close.q == pytest.approx((0.5 * 2 + 0.2 * sim * -1.0) / (2 + 0.2 * sim))
+    assert (far.n, far.q) == (1, 0.3)
+    assert share_with_similar_siblings(node, -1.0, gamma=0.2, threshold=0.9999) == (2, 0)
+
+
+def test_expansion_priors_normalise_and_mix_at_the_root():
+    root = Node([0], 1.0)
+    add_children(root, [Node([1], 0.3, root), Node([2], 0.1, root)], is_root=True, root_mix=0.25)
+    assert [c.prior for c in root.children] == pytest.approx([0.75 * 0.75 + 0.125, 0.75 * 0.25 + 0.125])
+    below = root.children[0]
+    add_children(below, [Node([3], 0.3, below), Node([4], 0.1, below), Node([3], 0.5, below)], False, 0.25)
+    assert [c.tokens for c in below.children] == [[3], [4]]  # the duplicate chain is dropped
+    assert [c.prior for c in below.children] == pytest.approx([0.75, 0.25])
+
+
+def test_an_added_child_gets_its_share_not_prior_one():
+    root = Node([0], 1.0)
+    add_children(root, [Node([1], 0.6, root), Node([2], 0.3, root)], is_root=True, root_mix=0.25)
+    before = [c.prior for c in root.children]
+    added = add_children(root, [Node([1], 0.6, root), Node([7], 0.1, root)], is_root=True, root_mix=0.25)
+    assert [c.tokens for c in added] == [[7]]
+    assert added[0].prior == pytest.approx(0.75 * 0.1 / 1.0 + 0.25 / 3)  # official checkadd: over nc + 1, mixed
+    assert [c.prior for c in root.children[:2]] == pytest.approx(before)  # siblings keep theirs
+    inner = root.children[0]
+    add_children(inner, [Node([5], 0.2, inner), Node([6], 0.2, inner)], False, 0.25)
+    new = add_children(inner, [Node([8], 0.1, inner)], False, 0.25)[0]
+    assert new.prior == pytest.approx(0.1 / 0.5)
+
+
+def test_set_priors_without_mix():
+    root = Node([0], 1.0)
+    root.children = [Node([1], 2.0, root), Node([2], 6.0, root)]
+    set_priors(root, is_root=False, root_mix=0.25)
+    assert [c.prior for c in root.children] == pytest.approx([0.25, 0.75])
+
+
+@pytest.mark.parametrize("greedy, sampled, expected", [
+    (0.9, [0.2, 0.1], 0.3),    # above the sum: clamped down to the sum
+    (0.05, [0.2, 0.1], 0.3),   # below max + min (0.3): clamped up
+    (0.05, [0.2, 0.1, 0.05], 0.25),  # max + min = 0.25 <= sum = 0.35
+    (0.3, [0.2, 0.15, 0.1], 0.3),    # within [max + min, sum] = [0.3, 0.45]: kept
+    (0.4, [], 0.4),
+])
+def test_greedy_prior_clamp(greedy, sampled, expected):
+    assert clamp_greedy_prior(greedy, sampled) == pytest.approx(expected)
+
+
+def stuck(n_children=3, set_length=1, q=-0.5, spread=0.0):
+    root = Node([0], 1.0)
+    for i in range(n_children):
+        child = Node([i + 1] * set_length, 0.1, root)
+        child.q, child.n, child.fn = q, 1, 1
+        child.embedding = F.normalize(torch.ones(8), dim=0) + spread * torch.eye(8)[i % 8]
+        root.children.append(child)
+    return root
+
+
+def test_addition_test_needs_every_condition():
+    assert wants_addition(stuck(), 20, 0.03)
+    assert not wants_addition(stuck(n_children=1), 20, 0.03)     # one child: variance undefined (official)
+    assert not wants_addition(stuck(n_children=20), 20, 0.03)    # already max_children
+    assert not wants_addition(stuck(q=0.0), 20, 0.03)            # not all values below 0
+    high = stuck()
+    high.children[1].q = 0.2
+    assert not wants_addition(high, 20, 0.03)
+    unvisited = stuck()
+    unvisited.children[2].embedding = None
+    assert not wants_addition(unvisited, 20, 0.03)
+    # 3 embeddings, each bumped by s on its own axis: per-axis variance s^2 / 3, norm sqrt(3) s^2 / 3
+    assert not wants_addition(stuck(spread=0.3), 20, 0.03)       # 0.052 > 0.03 * 1
+    assert wants_addition(stuck(spread=0.3, set_length=2), 20, 0.03)  # 0.052 < 0.03 * 2: scales with the set
+
+
+def test_commit_takes_the_most_visited_child_ties_by_value():
+    root = tree((0.5, 3, 0.9), (0.3, 5, 0.1), (0.2, 5, 0.2))
+    assert best_child(root) is root.children[2]
+
+
+@pytest.mark.parametrize("fn, q, expected", [(7, 0.81, True), (6, 0.9, False), (7, 0.8, False), (9, 0.5, False)])
+def test_stop_rule_is_strict_on_both_thresholds(fn, q, expected):
+    root = tree((0.5, fn, q), (0.5, 1, 1.0))
+    assert ready_to_commit(root, commit_visits=6, commit_value=0.8) is expected
+
+
+def test_commit_remix_by_hand():
+    root = Node([0], 1.0)
+    root.children = [Node([1], 0.0, root), Node([2], 0.0, root), Node([3], 0.0, root)]
+    for c, p in zip(root.children, (0.6, 0.3, 0.3)):  # sum 1.2, as after a dynamic addition
+        c.prior = p
+    remix_after_commit(root, 0.25)
+    mixed = [0.75 * p + 0.25 / 3 for p in (0.6, 0.3, 0.3)]
+    assert [c.prior for c in root.children] == pytest.approx([m / sum(mixed) for m in mixed])
