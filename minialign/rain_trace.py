@@ -121,7 +121,7 @@ svg { border: 1px solid #ddd; background: #fff; }
 <div class="main"><svg id="tree" width="760" height="560"></svg><div id="iters"></div></div>
 <div class="bar" id="detail"></div>
 <p>Node size: visits n; colour: value q from red (-1, harmful) to green (+1, harmless); dashed blue: the set
-committed at the end of this step. Click an iteration to see its path; <span class="rewind">&#8634;</span> marks a rewind
+committed at the end of this step. Click an iteration (or use the arrow keys) to see its path; <span class="rewind">&#8634;</span> marks a rewind
 (the leaf is not below the previous iteration's leaf).</p>
 <script>
 const DATA = /*DATA*/null;
@@ -149,6 +149,7 @@ function layout(nodes) {  // leaves left to right in depth-first order, parents 
 function draw() {
   const search = DATA[s], st = search.steps[step];
   if (!st) { $("stepinfo").textContent = "this search committed nothing"; return; }
+  if (iter < 0 || iter >= st.iterations.length) iter = st.iterations.length - 1;  // show the last path
   $("stepinfo").textContent = `commit step ${step + 1} of ${search.steps.length}`;
   $("answer").innerHTML = esc(st.answer_before) + `<span class="new">${esc(st.committed)}</span>`;
   const g = st.gauges;
@@ -169,7 +170,9 @@ function draw() {
     const r = 3 + 12 * Math.sqrt(n.n / maxn), cls = (path.has(n.id) ? " onpath" : "") + (n.id === st.committed_id ? " committed" : "");
     svg += `<g class="node${cls}"><circle cx="${sx(pos[n.id].x)}" cy="${sy(pos[n.id].y)}" r="${r}" fill="${n.n ? colour(n.q) : "#fff"}">`
       + `<title>${esc(shown(n.text))}\nn=${n.n} fn=${n.fn} q=${n.q} prior=${n.prior}</title></circle>`
-      + `<text x="${sx(pos[n.id].x) + r + 2}" y="${sy(pos[n.id].y) + 4}">${esc(shown(n.text)).slice(0, 12)}</text></g>`;
+      + (width <= 24 || path.has(n.id) || n.id === st.committed_id  // labels only where they fit, or on the path
+        ? `<text x="${sx(pos[n.id].x) + r + 2}" y="${sy(pos[n.id].y) + 4}">${esc(shown(n.text)).slice(0, 12)}</text>` : "")
+      + "</g>";
   });
   $("tree").innerHTML = svg;
   $("iters").innerHTML = st.iterations.map((it, i) =>
@@ -185,6 +188,12 @@ DATA.forEach((d, i) => { const o = document.createElement("option"); o.value = i
 $("prompt").onchange = () => { s = +$("prompt").value; step = 0; iter = -1; draw(); };
 $("prev").onclick = () => { if (step > 0) { step--; iter = -1; draw(); } };
 $("next").onclick = () => { if (step < DATA[s].steps.length - 1) { step++; iter = -1; draw(); } };
+document.onkeydown = (e) => {  // arrow keys: up/down walk the iterations, left/right the commit steps
+  const keys = {ArrowLeft: "prev", ArrowRight: "next"};
+  if (keys[e.key]) $(keys[e.key]).click();
+  if (e.key === "ArrowUp" && iter > 0) { iter--; draw(); }
+  if (e.key === "ArrowDown" && iter < DATA[s].steps[step].iterations.length - 1) { iter++; draw(); }
+};
 draw();
 </script></body></html>
 """
