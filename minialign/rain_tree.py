@@ -107,41 +107,26 @@ def share_with_similar_siblings(node: Node, score: float, gamma: float, threshol
 
 # --- priors (official main.py expansion and node.checkadd / node.add) -----------------------------
 
-def set_priors(node: Node, is_root: bool, root_mix: float) -> None:
-    """Priors of ``node``'s children: their raw priors normalised to sum 1, then at the search root
-    mixed with uniform, p <- (1 - mix) p + mix / K (exploration at the root).
-
-    Used after an expansion and after a dynamic addition; in both the official code normalises over
-    all the node's candidates (an added child does not get prior 1)."""
-    total = sum(c.raw_prior for c in node.children) or 1.0
-    K = len(node.children)
-    for c in node.children:
-        c.prior = c.raw_prior / total
-        if is_root:
-            c.prior = (1 - root_mix) * c.prior + root_mix / K
-
-
 def add_children(node: Node, children: list[Node], is_root: bool, root_mix: float) -> list[Node]:
-    """Attach new candidates (duplicates of an existing child's tokens dropped), then set the priors:
-    a first expansion normalises over the new children; a dynamic addition gives only the added
-    child a prior, normalised over all nc + 1 candidates, and keeps its siblings' priors (official
-    ``node.checkadd``). Returns the children actually added."""
+    """Attach new candidates (a duplicate of an existing child's tokens is dropped) and give each its
+    prior: its raw prior normalised over all of the node's candidates, then at the search root mixed
+    with uniform, p <- (1 - mix) p + mix / K (exploration at the root). Existing children keep theirs.
+
+    For a first expansion that is the official expansion rule; for a dynamic addition it is official
+    ``node.checkadd`` / ``node.add``: the added child gets its share of the nc + 1 candidates (it does
+    not get prior 1). Returns the children actually added."""
     seen = {tuple(c.tokens) for c in node.children}
     new = []
     for child in children:
         if tuple(child.tokens) not in seen:
             seen.add(tuple(child.tokens))
             new.append(child)
-    first = not node.children
     node.children += new
-    if first:
-        set_priors(node, is_root, root_mix)
-    else:
-        total = sum(c.raw_prior for c in node.children) or 1.0
-        for child in new:
-            child.prior = child.raw_prior / total
-            if is_root:
-                child.prior = (1 - root_mix) * child.prior + root_mix / len(node.children)
+    total = sum(c.raw_prior for c in node.children) or 1.0
+    for child in new:
+        child.prior = child.raw_prior / total
+        if is_root:
+            child.prior = (1 - root_mix) * child.prior + root_mix / len(node.children)
     return new
 
 

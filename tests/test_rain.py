@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from minialign.model import GPT, GPTConfig
 from minialign.rain import Rain, RainParams
+from minialign.rain_tree import Node
 from minialign.sampling import generate, stop_ids
-from minialign.selfeval import Judge, hard_score, judge, soft_score
+from minialign.selfeval import Judge, hard_score, judge, self_eval_parts, soft_score
 from minialign.tokenizer import get_tokenizer
 
 TOK = get_tokenizer("bytes")
@@ -170,18 +171,19 @@ def test_tree_keys_and_values_equal_an_uncached_forward():
     search.judge = ScriptedJudge(fixed=0.0)
     for _ in range(12):
         search.iterate()
-    deepest = max((n for n in walk(search.root)), key=lambda n: n.depth)
-    assert deepest.depth >= 3
-    path = deepest.path_from(search.context)
-    ids = torch.tensor([[t for n in path for t in n.tokens]])
-    with torch.no_grad():
-        reference_logits = model(ids)[0, -1]
-        cache = model.new_cache(1, ids.size(1))
-        model.hidden(ids, cache)
-    k = torch.cat([n.state.k for n in path], 1)
-    torch.testing.assert_close(k, cache.k[:, 0], rtol=1e-5, atol=1e-5)
-    if deepest.state.next_logits is not None:
-        torch.testing.assert_close(deepest.state.next_logits, reference_logits, rtol=1e-5, atol=1e-5)
+    nodes = list(walk(search.root))
+    assert max(n.depth for n in nodes) >= 3 and len(nodes) > 20
+    for node in nodes:  # every candidate, from every row of its batch
+        path = node.path_from(search.context)
+        ids = torch.tensor([[t for n in path for t in n.tokens]])
+        with torch.no_grad():
+            reference_logits = model(ids)[0, -1]
+            cache = model.new_cache(1, ids.size(1))
+            model.hidden(ids, cache)
+        torch.testing.assert_close(torch.cat([n.state.k for n in path], 1), cache.k[:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat([n.state.v for n in path], 1), cache.v[:, 0], rtol=1e-5, atol=1e-5)
+        if node.state.next_logits is not None:
+            torch.testing.assert_close(node.state.next_logits, reference_logits, rtol=1e-5, atol=1e-5)
 
 
 def walk(node):
@@ -207,3 +209,110 @@ def test_cached_and_uncached_self_evaluation_agree():
         reference = judge(model, TOK, question, [reply], [finished])[0]
         torch.testing.assert_close(cached.memo[(reply, finished)][1], reference, rtol=1e-5, atol=1e-6)
         assert s == pytest.approx(float((1 - 2 * reference).mean()), abs=1e-5)
+
+
+def test_rain_decode_returns_the_answer_text_and_the_search_statistics(monkeypatch):
+    import minialign.rain as rain
+    from minialign.rain_trace import SearchTrace
+    questions = []
+    monkeypatch.setattr(rain, "Judge", lambda model, tokenizer, question, score: questions.append(question) or ScriptedJudge())
+    trace = SearchTrace()
+    answer, stats = rain.rain_decode(BigramModel().eval(), TOK, "Q:", "Q", RainParams(), 16,
+                                     torch.Generator().manual_seed(0), trace)
+    assert answer == "gy." and questions == ["Q"] and trace.steps
+    assert stats["iterations"] > 0 and stats["rewinds"] > 0 and stats["nodes"] > 0 and 0 < stats["seconds"] < 60
+    assert ("bx.", False) in stats["judged"] and stats["judged"][("bx.", False)][0] == -1.0
+
+
+def test_set_lengths_by_depth_and_the_room_left_for_the_answer():
+    search = make()
+    search.iterate()
+    search.iterate()
+    depths = {}
+    for d in range(6):
+        probe = Node([0], 1.0)
+        probe.depth = d
+        depths[d] = search.set_length(probe)
+    assert depths == {0: 1, 1: 2, 2: 4, 3: 10, 4: 10, 5: 10}
+    for child in walk(search.context):
+        if child.parent is not None and not child.terminal:
+            assert len(child.tokens) == search.set_length(child.parent)
+    wide = Rain(BigramModel().eval(), TOK, RainParams(), "Q", "Q:", 1000)
+    assert wide.max_new_tokens == 128 - 2 - 32 - 10  # context - prompt - rollout - longest set
+    assert all(v == 0 for v in wide.stats.values())
+
+
+def test_one_token_sets_roll_out_on_their_own():
+    search = make(RainParams(set_lengths="1,1,1,1"))
+    search.iterate()
+    search.iterate()  # selects 'b', expands it with one-token children, rolls out "x." alone
+    assert ("bx.", False) in search.judge.memo
+
+
+def test_multi_token_addition_is_a_greedy_and_a_sampled_chain():
+    search = make()
+    search.iterate()
+    search.iterate()  # 'b' (depth 1) now has 2-token children
+    b = next(c for c in search.root.children if c.tokens == [ord("b")])
+    before = {tuple(c.tokens) for c in b.children}
+    total = sum(c.raw_prior for c in b.children)
+    search.add_candidate(b)
+    added = [c for c in b.children if tuple(c.tokens) not in before]
+    assert len(added) <= 1 and search.stats["additions"] == len(added)  # the greedy chain is a duplicate
+    for c in added:
+        assert len(c.tokens) == 2 and c.prior == pytest.approx(c.raw_prior / (total + c.raw_prior))
+
+
+def test_rewinds_are_leaves_not_below_the_previous_leaf():
+    from minialign.rain_trace import SearchTrace
+    search = make()
+    search.trace = SearchTrace()
+    search.decode()
+    paths = [it["path"] for step in search.trace.steps for it in step["iterations"]]
+    expected = sum(prev[-1] not in path for prev, path in zip(paths, paths[1:]))
+    assert search.stats["rewinds"] == expected > 0
+
+
+def test_harmful_probability_by_hand():
+    from minialign.selfeval import harmful_probability
+    letters = torch.tensor([0, 1])
+    logits = torch.tensor([[math.log(0.2), math.log(0.6), 5.0],    # order 0: (A) harmful -> P(A) = 0.25
+                           [math.log(0.2), math.log(0.6), -5.0]])  # order 1: (B) harmful -> P(B) = 0.75
+    assert harmful_probability(logits, letters) == pytest.approx(torch.tensor([0.25, 0.75]))
+
+
+def test_an_overlong_reply_is_judged_by_its_beginning():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=96, n_layer=1, n_head=1, n_embd=8)).eval()
+    j = Judge(model, TOK, "Q?", "hard")
+    room = 96 - len(j.prefix_ids)
+    reply = "word " * 40
+    rows = j.rows(reply, True)
+    assert max(map(len, rows)) <= room
+    kept = TOK.decode(rows[0]).split('..." (unfinished)')[0]
+    assert reply.startswith(kept) and len(kept) > len(reply) - 8 * ((len(reply) - len(kept)) // 8 + 1)
+    longer = [TOK.encode(self_eval_parts("Q?", reply[: len(kept) + 8], False, o)[1]) for o in (0, 1)]
+    assert max(map(len, longer)) > room  # 8 more characters would not fit
+    assert j.rows("short", True)[0] == TOK.encode(self_eval_parts("Q?", "short", True, 0)[1])
+
+
+def test_proposer_samples_within_top_k_reproducibly():
+    from minialign.rain_proposer import Proposer
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])).expand(4000, -1)
+    draw = lambda seed, k: Proposer(BigramModel(), TOK, 15, 0, 32, torch.Generator().manual_seed(seed)).sample(logits, k)
+    assert torch.equal(draw(1, 0), draw(1, 0)) and not torch.equal(draw(1, 0), draw(2, 0))
+    top2 = draw(0, 2)
+    assert set(top2.tolist()) == {0, 1} and (top2 == 0).float().mean() == pytest.approx(4 / 7, abs=0.03)
+    assert (draw(0, 0) == 3).float().mean() == pytest.approx(0.1, abs=0.02)
+
+
+def test_continuation_embeddings_by_hand():
+    from minialign.rain_proposer import NodeState, continuation_embeddings
+    def node(tokens, hidden, parent):
+        return Node(tokens, 1.0, parent, state=NodeState(None, None, torch.tensor(hidden), None))
+    root = node([0], [[9.0, 9.0]], None)
+    a = node([1, 2], [[1.0, 0.0], [1.0, 0.0]], root)
+    b = node([3], [[0.0, 1.0]], a)
+    e_a, e_b = continuation_embeddings([root, a, b], torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    assert e_a == pytest.approx(F.normalize(torch.tensor([2.0, 3.0]), dim=0))  # mean of all 5 states
+    assert e_b == pytest.approx(torch.tensor([0.0, 1.0]))                       # b's state and the rollout's

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from minialign.rain_tree import (Node, add_children, backup, best_child, clamp_greedy_prior, puct,
-                                 ready_to_commit, remix_after_commit, select_child, set_priors,
+                                 ready_to_commit, remix_after_commit, select_child,
                                  share_with_similar_siblings, wants_addition)
 
 
@@ -91,10 +91,9 @@ def test_an_added_child_gets_its_share_not_prior_one():
     assert new.prior == pytest.approx(0.1 / 0.5)
 
 
-def test_set_priors_without_mix():
+def test_priors_below_the_root_are_not_mixed():
     root = Node([0], 1.0)
-    root.children = [Node([1], 2.0, root), Node([2], 6.0, root)]
-    set_priors(root, is_root=False, root_mix=0.25)
+    add_children(root, [Node([1], 2.0, root), Node([2], 6.0, root)], is_root=False, root_mix=0.25)
     assert [c.prior for c in root.children] == pytest.approx([0.25, 0.75])
 
 
@@ -154,3 +153,42 @@ def test_commit_remix_by_hand():
     remix_after_commit(root, 0.25)
     mixed = [0.75 * p + 0.25 / 3 for p in (0.6, 0.3, 0.3)]
     assert [c.prior for c in root.children] == pytest.approx([m / sum(mixed) for m in mixed])
+
+
+def test_depth_is_absolute():
+    root = Node([0], 1.0)
+    child = Node([1], 1.0, root)
+    assert (root.depth, child.depth, Node([2], 1.0, child).depth) == (0, 1, 2)
+
+
+def test_selection_uses_parent_visits_unless_asked_for_eq_1():
+    root = tree((0.9, 0, 0.0), (0.1, 1, 1.0))  # root.n = 4 but the siblings have 1 visit in all
+    a, b = root.children                       # parent.n: a 2 * .9 * 2 = 3.6 > b 1 + .2 = 1.2
+    assert select_child(root, 2.0) is a
+    root.n = 100                               # Eq. 1 with sqrt(1): a 1.8 > b 1.1; parent.n = 100: a 18
+    assert select_child(root, 0.5, sibling_visits=True) is b  # a: .45, b: 1 + .025
+    assert select_child(root, 0.5) is a                       # a: 4.5, b: 1 + .25
+
+
+def test_backup_shares_with_similar_siblings_and_counts_pairs():
+    root = tree((0.5, 1, 0.0), (0.5, 1, 0.0), (0.5, 1, 0.0))
+    node, twin, other = root.children
+    e = F.normalize(torch.tensor([1.0, 1.0]), dim=0)
+    twin.embedding, other.embedding = e.clone(), e.clone()
+    assert backup([root, node], 0.5, [e], gamma=0.2, threshold=0.95) == (2, 2)  # similarity is on by default
+    for sib in (twin, other):
+        assert sib.n == pytest.approx(1.2) and sib.q == pytest.approx(0.2 * 0.5 / 1.2)
+    assert backup([root, node], 0.5, [e], gamma=0.2, threshold=0.95, similarity=False) == (0, 0)
+
+
+def test_similarity_threshold_is_inclusive():
+    root = tree((0.5, 0, 0.0), (0.5, 1, 0.0))
+    node, sib = root.children
+    node.embedding = F.normalize(torch.tensor([1.0, 0.0]), dim=0)
+    sib.embedding = F.normalize(torch.tensor([1.0, 0.3]), dim=0)
+    sim = float(F.cosine_similarity(node.embedding, sib.embedding, dim=0))
+    assert share_with_similar_siblings(node, 1.0, 0.2, threshold=sim) == (1, 1)
+
+
+def test_a_childless_root_is_never_ready():
+    assert not ready_to_commit(Node([0], 1.0), 6, 0.8)
