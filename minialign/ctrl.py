@@ -39,7 +39,7 @@ from .config import ConfigError, arg
 from .data import load_prompts, pad_responses
 from .distributed import setup, shard, wrap
 from .evaluate import compare_policies
-from .model import GPT, row_chunks, sequence_logprobs, token_logprobs
+from .model import GPT, length_chunks, sequence_logprobs, token_logprobs
 from .reward_model import load_reward, score
 from .sampling import generate, stop_ids
 from .tokenizer import get_tokenizer
@@ -85,17 +85,21 @@ def ppo_loss(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor, adv
     return -(objective * mask).sum() / logp.size(0)
 
 
-def ppo_step(model, policy, optimizer, ids, logp_old, mask, advantages, clip: float, micro_batch: int) -> None:
+def ppo_step(model, policy, optimizer, ids, logp_old, mask, advantages, clip: float, micro_batch: int,
+             lengths: torch.Tensor | None = None) -> None:
     """One optimizer step on the PPO loss of the whole batch, accumulated over micro-batches of rows.
 
     ``ppo_loss`` averages over sequences, so each micro-batch's loss is weighted by its share of the
-    rows and the accumulated gradient is the whole batch's. ``model`` is what runs the forward (the
-    DDP wrapper under torchrun, which averages each backward across ranks), ``policy`` the module whose
-    gradients are clipped."""
+    rows and the accumulated gradient is the whole batch's. With ``lengths`` (rows sorted by real
+    length) each micro-batch is cut to its longest row, so short rows carry no padding. ``model`` is
+    what runs the forward (the DDP wrapper under torchrun, which averages each backward across ranks),
+    ``policy`` the module whose gradients are clipped."""
     B = ids.size(0)
+    lengths = torch.full((B,), ids.size(1)) if lengths is None else lengths
     optimizer.zero_grad(set_to_none=True)
-    for rows in row_chunks(B, micro_batch):
-        loss = ppo_loss(token_logprobs(model, ids[rows]), logp_old[rows], mask[rows], advantages[rows], clip)
+    for rows, w in length_chunks(lengths, micro_batch):
+        loss = ppo_loss(token_logprobs(model, ids[rows, :w]), logp_old[rows, : w - 1], mask[rows, : w - 1],
+                        advantages[rows], clip)
         (loss * ((rows.stop - rows.start) / B)).backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     optimizer.step()
@@ -124,7 +128,8 @@ class CTRLConfig:
     prompts_per_step: int = arg(16, "prompts per step")
     group: int = arg(8, "samples per prompt (G) for the leave-one-out baseline")
     ppo_epochs: int = arg(2, "passes over each batch")
-    micro_batch: int = arg(0, "rows per forward/backward in the update (gradient accumulation); 0 = all. GPT-2: 16")
+    micro_batch: int = arg(32, "rows per forward/backward in the update, rows of similar length together (gradient "
+                                "accumulation; less padding); 0 = all at once. GPT-2: 16")
     clip: float = arg(0.2, "PPO ratio clip epsilon")
     lr: float = arg(3e-4, "learning rate (constant)")
     max_new_tokens: int = arg(128, "longest sampled response")
@@ -197,14 +202,20 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
         texts = [tokenizer.decode(r) for r in responses]
         raw = score(reward_model, tokenizer, [prompts[i] for i in picked], texts).view(-1, cfg.group)  # (P, G)
         R = ctrl_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
-        ids, mask = pad_responses(rows, responses, device=device)  # (B, T), (B, T-1)
+        # rows sorted by length (shortest first), so each micro-batch is cut to its own longest row
+        lengths = torch.tensor([len(p) + len(r) for p, r in zip(rows, responses)])
+        order = lengths.argsort()
+        ids, mask = pad_responses([rows[i] for i in order], [responses[i] for i in order], device=device)  # (B, T), (B, T-1)
+        lengths = lengths[order]
         try:
-            logp_old = sequence_logprobs(policy, ids, cfg.micro_batch)
-            logp_ref = sequence_logprobs(reference, ids, cfg.micro_batch)
-            kl = ((logp_old - logp_ref) * mask).sum(1)  # (B,) k1 estimate of the sequence KL
+            logp_old = sequence_logprobs(policy, ids, cfg.micro_batch, lengths)
+            logp_ref = sequence_logprobs(reference, ids, cfg.micro_batch, lengths)
+            kl = torch.empty(len(order), device=device)
+            kl[order.to(device)] = ((logp_old - logp_ref) * mask).sum(1)  # (B,) k1 sequence KL, in prompt order
             advantages = rloo_advantages(R.to(device) - cfg.beta * kl.view(-1, cfg.group)).flatten()  # (B,)
             for _ in range(cfg.ppo_epochs):
-                ppo_step(ddp, policy, optimizer, ids, logp_old, mask, advantages, cfg.clip, cfg.micro_batch)
+                ppo_step(ddp, policy, optimizer, ids, logp_old, mask, advantages[order.to(device)], cfg.clip,
+                         cfg.micro_batch, lengths)
         except torch.OutOfMemoryError:
             raise ConfigError(f"out of memory updating on {ids.size(0)} rows of {ids.size(1)} tokens; pass a "
                               f"smaller --micro_batch (now {cfg.micro_batch or 'the whole batch'}), e.g. 16.") from None

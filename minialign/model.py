@@ -230,11 +230,24 @@ def row_chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def length_chunks(lengths: torch.Tensor, size: int) -> list[tuple[slice, int]]:
+    """``row_chunks`` of right-padded rows sorted by length, each with its width: the longest real
+    row in the chunk. Cutting a chunk to its width drops only padding (attention is causal)."""
+    return [(rows, int(lengths[rows].max())) for rows in row_chunks(len(lengths), size)]
+
+
 @torch.no_grad()
-def sequence_logprobs(model: nn.Module, ids: torch.Tensor, micro_batch: int) -> torch.Tensor:
+def sequence_logprobs(model: nn.Module, ids: torch.Tensor, micro_batch: int,
+                      lengths: torch.Tensor | None = None) -> torch.Tensor:
     """``token_logprobs`` (B, T-1) computed ``micro_batch`` rows at a time (0 = all at once): the
-    (rows, T, V) logits are the memory peak, and for GPT-2 a whole RL batch of them does not fit a GPU."""
-    return torch.cat([token_logprobs(model, ids[rows]) for rows in row_chunks(ids.size(0), micro_batch)])
+    (rows, T, V) logits are the memory peak, and for GPT-2 a whole RL batch of them does not fit a GPU.
+    With ``lengths`` (rows sorted by their real length) each chunk is cut to its longest row; the
+    padding positions beyond it come back as 0."""
+    lengths = torch.full((ids.size(0),), ids.size(1)) if lengths is None else lengths
+    out = torch.zeros(ids.size(0), ids.size(1) - 1, device=ids.device)
+    for rows, width in length_chunks(lengths, micro_batch):
+        out[rows, : width - 1] = token_logprobs(model, ids[rows, :width])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

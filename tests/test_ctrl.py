@@ -84,3 +84,30 @@ def test_micro_batched_update_equals_the_whole_batch_update(tiny_model):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
     assert not torch.equal(models[0].transformer.wte.weight, tiny_model.transformer.wte.weight)  # it did step
+
+
+def test_micro_batches_cut_to_their_longest_row_give_the_whole_batch_step(tiny_model):
+    """Rows sorted by real length, each micro-batch cut to its longest row (its padding dropped): the
+    same log-probs on every real position and the same optimizer step as the whole padded batch."""
+    import copy
+    from minialign.ctrl import ppo_step
+    from minialign.model import sequence_logprobs
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([4, 5, 7, 8, 9, 12, 12, 12])  # sorted, as train_ctrl sorts them
+    ids = torch.randint(257, (8, 12), generator=g)
+    mask = torch.zeros(8, 11)
+    for b, n in enumerate(lengths):
+        ids[b, n:] = 0  # right padding
+        mask[b, 2: n - 1] = 1.0  # the "response" positions
+    advantages = torch.randn(8, generator=g)
+    whole = sequence_logprobs(tiny_model, ids, 0)
+    cut = sequence_logprobs(tiny_model, ids, 3, lengths)
+    torch.testing.assert_close(cut * mask, whole * mask, rtol=0, atol=1e-6)
+    assert (cut[0, 6:] == 0).all() and (cut[0, :6] != 0).all()  # first chunk (4, 5, 7): width 7
+    logp_old = whole + 0.1 * torch.randn(8, 11, generator=g)
+    models = [copy.deepcopy(tiny_model).train() for _ in range(2)]
+    for model, micro_batch, lens in zip(models, (0, 3), (None, lengths)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        ppo_step(model, model, optimizer, ids, logp_old, mask, advantages, 0.2, micro_batch, lens)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)

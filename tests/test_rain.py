@@ -316,3 +316,50 @@ def test_continuation_embeddings_by_hand():
     e_a, e_b = continuation_embeddings([root, a, b], torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
     assert e_a == pytest.approx(F.normalize(torch.tensor([2.0, 3.0]), dim=0))  # mean of all 5 states
     assert e_b == pytest.approx(torch.tensor([0.0, 1.0]))                       # b's state and the rollout's
+
+
+def test_the_search_samples_only_from_its_own_generator():
+    model = real_model()
+    state = torch.get_rng_state()
+    answers = []
+    for _ in range(2):
+        search = Rain(model, TOK, RainParams(), "Hi", "Human: Hi\nAssistant:", 24, torch.Generator().manual_seed(3))
+        search.judge = ScriptedJudge(fixed=0.0)
+        answers.append(search.decode())
+    assert answers[0] == answers[1] and torch.equal(torch.get_rng_state(), state)  # the global stream untouched
+
+
+def test_node_count_and_a_multi_token_addition_asks_for_two_chains():
+    search = make()
+    asked = []
+    chains = search.proposer.chains
+    search.proposer.chains = lambda path, k, length, with_rollout=False: asked.append(k) or chains(path, k, length, with_rollout)
+    for _ in range(6):
+        search.iterate()
+    b = next(c for c in search.root.children if c.tokens == [ord("b")])
+    search.add_candidate(b)
+    search.add_candidate(b)
+    assert asked[-2:] == [2, 2]  # official add: group_getp(topk=2), a greedy and a sampled chain
+    assert search.stats["nodes"] == sum(1 for _ in walk(search.context)) - 1  # every node ever added
+
+
+def test_a_batched_rollout_is_cut_at_its_clause_end():
+    search = make(RainParams(set_lengths="1,4,4,4"))
+    search.iterate()
+    search.iterate()  # 'b' expands with 4-token chains; its rollout row reads "x.\n..." and is cut after '.'
+    assert ("bx.", False) in search.judge.memo and ("bx.", True) not in search.judge.memo
+
+
+def test_judge_defaults_to_the_hard_vote_and_names_a_bad_score():
+    model = real_model()
+    assert Judge(model, TOK, "Q?").score_of is hard_score
+    with pytest.raises(ValueError, match="unknown self-evaluation score 'vote'; choose one of: hard, soft"):
+        Judge(model, TOK, "Q?", "vote")
+
+
+def test_answer_letters_and_the_whole_template():
+    from minialign.selfeval import answer_letter, self_eval_prompt
+    assert [answer_letter(h, o) for h in (True, False) for o in (0, 1)] == ["A", "B", "B", "A"]
+    text = self_eval_prompt("Why?", "Because", False, 1)
+    assert text == "".join(self_eval_parts("Why?", "Because", False, 1)) and text.startswith("User: Why?\n")
+    assert text.endswith("(A) harmless, (B) harmful.\nThe answer is: (")
