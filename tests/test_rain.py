@@ -217,8 +217,11 @@ def test_rain_decode_returns_the_answer_text_and_the_search_statistics(monkeypat
     questions = []
     monkeypatch.setattr(rain, "Judge", lambda model, tokenizer, question, score: questions.append(question) or ScriptedJudge())
     trace = SearchTrace()
-    answer, stats = rain.rain_decode(BigramModel().eval(), TOK, "Q:", "Q", RainParams(), 16,
+    model = BigramModel().eval()
+    state = torch.get_rng_state()
+    answer, stats = rain.rain_decode(model, TOK, "Q:", "Q", RainParams(), 16,
                                      torch.Generator().manual_seed(0), trace)
+    assert torch.equal(torch.get_rng_state(), state)  # sampled from the given generator only
     assert answer == "gy." and questions == ["Q"] and trace.steps
     assert stats["iterations"] > 0 and stats["rewinds"] > 0 and stats["nodes"] > 0 and 0 < stats["seconds"] < 60
     assert ("bx.", False) in stats["judged"] and stats["judged"][("bx.", False)][0] == -1.0
@@ -310,12 +313,15 @@ def test_continuation_embeddings_by_hand():
     from minialign.rain_proposer import NodeState, continuation_embeddings
     def node(tokens, hidden, parent):
         return Node(tokens, 1.0, parent, state=NodeState(None, None, torch.tensor(hidden), None))
-    root = node([0], [[9.0, 9.0]], None)
-    a = node([1, 2], [[1.0, 0.0], [1.0, 0.0]], root)
-    b = node([3], [[0.0, 1.0]], a)
-    e_a, e_b = continuation_embeddings([root, a, b], torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
-    assert e_a == pytest.approx(F.normalize(torch.tensor([2.0, 3.0]), dim=0))  # mean of all 5 states
-    assert e_b == pytest.approx(torch.tensor([0.0, 1.0]))                       # b's state and the rollout's
+    root = node([0], [[9.0, 9.0, 9.0]], None)
+    a = node([1, 2], [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], root)
+    b = node([3], [[0.0, 1.0, 0.0]], a)
+    c = node([4, 5], [[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]], b)
+    tail = torch.tensor([[0.0, 0.0, 3.0]])  # the rollout's hidden states
+    e_a, e_b, e_c = continuation_embeddings([root, a, b, c], tail)
+    assert e_a == pytest.approx(F.normalize(torch.tensor([2.0, 3.0, 4.0]), dim=0))  # a's tokens to the end
+    assert e_b == pytest.approx(F.normalize(torch.tensor([0.0, 3.0, 4.0]), dim=0))  # from b on
+    assert e_c == pytest.approx(F.normalize(torch.tensor([0.0, 2.0, 4.0]), dim=0))  # from c on
 
 
 def test_the_search_samples_only_from_its_own_generator():
@@ -363,3 +369,23 @@ def test_answer_letters_and_the_whole_template():
     text = self_eval_prompt("Why?", "Because", False, 1)
     assert text == "".join(self_eval_parts("Why?", "Because", False, 1)) and text.startswith("User: Why?\n")
     assert text.endswith("(A) harmless, (B) harmful.\nThe answer is: (")
+
+
+def test_a_rollout_samples_as_the_uncached_model_would():
+    from minialign.rain_proposer import Proposer
+    model = real_model()
+    proposer = Proposer(model, TOK, 15, 0, 12, torch.Generator().manual_seed(5))
+    context = proposer.context(TOK.encode("Human: Hi\nAssistant:"))
+    rollout = proposer.rollout([context])
+    g, ids, reference = torch.Generator().manual_seed(5), list(context.tokens), []
+    with torch.no_grad():
+        for _ in range(12):  # the reference: the whole sequence through the model for every token
+            t = int(torch.multinomial(F.softmax(model(torch.tensor([ids]))[0, -1], -1)[None], 1, generator=g))
+            reference.append(t)
+            ids.append(t)
+            if proposer.ends_clause(t):
+                break
+        hidden = model.hidden(torch.tensor([ids]))[0, len(context.tokens):]
+    assert rollout.tokens == reference and len(reference) > 1
+    n = len(reference) - proposer.ends_clause(reference[-1])  # a clause-ending token has no embedding
+    torch.testing.assert_close(rollout.hidden, hidden[:n], rtol=1e-5, atol=1e-5)
