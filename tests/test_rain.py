@@ -124,6 +124,8 @@ def test_dynamic_addition_gives_the_new_candidate_its_share():
     assert added.tokens not in [k.tokens for k in kids]
     assert added.prior == pytest.approx(0.25 / 3, abs=1e-6)  # p ~ e^-30: only the root's uniform share
     assert [k.prior for k in kids] == pytest.approx([0.75 * 0.6 + 0.125, 0.75 * 0.4 + 0.125], abs=1e-6)
+    search.add_candidate(search.root)  # one more: the counters add up
+    assert search.stats["additions"] == 2 and search.stats["nodes"] == sum(1 for _ in walk(search.context)) - 1
 
 
 @pytest.mark.parametrize("score", [1.0, -1.0])
@@ -286,14 +288,14 @@ def test_harmful_probability_by_hand():
 
 def test_an_overlong_reply_is_judged_by_its_beginning():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=V, block_size=96, n_layer=1, n_head=1, n_embd=8)).eval()
+    model = GPT(GPTConfig(vocab_size=V, block_size=160, n_layer=1, n_head=1, n_embd=8)).eval()
     j = Judge(model, TOK, "Q?", "hard")
-    room = 96 - len(j.prefix_ids)
+    room = 160 - len(j.prefix_ids)
     reply = "word " * 40
     rows = j.rows(reply, True)
     assert max(map(len, rows)) <= room
     kept = TOK.decode(rows[0]).split('..." (unfinished)')[0]
-    assert reply.startswith(kept) and len(kept) > len(reply) - 8 * ((len(reply) - len(kept)) // 8 + 1)
+    assert reply.startswith(kept) and len(kept) > 8 and (len(reply) - len(kept)) % 8 == 0  # cut 8 at a time
     longer = [TOK.encode(self_eval_parts("Q?", reply[: len(kept) + 8], False, o)[1]) for o in (0, 1)]
     assert max(map(len, longer)) > room  # 8 more characters would not fit
     assert j.rows("short", True)[0] == TOK.encode(self_eval_parts("Q?", "short", True, 0)[1])
@@ -389,3 +391,24 @@ def test_a_rollout_samples_as_the_uncached_model_would():
     assert rollout.tokens == reference and len(reference) > 1
     n = len(reference) - proposer.ends_clause(reference[-1])  # a clause-ending token has no embedding
     torch.testing.assert_close(rollout.hidden, hidden[:n], rtol=1e-5, atol=1e-5)
+
+
+def test_a_leaf_without_rollout_adds_nothing_to_its_embedding():
+    search = make()
+    search.iterate()
+    leaf = search.root.children[0]
+    rollout, children = search.rollout_and_candidates(leaf, expandable=False, needs_rollout=False)
+    assert rollout.tokens == [] and rollout.hidden.shape == (0, V) and children == []
+
+
+def test_a_batched_rollout_goes_on_alone_through_the_cache():
+    from minialign.rain_proposer import Proposer
+    model = real_model()
+    proposer = Proposer(model, TOK, 15, 0, 16, torch.Generator().manual_seed(2))
+    proposer.ends_clause = lambda token: False  # never ends: the rollout runs its 16 tokens
+    context = proposer.context(TOK.encode("Human: Hi\nAssistant:"))
+    _, rollout = proposer.chains([context], 3, 2, with_rollout=True)  # 2 tokens in the batch, 14 alone
+    assert len(rollout.tokens) == 16
+    with torch.no_grad():
+        hidden = model.hidden(torch.tensor([context.tokens + rollout.tokens]))[0, len(context.tokens):]
+    torch.testing.assert_close(rollout.hidden, hidden, rtol=1e-5, atol=1e-5)
