@@ -20,7 +20,8 @@ The RL solver (the choices, stated precisely):
 - Baseline: leave-one-out (RLOO), ``A_i = R_total_i - mean_{j != i} R_total_j`` within a prompt's group.
 - Update: ``ppo_epochs`` passes over the batch with the PPO-clipped per-token ratio
   ``pi_theta(y_t) / pi_old(y_t)``; per sequence the token terms are summed (the sequence's log-prob),
-  and sequences are averaged.
+  and sequences are averaged. Each pass accumulates gradients over micro-batches of rows sorted by
+  length, each cut to its longest row: the whole batch's step, without computing padding.
 
 The same three functions (``ctrl_reward``, ``rloo_advantages``, ``ppo_loss``) drive the exact finite
 check in the tests, where a categorical policy over a fixed response set must converge to
