@@ -149,6 +149,43 @@ def ctrl_folder(cfg: CTRLConfig) -> str:
     return f"{cfg.out_dir}/{cfg.name or 'ctrl'}"
 
 
+def rl_update(ddp, policy, reference, optimizer, rows: list[list[int]], responses: list[list[int]],
+              R: torch.Tensor, cfg: "CTRLConfig", device) -> torch.Tensor:
+    """The KL-penalised RLOO advantages of one batch of samples and ``ppo_epochs`` PPO steps on them.
+    R: (P, G) transformed rewards; rows/responses: B = P * G token lists grouped by prompt. Returns the
+    k1 sequence KL per sample (B,), in the same order."""
+    # rows sorted by length (shortest first), so each micro-batch is cut to its own longest row
+    lengths = torch.tensor([len(p) + len(r) for p, r in zip(rows, responses)])
+    order = lengths.argsort()
+    ids, mask = pad_responses([rows[i] for i in order], [responses[i] for i in order], device=device)  # (B, T), (B, T-1)
+    lengths = lengths[order]
+    try:
+        logp_old = sequence_logprobs(policy, ids, cfg.micro_batch, lengths)
+        logp_ref = sequence_logprobs(reference, ids, cfg.micro_batch, lengths)
+        kl = torch.empty(len(order), device=device)
+        kl[order.to(device)] = ((logp_old - logp_ref) * mask).sum(1)  # (B,) k1 sequence KL, in prompt order
+        advantages = rloo_advantages(R - cfg.beta * kl.view(-1, cfg.group)).flatten()  # (B,)
+        for _ in range(cfg.ppo_epochs):
+            ppo_step(ddp, policy, optimizer, ids, logp_old, mask, advantages[order.to(device)], cfg.clip,
+                     cfg.micro_batch, lengths)
+    except torch.OutOfMemoryError:
+        raise ConfigError(f"out of memory updating on {ids.size(0)} rows of {ids.size(1)} tokens; pass a "
+                          f"smaller --micro_batch (now {cfg.micro_batch or 'the whole batch'}), e.g. 16.") from None
+    return kl
+
+
+def final_evaluation(policy, reference, reward_model, tokenizer, cfg: "CTRLConfig") -> dict:
+    """The policy against pi_ref on held-out prompts: the world's, judged by the gold reward, or
+    ``--eval_data``'s, judged by r (real data has no gold reward)."""
+    if cfg.eval_data:
+        eval_prompts = load_prompts(cfg.eval_data)
+        judge = lambda ps, rs: score(reward_model, tokenizer, ps, rs)  # noqa: E731
+    else:
+        eval_prompts, judge = [p.text for p in world.eval_prompts(cfg.eval_prompts, world_seed(cfg.out_dir))], None
+    return compare_policies(policy.eval(), reference, tokenizer, eval_prompts, cfg.eval_samples, cfg.eval_n,
+                            cfg.max_new_tokens, cfg.seed, judge)
+
+
 def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
     """Run CTRL from pi_ref = out/sft with r = out/reward and the cached calibration (one process, or one
     rank under torchrun); rank 0 evaluates at the end. Returns the policy and the evaluation summary."""
@@ -162,10 +199,9 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
     reward_model, _ = load_reward(f"{cfg.out_dir}/reward")
     prompts, sorted_reference = load_calibration(f"{cfg.out_dir}/calibration")
     policy = copy.deepcopy(reference)
-    state = None
     if cfg.resume:
         load_weights(folder, policy)
-        state = load_state(folder)
+    state = load_state(folder) if cfg.resume else None
     for m in (reference, reward_model):
         m.to(device).eval().requires_grad_(False)
     policy.to(device).train()
@@ -179,7 +215,6 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
         generator.set_state(state["generator"])
         sample_gen.set_state(state["sample_generator"])
         step = state["step"]
-    stop = stop_ids(tokenizer)
     log = MetricsLog(f"{cfg.out_dir}/logs/{cfg.name or 'ctrl'}.jsonl", enabled=d.is_main)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
 
@@ -197,48 +232,26 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
         picked = [i for i in pick.tolist() for _ in range(cfg.group)]  # each prompt G times
         rows = [prompt_ids[i] for i in picked]
         policy.eval()
-        responses = generate(policy, rows, cfg.max_new_tokens, stop, temperature=1.0, generator=sample_gen,
-                             keep_stop=True)
+        responses = generate(policy, rows, cfg.max_new_tokens, stop_ids(tokenizer), temperature=1.0,
+                             generator=sample_gen, keep_stop=True)
         policy.train()
         texts = [tokenizer.decode(r) for r in responses]
         raw = score(reward_model, tokenizer, [prompts[i] for i in picked], texts).view(-1, cfg.group)  # (P, G)
         R = ctrl_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
-        # rows sorted by length (shortest first), so each micro-batch is cut to its own longest row
-        lengths = torch.tensor([len(p) + len(r) for p, r in zip(rows, responses)])
-        order = lengths.argsort()
-        ids, mask = pad_responses([rows[i] for i in order], [responses[i] for i in order], device=device)  # (B, T), (B, T-1)
-        lengths = lengths[order]
-        try:
-            logp_old = sequence_logprobs(policy, ids, cfg.micro_batch, lengths)
-            logp_ref = sequence_logprobs(reference, ids, cfg.micro_batch, lengths)
-            kl = torch.empty(len(order), device=device)
-            kl[order.to(device)] = ((logp_old - logp_ref) * mask).sum(1)  # (B,) k1 sequence KL, in prompt order
-            advantages = rloo_advantages(R.to(device) - cfg.beta * kl.view(-1, cfg.group)).flatten()  # (B,)
-            for _ in range(cfg.ppo_epochs):
-                ppo_step(ddp, policy, optimizer, ids, logp_old, mask, advantages[order.to(device)], cfg.clip,
-                         cfg.micro_batch, lengths)
-        except torch.OutOfMemoryError:
-            raise ConfigError(f"out of memory updating on {ids.size(0)} rows of {ids.size(1)} tokens; pass a "
-                              f"smaller --micro_batch (now {cfg.micro_batch or 'the whole batch'}), e.g. 16.") from None
+        kl = rl_update(ddp, policy, reference, optimizer, rows, responses, R.to(device), cfg, device)  # (B,)
         step += 1
         win = calibrated(sorted_reference[pick], raw).mean()  # mean C_hat = win rate vs pi_ref under r
         metrics = {"step": step, "reward": round(float(raw.mean()), 4), "kl": round(float(kl.mean()), 4),
                    "win_rate_r": round(float(win), 4)}
         log.write(**metrics)
+        bar.set_postfix(reward=metrics["reward"], kl=metrics["kl"], win=metrics["win_rate_r"], refresh=False)
         bar.update(1)
-        bar.set_postfix(reward=metrics["reward"], kl=metrics["kl"], win=metrics["win_rate_r"])
         if step % cfg.save_every == 0 and step < cfg.steps:
             checkpoint(metrics)
     bar.close()
     if not d.is_main:
         return policy, {}
-    if cfg.eval_data:  # real data: no gold reward, so the reward model judges
-        eval_prompts = load_prompts(cfg.eval_data)
-        judge = lambda ps, rs: score(reward_model, tokenizer, ps, rs)  # noqa: E731
-    else:
-        eval_prompts, judge = [p.text for p in world.eval_prompts(cfg.eval_prompts, world_seed(cfg.out_dir))], None
-    summary = compare_policies(policy.eval(), reference, tokenizer, eval_prompts, cfg.eval_samples, cfg.eval_n,
-                               cfg.max_new_tokens, cfg.seed, judge)
+    summary = final_evaluation(policy, reference, reward_model, tokenizer, cfg)
     log.write(step=step, final=summary)
     checkpoint(summary)
     print_summary(summary, cfg.eval_n)
