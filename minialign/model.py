@@ -181,14 +181,10 @@ class GPT(nn.Module):
         steps = torch.arange(T, device=idx.device)
         if cache is None:
             pos = steps[None]  # (1, T)
+            span = T  # known on the host: training never waits on the GPU here (nor breaks a compiled graph)
         else:
             pos = (cache.lengths if rows is None else cache.lengths[rows])[:, None] + steps  # (B, T)
-        if cache is None:
-            span = T  # known on the host: training never waits on the GPU here (nor breaks a compiled graph)
-        elif static_shapes:
-            span = cache.max_len
-        else:
-            span = int(pos.max()) + 1  # reads the lengths back from the device
+            span = cache.max_len if static_shapes else int(pos.max()) + 1  # the latter reads the device
         if span > self.config.block_size:
             raise ModelError(f"sequence of length {span} exceeds the model's context of "
                              f"{self.config.block_size} tokens; shorten the prompt or max_new_tokens.")

@@ -93,6 +93,7 @@ class Rain:
         return self.lengths[min(node.depth, len(self.lengths) - 1)]
 
     def reply_tokens(self, node: Node) -> list[int]:
+        """The answer's tokens from the prompt down to ``node``."""
         return [t for n in node.path_from(self.context)[1:] for t in n.tokens]
 
     # --- one inner iteration: Algorithm 1 -----------------------------------------------------------
@@ -107,22 +108,23 @@ class Rain:
             if self.p.dynamic and wants_addition(node, self.p.max_children, self.p.add_norm):
                 self.add_candidate(node)
             node = select_child(node, self.p.c, self.p.sibling_visits)
-        self.count_rewind(node)
-        reply = self.reply_tokens(node)
+        full = node.path_from(self.context)  # the prompt node down to the leaf
+        self.count_rewind(node, full)
+        reply = [t for n in full[1:] for t in n.tokens]
         text = self.tok.decode(reply)
         expandable = not node.terminal and len(reply) < self.max_new_tokens
         needs_rollout = not (node.terminal or (self.prompt + text).endswith(CLAUSE_END))
         # 2. Evaluate: roll out to the end of the clause, then ask the model whether the text is harmful.
         # 3. Expand: K candidate children. Both come from one call: for longer sets the rollout is one
         #    more row of the expansion's batch (it depends on no candidate), so the order is nominal.
-        rollout, children = self.rollout_and_candidates(node, expandable, needs_rollout)
+        rollout, children = self.rollout_and_candidates(full, expandable, needs_rollout)
         finished = node.terminal or bool(rollout.tokens and rollout.tokens[-1] in self.proposer.stop)
         evaluated = self.tok.decode(reply + rollout.tokens).strip()
         score = self.judge(evaluated, finished)
         if children:
             self.stats["nodes"] += len(add_children(node, children, node is self.root, self.p.root_mix))
         # 4. Backup along the path, with the similarity update (Eq. 2).
-        path = node.path_from(self.root)
+        path = full[full.index(self.root):]  # the search root down to the leaf
         shared = backup(path, score, continuation_embeddings(path, rollout.hidden), self.p.gamma,
                         self.p.sim_threshold, self.p.similarity)
         self.stats["sibling_pairs"] += shared[0]
@@ -131,9 +133,11 @@ class Rain:
         if self.trace is not None:
             self.trace.iteration(self, path, evaluated, finished, score, shared[1])
 
-    def rollout_and_candidates(self, node: Node, expandable: bool, needs_rollout: bool) -> tuple[Rollout, list[Node]]:
-        """The leaf's rollout (empty if none is needed) and, if it can grow, its K candidate children."""
-        path = node.path_from(self.context)
+    def rollout_and_candidates(self, path: list[Node], expandable: bool,
+                               needs_rollout: bool) -> tuple[Rollout, list[Node]]:
+        """The leaf's (``path[-1]``'s) rollout (empty if none is needed) and, if it can grow, its K
+        candidate children; ``path`` runs from the prompt node to the leaf."""
+        node = path[-1]
         empty = Rollout([], node.state.hidden[:0])
         if expandable and self.set_length(node) > 1:
             children, rollout = self.proposer.chains(path, self.p.candidates, self.set_length(node), needs_rollout)
@@ -153,9 +157,10 @@ class Rain:
         self.stats["nodes"] += len(added)
         self.stats["additions"] += len(added)
 
-    def count_rewind(self, leaf: Node) -> None:
-        """A rewind: this iteration's leaf is not below the previous one, so the search went back up."""
-        if self._last_leaf is not None and self._last_leaf not in leaf.path_from(self.context):
+    def count_rewind(self, leaf: Node, path: list[Node]) -> None:
+        """A rewind: this iteration's leaf is not on its path (``path``: prompt node to ``leaf``) below
+        the previous leaf, so the search went back up."""
+        if self._last_leaf is not None and self._last_leaf not in path:
             self.stats["rewinds"] += 1
         self._last_leaf = leaf
 

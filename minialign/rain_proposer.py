@@ -121,12 +121,12 @@ class Proposer:
             tokens.append(t)
             h, logits = self.step(t, cache)
             hiddens.append(h)
+        tokens, hidden = torch.stack(tokens, 1), torch.stack(hiddens, 1)  # (R, L), (R, L, C)
+        chain_logp = torch.cat(logps, 1)  # (k, L)
         rollout = None
         if with_rollout:
-            rollout = self._finish_rollout(torch.stack(tokens, 1)[k].tolist(), torch.stack(hiddens, 1)[k],
-                                           cache.select(torch.tensor([k])), logits[k:])
-        chain_tokens = torch.stack(tokens, 1)[:k].tolist()  # (k, L)
-        hidden, chain_logp = torch.stack(hiddens, 1)[:k], torch.cat(logps, 1)  # (k, L, C), (k, L)
+            rollout = self._finish_rollout(tokens[k].tolist(), hidden[k], cache.select(torch.tensor([k])), logits[k:])
+        chain_tokens = tokens[:k].tolist()  # (k, L)
         children, seen = [], set()
         for b, row in enumerate(chain_tokens):
             cut = next((i + 1 for i, t in enumerate(row) if t in self.stop), length)

@@ -397,7 +397,7 @@ def test_a_leaf_without_rollout_adds_nothing_to_its_embedding():
     search = make()
     search.iterate()
     leaf = search.root.children[0]
-    rollout, children = search.rollout_and_candidates(leaf, expandable=False, needs_rollout=False)
+    rollout, children = search.rollout_and_candidates(leaf.path_from(search.context), expandable=False, needs_rollout=False)
     assert rollout.tokens == [] and rollout.hidden.shape == (0, V) and children == []
 
 
