@@ -18,6 +18,15 @@ def test_gold_reward_orders_styles():
             assert r["refusal"] > r["off-topic"] > r["comply"]
 
 
+def test_each_generated_style_is_graded_as_itself():
+    rng = random.Random(1)
+    graded_as = {"correct": "correct", "wrong": "wrong", "refusal": "refusal", "off-topic": "other", "comply": "comply"}
+    for p in world.prompts("test"):
+        for style in world.STYLE_MIX[p.kind]:
+            assert world.graded_style(p.text, world.make_response(p, style, rng)) == graded_as[style], (p, style)
+    assert world.graded_style(world.format_prompt("What colour is the sky?"), "It is blue. It is red.") == "wrong"
+
+
 def test_heldout_prompts_never_occur_in_training_data():
     train = {p.question for p in world.prompts("train")}
     test = world.prompts("test")

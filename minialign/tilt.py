@@ -1,0 +1,113 @@
+"""The exact tilted optimum on an empirical support: what CTRL should reach, computed without RL.
+
+RLHF with reward R has the optimum pi*(y|x) ∝ pi_ref(y|x) exp(R(x, y) / beta) (InfAlign, and the
+spec's "exact finite check"). Take K samples of pi_ref for a prompt as its support, each of mass 1/K:
+the optimum is then a softmax over those samples, and every quantity InfAlign compares is a finite
+sum, exact, with no sampling noise:
+
+    weights  w_k = softmax_k(Phi(C_hat_k) / beta)                       (P, K)
+    KL       sum_k w_k log(K w_k)
+    win rate W(T(pi) > T(pi_ref)) with T = sample, BoN_N or WoN_N applied to both sides, ties 1/2.
+
+Two rewards play separate parts, and InfAlign's theorem is about them being the same one:
+
+- the *selector* s: the reward the policy is aligned to (its C_hat, transformed) and the one BoN_N /
+  WoN_N pick by;
+- the *judge* j: the reward the win rate is measured with.
+
+The paper's view is (r, r): the reward model selects and judges. (gold, gold) is the same theory with
+a perfect reward model, and (r, gold) is a deployment graded by the truth. ``python -m
+minialign.experiments tilt`` tabulates all three.
+
+C_hat is each sample's quantile among the support itself (``ctrl.ctrl_reward`` against the support's
+own sorted rewards): the calibration of the empirical pi_ref, never exactly 0 with ties counted half.
+"""
+import math
+
+import torch
+
+from .ctrl import ctrl_reward
+
+PROCEDURES = ("sample", "bon", "won")
+
+
+def transformed(transform: str, t: float, selector: torch.Tensor) -> torch.Tensor:
+    """Phi(C_hat) of each support sample (P, K), C_hat taken against the support itself; raw = s."""
+    s = selector.double()
+    return ctrl_reward(transform, t, s, s.sort(dim=1).values).double()
+
+
+def tilt(phi: torch.Tensor, inverse_beta: float) -> torch.Tensor:
+    """The RLHF optimum on the support: w ∝ (1/K) exp(Phi / beta), per prompt. (P, K) -> (P, K)."""
+    return torch.softmax(phi * inverse_beta, dim=1)
+
+
+def kl_to_reference(weights: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) per prompt for pi_ref uniform over the K support samples. (P, K) -> (P,)."""
+    K = weights.size(1)
+    return torch.xlogy(weights, weights * K).sum(1)  # 0 log 0 = 0
+
+
+def _mass_below(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each support sample k: the mass of samples with a value < v_k and with a value <= v_k. (P, K) each."""
+    order = values.argsort(dim=1)
+    sorted_values = values.gather(1, order)
+    cumulative = torch.nn.functional.pad(weights.gather(1, order).cumsum(1), (1, 0))  # (P, K + 1), starts at 0
+    less = cumulative.gather(1, torch.searchsorted(sorted_values, values, side="left"))
+    not_greater = cumulative.gather(1, torch.searchsorted(sorted_values, values, side="right"))
+    return less, not_greater
+
+
+def pick_distribution(weights: torch.Tensor, selector: torch.Tensor, procedure: str, n: int) -> torch.Tensor:
+    """P(T returns support sample k) when T draws n samples from ``weights`` and keeps the one with the
+    highest (bon) or lowest (won) selector reward, a tie broken uniformly at random. (P, K) -> (P, K).
+
+    The kept value v has P = G(v)^n - G(v-)^n for bon (G the selector's CDF under the weights), and
+    1 - (1 - G)^n likewise for won; among samples with the same value, each is kept in proportion to
+    its own weight."""
+    if procedure == "sample":
+        return weights
+    less, not_greater = _mass_below(selector, weights)
+    if procedure == "bon":
+        value_mass = not_greater ** n - less ** n
+    elif procedure == "won":
+        value_mass = (1 - less) ** n - (1 - not_greater) ** n
+    else:
+        raise ValueError(f"unknown procedure {procedure!r}: {', '.join(PROCEDURES)}")
+    tied = not_greater - less  # the weight of all samples that share v_k's value
+    return torch.where(tied > 0, weights / tied.clamp_min(1e-300) * value_mass, torch.zeros_like(weights))
+
+
+def win_rate(policy_pick: torch.Tensor, reference_pick: torch.Tensor, judge: torch.Tensor) -> torch.Tensor:
+    """W(a > b) = P(j(a) > j(b)) + 1/2 P(j(a) = j(b)) for a ~ policy_pick, b ~ reference_pick over one
+    support per prompt. (P, K) each -> (P,)."""
+    less, not_greater = _mass_below(judge, reference_pick)
+    return (policy_pick * (less + 0.5 * (not_greater - less))).sum(1)
+
+
+def readout(phi: torch.Tensor, inverse_beta: float, selector: torch.Tensor, judge: torch.Tensor, n: int) -> dict:
+    """Mean over prompts of KL and the standard, BoN_n and WoN_n win rates of the tilted policy, each
+    with its standard error across prompts (``<key>_se``)."""
+    w = tilt(phi, inverse_beta)
+    uniform = torch.full_like(w, 1.0 / w.size(1))
+    per_prompt = {"kl": kl_to_reference(w)}
+    for label, procedure in (("win_rate", "sample"), ("bon", "bon"), ("won", "won")):
+        per_prompt[label] = win_rate(pick_distribution(w, selector, procedure, n),
+                                     pick_distribution(uniform, selector, procedure, n), judge)
+    out = {}
+    for key, values in per_prompt.items():
+        out[key] = float(values.mean())
+        out[key + "_se"] = float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
+    return out
+
+
+def inverse_beta_at_kl(phi: torch.Tensor, target: float, low: float = 1e-4, high: float = 1e6) -> float:
+    """The 1/beta whose optimum has mean KL ``target``: bisection on log(1/beta), since the KL of a
+    tilt grows monotonically with 1/beta. Infinite (math.inf) past the largest KL the support allows."""
+    mean_kl = lambda lam: float(kl_to_reference(tilt(phi, lam)).mean())  # noqa: E731
+    if mean_kl(high) < target:
+        return math.inf
+    for _ in range(80):
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if mean_kl(middle) < target else (low, middle)
+    return math.sqrt(low * high)

@@ -1,0 +1,72 @@
+"""The tilt experiment's pieces: agreement with gold, rewards of controlled quality, the per-prompt
+scale, and the tables, on synthetic supports with known answers."""
+import math
+
+import pytest
+import torch
+
+from minialign import tilt
+from minialign.experiments import (TILT_TRANSFORMS, TILT_VIEWS, noisy_gold, phi_of, reward_quality_rows,
+                                   style_agreement, tilt_markdown, tilt_rows)
+
+
+def synthetic_support(prompts=12, k=16, seed=0) -> dict:
+    """Two styles per prompt 0.5 apart, small distinct within-style gold terms, r = a noisy gold."""
+    g = torch.Generator().manual_seed(seed)
+    style_id = torch.randint(0, 2, (prompts, k), generator=g)
+    gold = 0.5 * style_id + 0.01 * torch.randn(prompts, k, generator=g, dtype=torch.float64)
+    styles = [["good" if s else "bad" for s in row] for row in style_id.tolist()]
+    r = gold + 0.3 * torch.randn(prompts, k, generator=g, dtype=torch.float64)
+    return {"r": r, "gold": gold, "styles": styles}
+
+
+def test_style_agreement_hand_case():
+    gold = torch.tensor([[0.0, 0.1, 1.0]])
+    styles = [["a", "a", "b"]]
+    # within: the one pair (0, 1); between: (0, 2) and (1, 2)
+    assert style_agreement(gold, gold, styles) == {"within": 1.0, "between": 1.0}
+    flipped = torch.tensor([[0.1, 0.0, 1.0]])  # the within pair reversed, the between pairs kept
+    assert style_agreement(flipped, gold, styles) == {"within": 0.0, "between": 1.0}
+    tied = torch.tensor([[0.0, 0.0, -1.0]])  # a within tie counts half; both between pairs reversed
+    assert style_agreement(tied, gold, styles) == {"within": 0.5, "between": 0.0}
+
+
+def test_between_style_noise_keeps_each_style_in_order_and_within_noise_reorders_it():
+    s = synthetic_support()
+    shifted = noisy_gold(s["gold"], s["styles"], within=0.0, between=1.0, seed=0)
+    agreement = style_agreement(shifted, s["gold"], s["styles"])
+    assert agreement["within"] == 1.0 and agreement["between"] < 0.9
+    noisy = noisy_gold(s["gold"], s["styles"], within=1.0, between=0.0, seed=0)
+    assert style_agreement(noisy, s["gold"], s["styles"])["within"] < 0.7
+    assert torch.equal(noisy_gold(s["gold"], s["styles"], 0.0, 0.0, seed=3), s["gold"])
+
+
+def test_a_per_prompt_scale_changes_raw_and_no_calibrated_transform():
+    s = synthetic_support()["r"]
+    raw, scaled = phi_of("raw", 0.0, s), phi_of("raw, scaled", 0.0, s)
+    ratio = scaled / raw
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio))  # one positive factor per prompt
+    assert (ratio[:, 0] > 0).all() and ratio[:, 0].std() > 0.2
+    lam = tilt.inverse_beta_at_kl(raw, 0.5)
+    assert not torch.allclose(tilt.tilt(raw, lam), tilt.tilt(scaled, lam))
+    for transform, t in (("identity", 0.0), ("log", 0.0), ("exp", 4.0)):  # C_hat ignores the scale
+        assert torch.equal(phi_of(transform, t, s), phi_of(transform, t, s * ratio))
+
+
+def test_tilt_rows_cover_every_view_and_transform_at_their_kl():
+    support = synthetic_support()
+    rows = tilt_rows(support, n=4, kls=(0.1, 0.3))
+    assert len(rows) == len(TILT_VIEWS) * len(TILT_TRANSFORMS) * 2
+    for row in rows:
+        assert row["kl"] == pytest.approx(row["target_kl"], abs=1e-6)
+        assert 0.5 < row["bon"] < 1 and 0.5 < row["won"] < 1 or row["judge"] != row["selector"]
+    table = tilt_markdown(rows, 4)
+    assert table.count("| exp(+4) |") == len(TILT_VIEWS) and "BoN_4 @ KL 0.3" in table
+
+
+def test_reward_quality_rows_start_from_the_perfect_reward():
+    rows = reward_quality_rows(synthetic_support(), n=4, seeds=(0,))
+    perfect = next(r for r in rows if r["reward"].startswith("gold + noise (0 within, 0 between)"))
+    assert perfect["within"] == 1.0 and perfect["between"] == 1.0
+    # with r = gold, the calibrated exp(+4) optimum beats raw at best-of-4 (the paper's ordering)
+    assert perfect["bon_exp(+4)"] > perfect["bon_raw"] and not math.isnan(rows[0]["bon_raw"])
