@@ -107,12 +107,14 @@ def ppo_step(model, policy, optimizer, ids, logp_old, mask, advantages, clip: fl
 
 
 def print_summary(metrics: dict, n: int) -> None:
-    """The CTRL policy against pi_ref (judged by the gold reward on the world, by r on real data)."""
-    print("\nCTRL policy vs pi_ref on held-out prompts:")
-    rows = [("standard win rate", "win_rate"), (f"BoN_{n} inference-time win rate", f"bon{n}"),
-            (f"WoN_{n} inference-time win rate", f"won{n}")]
-    for label, key in rows:
-        print(f"  {label:32s} {metrics[key]:.3f} ± {metrics[key + '_se']:.3f}")
+    """The CTRL policy against pi_ref, BoN/WoN picked by r, judged by r and (on the world) by gold."""
+    judges = [j for j in ("r", "gold") if f"win_rate_{j}" in metrics]
+    print("\nCTRL policy vs pi_ref on held-out prompts (BoN/WoN pick by r):")
+    print(f"  {'judged by':32s} " + "".join(f"{j:>16s}" for j in judges))
+    for label, key in (("standard win rate", "win_rate"), (f"BoN_{n} inference-time win rate", f"bon{n}"),
+                       (f"WoN_{n} inference-time win rate", f"won{n}")):
+        print(f"  {label:32s} " + "".join(f"{metrics[f'{key}_{j}']:>9.3f} ± {metrics[f'{key}_{j}_se']:.3f}"
+                                           for j in judges))
     for label, key in (("KL(pi || pi_ref), nats", "kl"), ("harm rate (harmful prompts)", "harm_rate"),
                        ("attack success (attacked prompts)", "attack_success"), ("help rate (benign prompts)", "help_rate")):
         if key in metrics:  # harm and help rates exist on world prompts only
@@ -175,15 +177,14 @@ def rl_update(ddp, policy, reference, optimizer, rows: list[list[int]], response
 
 
 def final_evaluation(policy, reference, reward_model, tokenizer, cfg: "CTRLConfig") -> dict:
-    """The policy against pi_ref on held-out prompts: the world's, judged by the gold reward, or
-    ``--eval_data``'s, judged by r (real data has no gold reward)."""
+    """The policy against pi_ref on held-out prompts: the world's, judged by r and by the gold reward,
+    or ``--eval_data``'s, judged by r alone (real data has no gold reward)."""
     if cfg.eval_data:
         eval_prompts = load_prompts(cfg.eval_data)
-        judge = lambda ps, rs: score(reward_model, tokenizer, ps, rs)  # noqa: E731
     else:
-        eval_prompts, judge = [p.text for p in world.eval_prompts(cfg.eval_prompts, world_seed(cfg.out_dir))], None
+        eval_prompts = [p.text for p in world.eval_prompts(cfg.eval_prompts, world_seed(cfg.out_dir))]
     return compare_policies(policy.eval(), reference, tokenizer, eval_prompts, cfg.eval_samples, cfg.eval_n,
-                            cfg.max_new_tokens, cfg.seed, judge)
+                            lambda ps, rs: score(reward_model, tokenizer, ps, rs), cfg.max_new_tokens, cfg.seed)
 
 
 def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:

@@ -35,45 +35,78 @@ def world_rates(prompts: list[world.Prompt], responses: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Win rates (InfAlign): ties count one half.
+# Win rates (InfAlign), exact over a finite support: ties count one half, T picks by a selector reward.
 
-def win_rate(a: torch.Tensor, b: torch.Tensor) -> float:
-    """W(a > b) over all pairs of two samples of rewards: P(a > b) + 0.5 * P(a = b)."""
-    a, b = a.flatten()[:, None], b.flatten()[None, :]
-    return float(((a > b).double() + 0.5 * (a == b).double()).mean())
+PROCEDURES = ("sample", "bon", "won")
 
 
-def transformed_cdf(values: torch.Tensor, samples: torch.Tensor, procedure: str, n: int) -> torch.Tensor:
-    """CDF at ``values`` of the reward picked by ``procedure`` from n draws of the empirical distribution
-    of ``samples``: plain sampling F, best-of-n F^n, worst-of-n 1 - (1 - F)^n."""
-    F = torch.searchsorted(samples.sort().values, values, side="right").double() / len(samples)
+def _mass_below(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each support sample k: the mass of samples with a value < v_k and with a value <= v_k. (P, K) each."""
+    order = values.argsort(dim=1)
+    sorted_values = values.gather(1, order)
+    cumulative = torch.nn.functional.pad(weights.gather(1, order).cumsum(1), (1, 0))  # (P, K + 1), starts at 0
+    less = cumulative.gather(1, torch.searchsorted(sorted_values, values, side="left"))
+    not_greater = cumulative.gather(1, torch.searchsorted(sorted_values, values, side="right"))
+    return less, not_greater
+
+
+def pick_distribution(weights: torch.Tensor, selector: torch.Tensor, procedure: str, n: int) -> torch.Tensor:
+    """P(T returns support sample k) when T draws n samples from ``weights`` and keeps the one with the
+    highest (bon) or lowest (won) selector reward, a tie broken uniformly at random. (P, K) -> (P, K).
+
+    The kept value v has P = G(v)^n - G(v-)^n for bon (G the selector's CDF under the weights), and
+    1 - (1 - G)^n likewise for won; among samples with the same value, each is kept in proportion to
+    its own weight."""
     if procedure == "sample":
-        return F
+        return weights
+    less, not_greater = _mass_below(selector, weights)
     if procedure == "bon":
-        return F ** n
-    if procedure == "won":
-        return 1 - (1 - F) ** n
-    raise ValueError(f"unknown procedure {procedure!r}: sample, bon or won")
+        value_mass = not_greater ** n - less ** n
+    elif procedure == "won":
+        value_mass = (1 - less) ** n - (1 - not_greater) ** n
+    else:
+        raise ValueError(f"unknown procedure {procedure!r}: {', '.join(PROCEDURES)}")
+    tied = not_greater - less  # the weight of all samples that share v_k's value
+    return torch.where(tied > 0, weights / tied.clamp_min(1e-300) * value_mass, torch.zeros_like(weights))
 
 
-def inference_time_win_rate(policy: torch.Tensor, reference: torch.Tensor, procedure: str = "sample",
-                            n: int = 1) -> tuple[float, float]:
-    """Mean over prompts of W(T(pi) > T(pi_ref) | x), and its standard error across prompts.
+def win_rate(policy_pick: torch.Tensor, reference_pick: torch.Tensor, judge: torch.Tensor) -> torch.Tensor:
+    """W(a > b) = P(j(a) > j(b)) + 1/2 P(j(a) = j(b)) for a ~ policy_pick, b ~ reference_pick over one
+    support per prompt. (P, K) each -> (P,)."""
+    less, not_greater = _mass_below(judge, reference_pick)
+    return (policy_pick * (less + 0.5 * (not_greater - less))).sum(1)
 
-    ``policy`` and ``reference`` are rewards (P, M) of M samples per prompt. T(pi) draws n samples with
-    replacement from each prompt's empirical distribution (exact, no Monte Carlo over groups), so at
-    pi = pi_ref the win rate is exactly 1/2.
-    """
-    rates = []
-    for x, z in zip(policy, reference):
-        support = torch.cat([x, z]).unique()  # sorted
-        below = torch.cat([support.new_tensor([float("-inf")]), support[:-1]])
-        Gx, Gz = transformed_cdf(support, x, procedure, n), transformed_cdf(support, z, procedure, n)
-        px = Gx - transformed_cdf(below, x, procedure, n)  # P(T(pi) picks reward v), v over the support
-        Gz_below = transformed_cdf(below, z, procedure, n)
-        rates.append(float((px * (Gz_below + 0.5 * (Gz - Gz_below))).sum()))
-    r = torch.tensor(rates, dtype=torch.float64)
-    return float(r.mean()), float(r.std() / len(r) ** 0.5) if len(r) > 1 else 0.0
+
+def win_rates(policy: torch.Tensor, reference: torch.Tensor, selector: torch.Tensor, judge: torch.Tensor,
+              n: int) -> dict:
+    """Per-prompt standard, BoN_n and WoN_n win rates of the ``policy`` weights against the ``reference``
+    weights over one support, T picking by ``selector`` and the win judged by ``judge``. (P, K) -> (P,) each."""
+    return {label: win_rate(pick_distribution(policy, selector, procedure, n),
+                            pick_distribution(reference, selector, procedure, n), judge)
+            for label, procedure in (("win_rate", "sample"), ("bon", "bon"), ("won", "won"))}
+
+
+def mean_and_se(per_prompt: dict) -> dict:
+    """Each per-prompt value's mean over prompts, and its standard error as ``<key>_se``."""
+    out = {}
+    for key, values in per_prompt.items():
+        out[key] = float(values.mean())
+        out[key + "_se"] = float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
+    return out
+
+
+def sampled_win_rates(policy: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor],
+                      n: int) -> dict:
+    """Standard, BoN_n and WoN_n win rates (mean over prompts, ± SE as ``<key>_se``) of a policy known
+    by its samples: ``policy`` and ``reference`` are the (selector, judge) rewards of M and K samples
+    per prompt, (P, M) and (P, K). Both sample sets form one support; each side puts its mass uniformly
+    on its own samples, so T(pi) draws n of pi's samples with replacement and the rates are exact for
+    the empirical distributions (no Monte Carlo over groups): at pi = pi_ref they are exactly 1/2."""
+    (ps, pj), (rs, rj) = ((s.double(), j.double()) for s, j in (policy, reference))  # exact sums in float64
+    M, K = ps.size(1), rs.size(1)
+    on_policy = torch.cat([torch.full_like(ps, 1.0 / M), torch.zeros_like(rs)], 1)  # (P, M + K)
+    on_reference = torch.cat([torch.zeros_like(ps), torch.full_like(rs, 1.0 / K)], 1)
+    return mean_and_se(win_rates(on_policy, on_reference, torch.cat([ps, rs], 1), torch.cat([pj, rj], 1), n))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,43 +141,64 @@ def self_eval_accuracy(model, tokenizer, prompts: list[world.Prompt], responses:
 
 
 @torch.no_grad()
-def compare_policies(policy, reference, tokenizer, prompts: list[str], samples: int, n: int,
-                     max_new_tokens: int = 128, seed: int = 0, judge=None) -> dict:
-    """The InfAlign readout of a policy against pi_ref.
-
-    Draws ``samples`` responses per prompt from each policy and reports the standard, BoN_n and WoN_n
-    inference-time win rates (with standard errors across prompts), judged by ``judge(prompts,
-    responses) -> rewards`` (default: the world's gold reward; on real data, the reward model), and
-    KL(pi || pi_ref) estimated from the policy's samples (mean sequence log-ratio). On world prompts
-    it adds the policy's harm and help rates.
-    """
-    judge = judge or (lambda ps, rs: torch.tensor([world.gold_reward(p, r) for p, r in zip(ps, rs)]))
-    device = policy.lm_head.weight.device
+def sample_responses(model, tokenizer, prompts: list[str], samples: int, max_new_tokens: int, seed: int,
+                     reference=None) -> tuple[list[str], torch.Tensor | None]:
+    """``samples`` responses per prompt at temperature 1 (prompt-major texts) and, given a reference
+    policy, each one's sequence log-ratio log pi(y|x) - log pi_ref(y|x) (N,): its mean estimates
+    KL(pi || pi_ref) from the policy's own samples."""
+    device = model.lm_head.weight.device
     stop = stop_ids(tokenizer)
     rows = [tokenizer.encode(p) for p in prompts for _ in range(samples)]
-    expanded = [p for p in prompts for _ in range(samples)]
-    rewards, kl, out = {}, [], {}
-    for name, model in (("policy", policy), ("reference", reference)):
-        g = torch.Generator(device).manual_seed(seed + 7)
-        responses = []
+    g = torch.Generator(device).manual_seed(seed)
+    responses = []
+    for i in range(0, len(rows), 256):
+        responses += generate(model, rows[i: i + 256], max_new_tokens, stop, temperature=1.0, generator=g, keep_stop=True)
+    log_ratio = None
+    if reference is not None:
+        parts = []
         for i in range(0, len(rows), 256):
-            responses += generate(model, rows[i: i + 256], max_new_tokens, stop, temperature=1.0, generator=g,
-                                  keep_stop=True)
-        texts = [tokenizer.decode(r).strip() for r in responses]
-        rewards[name] = judge(expanded, texts).view(len(prompts), -1)
+            ids, mask = pad_responses(rows[i: i + 256], responses[i: i + 256], device=device)
+            logp = sequence_logprobs(model, ids, 32) - sequence_logprobs(reference, ids, 32)  # (rows, T-1)
+            parts.append((logp * mask).sum(1).cpu())
+        log_ratio = torch.cat(parts)
+    return [tokenizer.decode(r).strip() for r in responses], log_ratio
+
+
+@torch.no_grad()
+def compare_policies(policy, reference, tokenizer, prompts: list[str], samples: int, n: int, reward,
+                     max_new_tokens: int = 128, seed: int = 0) -> dict:
+    """The InfAlign readout of a policy against pi_ref, by both judges.
+
+    Draws ``samples`` responses per prompt from each policy, scores them with ``reward(prompts,
+    responses) -> r`` and, on world prompts, the gold reward. BoN_n and WoN_n pick by r, as deployed;
+    the standard, BoN_n and WoN_n inference-time win rates are then judged by r (``<key>_r``, the
+    paper's view, in which its theory is stated) and by gold (``<key>_gold``, the truth), each with a
+    standard error across prompts. KL(pi || pi_ref) is estimated from the policy's samples (mean
+    sequence log-ratio). On world prompts it adds the policy's harm and help rates.
+    """
+    expanded = [p for p in prompts for _ in range(samples)]
+    judged, out = {}, {}
+    for name, model in (("policy", policy), ("reference", reference)):
+        texts, log_ratio = sample_responses(model, tokenizer, prompts, samples, max_new_tokens, seed + 7,
+                                            reference if name == "policy" else None)
+        judged[name] = {"r": reward(expanded, texts).double().view(len(prompts), -1)}
+        try:
+            prompts_of = [world.parse_prompt(p) for p in expanded]
+        except ValueError:
+            prompts_of = None  # not world prompts: no gold reward, no gold rules
+        if prompts_of is not None:
+            gold = [world.gold_reward(p, t) for p, t in zip(expanded, texts)]
+            judged[name]["gold"] = torch.tensor(gold, dtype=torch.float64).view(len(prompts), -1)
         if name == "policy":
-            try:
-                rates = world_rates([world.parse_prompt(p) for p in expanded], texts)
+            out["kl"] = float(log_ratio.mean())
+            if prompts_of is not None:
+                rates = world_rates(prompts_of, texts)
                 out.update({k: rates[k] for k in ("harm_rate", "attack_success", "help_rate", "gold_reward")})
-            except ValueError:
-                pass  # not world prompts: no gold rules to apply
-            for i in range(0, len(rows), 256):
-                ids, mask = pad_responses(rows[i: i + 256], responses[i: i + 256], device=device)
-                logp = sequence_logprobs(policy, ids, 32) - sequence_logprobs(reference, ids, 32)  # (rows, T-1)
-                kl.append((logp * mask).sum(1).cpu())
-    out["kl"] = float(torch.cat(kl).mean())
-    for label, procedure, k in (("win_rate", "sample", 1), (f"bon{n}", "bon", n), (f"won{n}", "won", n)):
-        out[label], out[label + "_se"] = inference_time_win_rate(rewards["policy"], rewards["reference"], procedure, k)
+    for by in judged["policy"]:  # "r", then "gold" where there is one
+        rates = sampled_win_rates((judged["policy"]["r"], judged["policy"][by]),
+                                  (judged["reference"]["r"], judged["reference"][by]), n)
+        for key, label in (("win_rate", "win_rate"), ("bon", f"bon{n}"), ("won", f"won{n}")):
+            out[f"{label}_{by}"], out[f"{label}_{by}_se"] = rates[key], rates[key + "_se"]
     return {k: round(v, 4) for k, v in out.items()}
 
 

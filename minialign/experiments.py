@@ -3,7 +3,8 @@ RAIN evaluation and ablation.
 
     python -m minialign.experiments sft             # pi_ref greedy and sampled, and its self-evaluation -> out/sft.md
     python -m minialign.experiments infalign        # CTRL transforms x beta sweep -> out/infalign.{csv,md,png}
-    python -m minialign.experiments tilt            # the exact optimum of each transform -> out/tilt.{csv,md,png}
+    python -m minialign.experiments tilt            # the exact optimum of each transform -> out/tilt.{csv,md,png},
+                                                    #   out/tilt_reward_quality.md, out/tilt_trained.md (CTRL vs its optimum)
     python -m minialign.experiments rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
     python -m minialign.experiments rain-ablation   # full RAIN, no similarity update, no dynamic addition, c = 0
     python -m minialign.experiments bon             # BoN_N / WoN_N of pi_ref by the reward model -> out/bon.md
@@ -24,7 +25,7 @@ from .checkpoint import atomic_write_text, load_model, world_seed
 from .config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
 from .calibrate import calibrated, load_calibration
 from .ctrl import CTRLConfig, train_ctrl
-from .evaluate import rain_markdown, rain_table, self_eval_accuracy, world_rates
+from .evaluate import rain_markdown, rain_table, sample_responses, sampled_win_rates, self_eval_accuracy, world_rates
 from .rain import RainParams
 from .reward_model import load_reward, score
 from .sampling import complete
@@ -142,12 +143,12 @@ def infalign_sweep(cfg: "ExperimentConfig") -> list[dict]:
                               seed=cfg.seed, device=cfg.device)
             rows.append({"transform": transform, "t": t, "beta": beta, **train_ctrl(ctrl)[1]})
     write_csv(rows, f"{cfg.out_dir}/infalign.csv")
-    lines = ["| transform | beta | KL | win rate | BoN_4 win rate | WoN_4 win rate | harm rate | help rate |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| transform | beta | KL | BoN_4 (r) | WoN_4 (r) | win rate (gold) | BoN_4 (gold) | WoN_4 (gold) "
+             "| harm rate | help rate |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        label = r["transform"] + (f"({r['t']:+g})" if r["transform"] == "exp" else "")
-        lines.append(f"| {label} | {r['beta']:g} | {r['kl']:.2f} | {r['win_rate']:.3f} ± {r['win_rate_se']:.3f} | "
-                     f"{r['bon4']:.3f} ± {r['bon4_se']:.3f} | {r['won4']:.3f} ± {r['won4_se']:.3f} | "
+        cell = lambda key: f"{r[key]:.3f} ± {r[key + '_se']:.3f}"  # noqa: E731
+        lines.append(f"| {transform_label(r['transform'], r['t'])} | {r['beta']:g} | {r['kl']:.2f} | {cell('bon4_r')} | "
+                     f"{cell('won4_r')} | {cell('win_rate_gold')} | {cell('bon4_gold')} | {cell('won4_gold')} | "
                      f"{r['harm_rate']:.3f} | {r['help_rate']:.3f} |")
     atomic_write_text(f"{cfg.out_dir}/infalign.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -169,7 +170,7 @@ def plot_sweep(rows: list[dict], path: str) -> None:
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, title in ((axes[0], "bon4", "best-of-4"), (axes[1], "won4", "worst-of-4")):
+    for ax, key, title in ((axes[0], "bon4_gold", "best-of-4"), (axes[1], "won4_gold", "worst-of-4")):
         for (transform, t) in SWEEP:
             pts = sorted((r["kl"], r[key], r[key + "_se"]) for r in rows if r["transform"] == transform and r["t"] == t)
             label = transform + (f"(t={t:+g})" if transform == "exp" else "")
@@ -178,7 +179,7 @@ def plot_sweep(rows: list[dict], path: str) -> None:
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("KL(pi || pi_ref), nats")
         ax.set_ylabel(f"{title} inference-time win rate vs pi_ref")
-        ax.set_title(f"{title} (gold reward, held-out prompts)")
+        ax.set_title(f"{title} (picked by r, judged by gold, held-out prompts)")
         ax.legend(fontsize=8)
     save_figure(fig, path)
 
@@ -362,6 +363,44 @@ def reward_quality_markdown(rows: list[dict], n: int, kl: float = 0.5) -> str:
     return f"Exact optima at KL {kl:g}, judged by gold:\n\n" + "\n".join(lines)
 
 
+def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts: list[world.Prompt], support: dict,
+                            ctrl: dict, n: int, seed: int) -> list[dict]:
+    """A trained CTRL policy beside the exact optimum of its own (transform, beta) on the held-out support,
+    and beside the optimum at the KL it actually reached: KL and win rates against pi_ref, selected by
+    r and judged by r (the paper's view) and by gold. The policy is sampled as often as the support."""
+    k = support["r"].size(1)
+    texts = [p.text for p in prompts for _ in range(k)]
+    responses, log_ratio = sample_responses(policy, tokenizer, [p.text for p in prompts], k, 128, seed + 11, reference)
+    r = score(reward_model, tokenizer, texts, responses).double().view(len(prompts), k)
+    gold = torch.tensor([world.gold_reward(t, y) for t, y in zip(texts, responses)], dtype=torch.float64).view_as(r)
+    phi = phi_of(ctrl["transform"], ctrl["t"], support["r"])
+    kl = float(log_ratio.mean())
+    points = [("trained", None), (f"optimum at beta {ctrl['beta']:g}", 1 / ctrl["beta"]),
+              (f"optimum at KL {kl:.2f}", tilt.inverse_beta_at_kl(phi, kl))]
+    rows = []
+    for label, lam in points:
+        row = {"point": label, "kl": kl if lam is None else float(tilt.kl_to_reference(tilt.tilt(phi, lam)).mean())}
+        for judge, judged in (("r", r), ("gold", gold)):
+            exact = (sampled_win_rates((r, judged), (support["r"], support[judge]), n) if lam is None
+                     else tilt.readout(phi, lam, support["r"], support[judge], n))
+            row.update({f"{key}_{judge}": exact[key] for key in ("win_rate", "bon", "won")})
+            row.update({f"{key}_{judge}_se": exact[key + "_se"] for key in ("win_rate", "bon", "won")})
+        rows.append(row)
+    return rows
+
+
+def trained_markdown(rows: list[dict], ctrl: dict, n: int) -> str:
+    label = transform_label(ctrl["transform"], ctrl["t"])
+    lines = [f"CTRL {label}, beta {ctrl['beta']:g}, {ctrl['steps']} steps, against its exact optima (selected by r):", "",
+             f"| {label} | KL | win rate (r) | BoN_{n} (r) | WoN_{n} (r) | win rate (gold) | BoN_{n} (gold) | WoN_{n} (gold) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [f"{row[f'{key}_{judge}']:.3f} ± {row[f'{key}_{judge}_se']:.3f}"
+                 for judge in ("r", "gold") for key in ("win_rate", "bon", "won")]
+        lines.append(f"| {row['point']} | {row['kl']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def exact_tilt(model, reward_model, tokenizer, prompts: list[world.Prompt], cfg: "ExperimentConfig") -> list[dict]:
     """The ``tilt`` experiment: out/tilt.{csv,md,png}."""
     support = tilt_support(model, reward_model, tokenizer, prompts, cfg.k, cfg.seed)
@@ -374,6 +413,16 @@ def exact_tilt(model, reward_model, tokenizer, prompts: list[world.Prompt], cfg:
     quality = reward_quality_markdown(reward_quality_rows(support, cfg.n), cfg.n)
     atomic_write_text(f"{cfg.out_dir}/tilt_reward_quality.md", quality + "\n")
     print(quality)
+    tables = []
+    for name in filter(None, cfg.ctrl.split(",")):
+        policy, meta = load_model(f"{cfg.out_dir}/{name}", "python train.py --stage ctrl, or pass --ctrl ''")
+        policy.to(model.lm_head.weight.device).eval()
+        trained = trained_against_optimum(policy, model, reward_model, tokenizer, prompts, support, meta["config"],
+                                          cfg.n, cfg.seed)
+        tables.append(trained_markdown(trained, meta["config"], cfg.n))
+    if tables:
+        atomic_write_text(f"{cfg.out_dir}/tilt_trained.md", "\n\n".join(tables) + "\n")
+        print("\n\n".join(tables))
     return rows
 
 
@@ -389,6 +438,7 @@ class ExperimentConfig:
     eval_samples: int = arg(8, "infalign: samples per prompt and policy")
     k: int = arg(32, "tilt: pi_ref samples per held-out prompt (the support of the exact optimum)")
     n: int = arg(4, "tilt: N of best-of-N and worst-of-N")
+    ctrl: str = arg("ctrl", "tilt: CTRL checkpoints under out_dir (comma-separated) to set beside their exact optima; '' = none")
     device: str = arg("auto", "auto, cpu or cuda")
 
 

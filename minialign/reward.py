@@ -17,7 +17,7 @@ from .checkpoint import load_meta, load_model, load_state, save, world_seed
 from .config import arg
 from .data import load_pairs, split_transcript
 from .distributed import setup, shard, wait_for_rank0, wrap
-from .model import from_pretrained
+from .model import from_pretrained, row_chunks
 from .reward_model import RewardModel, encode_batch, load_reward, score
 from .tokenizer import check_pairing, get_tokenizer
 from .training import (MetricsLog, announce_precision, autocast, cosine_lr, make_optimizer, pick_device,
@@ -61,8 +61,10 @@ class RewardConfig:
     data: str = arg("", "HH-format JSONL of preference pairs; '' = world pairs")
     n_pairs: int = arg(8000, "world training pairs")
     label_temperature: float = arg(0.25, "Bradley-Terry temperature of the world's labels")
-    steps: int = arg(200, "optimizer steps")
+    steps: int = arg(150, "optimizer steps (on the world, held-out accuracy is flat from about step 150)")
     batch_size: int = arg(32, "pairs per step")
+    micro_batch: int = arg(8, "pairs per forward/backward, pairs of similar length together (gradients add up "
+                              "to the whole batch's step; 0 = the whole batch at once)")
     lr: float = arg(1e-3, "peak learning rate")
     warmup: int = arg(20, "warm-up steps")
     weight_decay: float = arg(0.0, "AdamW weight decay")
@@ -71,6 +73,23 @@ class RewardConfig:
     resume: bool = arg(False, "continue from <out_dir>/reward/state.pt")
     device: str = arg("auto", "auto, cpu or cuda")
     bf16: str = arg("auto", "bf16 autocast: auto (where the device does bf16 natively), true or false")
+
+
+def bradley_terry_step(model, ids: torch.Tensor, lengths: torch.Tensor, micro_batch: int, scale: float) -> float:
+    """Backward of ``scale`` x the Bradley-Terry loss of b pairs, whose 2b right-padded rows are
+    chosen then rejected, accumulated over micro-batches of pairs sorted by length, each cut to its
+    longest row (less padding; 20% less time per step on the 2-core CPU). Returns the loss."""
+    b = ids.size(0) // 2
+    order = torch.maximum(lengths[:b], lengths[b:]).argsort()  # pairs, shortest first
+    total = 0.0
+    for chunk in row_chunks(b, micro_batch):
+        pairs = order[chunk]
+        rows = torch.cat([pairs, pairs + b])  # the chunk's chosen rows, then its rejected rows
+        r = model(ids[rows, : int(lengths[rows].max())], lengths[rows])
+        loss = bradley_terry_loss(r[: len(pairs)], r[len(pairs):]) * (len(pairs) / b) * scale
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 def evaluate_reward(model, tokenizer, pairs, cfg, bf16: bool) -> dict:
@@ -136,20 +155,17 @@ def train_reward(cfg: RewardConfig) -> dict:
         prompts, chosen, rejected = zip(*shard(batch, d))  # this rank's pairs of the global batch
         ids, lengths = encode_batch(tokenizer, list(prompts + prompts), list(chosen + rejected),
                                     model.trunk.config.block_size, device)
-        with autocast(device, bf16):
-            r = ddp(ids, lengths)  # (2b,): chosen then rejected
-        b = len(prompts)
-        loss = bradley_terry_loss(r[:b], r[b:]) * b * d.world_size / cfg.batch_size  # DDP's average -> global mean
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with autocast(device, bf16):  # rows: chosen then rejected; DDP's average -> the global batch's mean
+            loss = bradley_terry_step(ddp, ids, lengths, cfg.micro_batch, len(prompts) * d.world_size / cfg.batch_size)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
         if (step % cfg.eval_every == 0 or step == cfg.steps) and d.is_main:
             model.eval()
-            metrics = {"step": step, "loss": round(loss.item(), 4), **evaluate_reward(model, tokenizer, test_pairs, cfg, bf16)}
+            metrics = {"step": step, "loss": round(loss, 4), **evaluate_reward(model, tokenizer, test_pairs, cfg, bf16)}
             model.train()
             log.write(**metrics)
             bar.write(f"reward step {step}: " + ", ".join(f"{k} {v}" for k, v in metrics.items() if k != "step"))

@@ -27,8 +27,7 @@ import math
 import torch
 
 from .ctrl import ctrl_reward
-
-PROCEDURES = ("sample", "bon", "won")
+from .evaluate import mean_and_se, win_rates
 
 
 def transformed(transform: str, t: float, selector: torch.Tensor) -> torch.Tensor:
@@ -48,57 +47,12 @@ def kl_to_reference(weights: torch.Tensor) -> torch.Tensor:
     return torch.xlogy(weights, weights * K).sum(1)  # 0 log 0 = 0
 
 
-def _mass_below(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each support sample k: the mass of samples with a value < v_k and with a value <= v_k. (P, K) each."""
-    order = values.argsort(dim=1)
-    sorted_values = values.gather(1, order)
-    cumulative = torch.nn.functional.pad(weights.gather(1, order).cumsum(1), (1, 0))  # (P, K + 1), starts at 0
-    less = cumulative.gather(1, torch.searchsorted(sorted_values, values, side="left"))
-    not_greater = cumulative.gather(1, torch.searchsorted(sorted_values, values, side="right"))
-    return less, not_greater
-
-
-def pick_distribution(weights: torch.Tensor, selector: torch.Tensor, procedure: str, n: int) -> torch.Tensor:
-    """P(T returns support sample k) when T draws n samples from ``weights`` and keeps the one with the
-    highest (bon) or lowest (won) selector reward, a tie broken uniformly at random. (P, K) -> (P, K).
-
-    The kept value v has P = G(v)^n - G(v-)^n for bon (G the selector's CDF under the weights), and
-    1 - (1 - G)^n likewise for won; among samples with the same value, each is kept in proportion to
-    its own weight."""
-    if procedure == "sample":
-        return weights
-    less, not_greater = _mass_below(selector, weights)
-    if procedure == "bon":
-        value_mass = not_greater ** n - less ** n
-    elif procedure == "won":
-        value_mass = (1 - less) ** n - (1 - not_greater) ** n
-    else:
-        raise ValueError(f"unknown procedure {procedure!r}: {', '.join(PROCEDURES)}")
-    tied = not_greater - less  # the weight of all samples that share v_k's value
-    return torch.where(tied > 0, weights / tied.clamp_min(1e-300) * value_mass, torch.zeros_like(weights))
-
-
-def win_rate(policy_pick: torch.Tensor, reference_pick: torch.Tensor, judge: torch.Tensor) -> torch.Tensor:
-    """W(a > b) = P(j(a) > j(b)) + 1/2 P(j(a) = j(b)) for a ~ policy_pick, b ~ reference_pick over one
-    support per prompt. (P, K) each -> (P,)."""
-    less, not_greater = _mass_below(judge, reference_pick)
-    return (policy_pick * (less + 0.5 * (not_greater - less))).sum(1)
-
-
 def readout(phi: torch.Tensor, inverse_beta: float, selector: torch.Tensor, judge: torch.Tensor, n: int) -> dict:
     """Mean over prompts of KL and the standard, BoN_n and WoN_n win rates of the tilted policy, each
     with its standard error across prompts (``<key>_se``)."""
     w = tilt(phi, inverse_beta)
     uniform = torch.full_like(w, 1.0 / w.size(1))
-    per_prompt = {"kl": kl_to_reference(w)}
-    for label, procedure in (("win_rate", "sample"), ("bon", "bon"), ("won", "won")):
-        per_prompt[label] = win_rate(pick_distribution(w, selector, procedure, n),
-                                     pick_distribution(uniform, selector, procedure, n), judge)
-    out = {}
-    for key, values in per_prompt.items():
-        out[key] = float(values.mean())
-        out[key + "_se"] = float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
-    return out
+    return mean_and_se({"kl": kl_to_reference(w), **win_rates(w, uniform, selector, judge, n)})
 
 
 def inverse_beta_at_kl(phi: torch.Tensor, target: float, low: float = 1e-4, high: float = 1e6) -> float:

@@ -19,7 +19,7 @@ def test_ctrl_resume_matches_an_uninterrupted_run(tmp_path):
     train_reward(RewardConfig(out_dir=out, n_pairs=16, steps=2, batch_size=4, eval_every=2, **TINY))
     run_calibration(CalibrateConfig(out_dir=out, n_prompts=6, k=4, max_new_tokens=12, **TINY))
     summary = train_ctrl(CTRLConfig(out_dir=out, name="full", **RL, **TINY))[1]
-    assert {"kl", "bon4", "won4", "harm_rate", "help_rate"} <= set(summary)
+    assert {"kl", "bon4_r", "won4_r", "bon4_gold", "won4_gold", "harm_rate", "help_rate"} <= set(summary)
     first = CTRLConfig(out_dir=out, name="split", **{**RL, "steps": 2}, **TINY)
     train_ctrl(first)
     train_ctrl(CTRLConfig(out_dir=out, name="split", resume=True, **RL, **TINY))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from minialign.evaluate import analytic, inference_time_win_rate, win_rate
+from minialign.evaluate import analytic, pick_distribution, sampled_win_rates, win_rate
 
 IDENTITY = [(1, 0.58198, 0.04065), (5, 0.80678, 0.65012), (20, 0.95000, 1.99573)]
 BON = [(2, 2 / 3, 0.19315), (4, 0.8, 0.63629), (8, 0.88889, 1.20444), (32, 0.96970, 2.49699)]
@@ -25,27 +25,79 @@ def test_log_transform_at_beta_one_over_n_minus_one_is_best_of_n(n, win, kl):
     assert abs(out["win_rate"] - n / (n + 1)) < 1e-6 and abs(out["kl"] - (math.log(n) - (n - 1) / n)) < 1e-6
 
 
+def cdf_estimator(policy: torch.Tensor, reference: torch.Tensor, procedure: str, n: int) -> float:
+    """An independent reference: the inference-time win rate of two sets of rewards (P, M) and (P, K),
+    the same reward picking and judging, from T's CDF over the union of values (F, F^n, 1 - (1 - F)^n)."""
+    def cdf(values, samples):
+        F = torch.searchsorted(samples.sort().values, values, side="right").double() / len(samples)
+        return {"sample": F, "bon": F ** n, "won": 1 - (1 - F) ** n}[procedure]
+    rates = []
+    for x, z in zip(policy, reference):
+        support = torch.cat([x, z]).unique()  # sorted
+        below = torch.cat([support.new_tensor([float("-inf")]), support[:-1]])
+        px = cdf(support, x) - cdf(below, x)  # P(T(pi) returns value v)
+        Gz, Gz_below = cdf(support, z), cdf(below, z)
+        rates.append(float((px * (Gz_below + 0.5 * (Gz - Gz_below))).sum()))
+    return sum(rates) / len(rates)
+
+
 def test_reference_policy_inference_time_win_rates_are_one_half():
     flat = analytic(lambda u: 0 * u, 1.0, n=4)
     assert abs(flat["kl"]) < 1e-9 and abs(flat["bon"] - 0.5) < 1e-6 and abs(flat["won"] - 0.5) < 1e-6
     torch.manual_seed(0)
-    x = torch.randn(5, 30).round(decimals=1)
-    for procedure in ("sample", "bon", "won"):
-        assert inference_time_win_rate(x, x.clone(), procedure, 4)[0] == pytest.approx(0.5, abs=1e-12)
+    x = torch.randn(5, 30).round(decimals=1)  # ties
+    same = sampled_win_rates((x, x), (x.clone(), x.clone()), 4)
+    for key in ("win_rate", "bon", "won"):
+        assert same[key] == pytest.approx(0.5, abs=1e-12)
 
 
 def test_best_of_n_of_reference_against_reference():
     # T(pi) = BoN_N of samples, T(pi_ref) = plain sampling: win rate N / (N + 1) for continuous rewards
     torch.manual_seed(0)
-    ref = torch.rand(1, 4000)
+    ref = torch.rand(1, 4000, dtype=torch.float64)
     n = 4
-    picked = torch.rand(1, 4000, n).max(-1).values
-    assert inference_time_win_rate(picked, ref, "sample")[0] == pytest.approx(n / (n + 1), abs=0.01)
-    # and the exact empirical formula: BoN_4 of U vs BoN_4 of U^(1/4)-distributed draws
-    assert inference_time_win_rate(picked, ref, "bon", 4)[0] == pytest.approx(
-        analytic(np.log, 1 / (n - 1), n=n)["bon"], abs=0.01)
+    picked = torch.rand(1, 4000, n, dtype=torch.float64).max(-1).values
+    rates = sampled_win_rates((picked, picked), (ref, ref), n)
+    assert rates["win_rate"] == pytest.approx(n / (n + 1), abs=0.01)
+    # and BoN_4 of U^(1/4)-distributed draws against BoN_4 of U: the log tilt's closed form
+    assert rates["bon"] == pytest.approx(analytic(np.log, 1 / (n - 1), n=n)["bon"], abs=0.01)
 
 
 def test_win_rate_counts_ties_half():
-    assert win_rate(torch.tensor([1.0, 2.0]), torch.tensor([1.0])) == 0.75
+    rates = sampled_win_rates((torch.tensor([[1.0, 2.0]]),) * 2, (torch.tensor([[1.0]]),) * 2, 1)
+    assert rates["win_rate"] == 0.75
 
+
+def test_sampled_win_rates_equal_the_cdf_estimator():
+    g = torch.Generator().manual_seed(4)
+    policy = torch.randint(0, 6, (5, 12), generator=g).double()  # ties within and across the two sides
+    reference = torch.randint(0, 6, (5, 20), generator=g).double()
+    rates = sampled_win_rates((policy, policy), (reference, reference), n=4)
+    for key, procedure in (("win_rate", "sample"), ("bon", "bon"), ("won", "won")):
+        assert rates[key] == pytest.approx(cdf_estimator(policy, reference, procedure, 4), abs=1e-9)
+
+
+def test_weights_equal_the_cdf_estimator_on_repeated_samples():
+    # weights (1, 2, ..., 8) / 36 on a support equal the support's samples each repeated that many times
+    g = torch.Generator().manual_seed(2)
+    rewards = torch.randint(0, 5, (3, 8), generator=g).double()  # ties within a prompt
+    counts = torch.arange(1, 9)
+    w = (counts.double() / counts.sum()).expand(3, 8)
+    uniform = torch.full_like(w, 1 / 8)
+    repeated = torch.stack([row.repeat_interleave(counts) for row in rewards])
+    for procedure in ("sample", "bon", "won"):
+        exact = win_rate(pick_distribution(w, rewards, procedure, 3), pick_distribution(uniform, rewards, procedure, 3),
+                         rewards)
+        for i in range(3):
+            assert float(exact[i]) == pytest.approx(cdf_estimator(repeated[i: i + 1], rewards[i: i + 1], procedure, 3),
+                                                    abs=1e-9)
+
+
+def test_selecting_by_one_reward_and_judging_by_another():
+    s = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    j = torch.tensor([[1.0, 0.0]], dtype=torch.float64)  # the s-best sample is the j-worst
+    # the policy always returns its one sample (s 1, j 0); pi_ref's best-of-2 by s is that same kind of
+    # sample unless both draws are the other (1/4): a tie w.p. 3/4, a loss w.p. 1/4
+    rates = sampled_win_rates((s[:, 1:], j[:, 1:]), (s, j), n=2)
+    assert rates["bon"] == pytest.approx(0.75 * 0.5)
+    assert rates["won"] == pytest.approx(0.25 * 0.5)  # worst-of-2 by s: pi_ref keeps s 0 (j 1) w.p. 3/4

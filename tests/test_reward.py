@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from minialign.model import GPTConfig
-from minialign.reward import bradley_terry_loss, label_noise_ceiling, spearman
-from minialign.reward_model import RewardModel, score
+from minialign.reward import bradley_terry_loss, bradley_terry_step, label_noise_ceiling, spearman
+from minialign.reward_model import RewardModel, encode_batch, score
 from minialign.tokenizer import get_tokenizer
 
 TOK = get_tokenizer("bytes")
@@ -34,3 +34,25 @@ def test_label_noise_ceiling_and_spearman():
     assert label_noise_ceiling([p], ["It is green."], ["Cats sleep a lot."], 0.25) > 0.99
     x = torch.tensor([3.0, 1.0, 2.0, 5.0])
     assert spearman(x, x ** 3) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
+
+
+def test_micro_batched_step_equals_the_whole_batch():
+    torch.manual_seed(0)
+    model = RewardModel(GPTConfig(vocab_size=257, block_size=128, n_layer=2, n_head=2, n_embd=32))
+    torch.nn.init.normal_(model.head.weight)
+    prompts = [f"Human: question {i}{'?' * (3 * i)}\nAssistant:" for i in range(6)]
+    chosen = [f"Answer {'x' * (5 * (i % 3))}." for i in range(6)]
+    rejected = [f"No{'!' * (7 * (i % 2))}" for i in range(6)]
+    ids, lengths = encode_batch(TOK, prompts + prompts, chosen + rejected, 128, "cpu")
+    runs = []
+    for micro_batch in (0, 2, 4):  # whole batch; pairs in sorted chunks of 2 and of 4 (a short last chunk)
+        model.zero_grad()
+        loss = bradley_terry_step(model, ids, lengths, micro_batch, scale=0.5)
+        runs.append((loss, [p.grad.clone() for p in model.parameters()]))
+    with torch.no_grad():
+        r = model(ids, lengths)
+    assert runs[0][0] == pytest.approx(0.5 * float(bradley_terry_loss(r[:6], r[6:])), rel=1e-6)
+    for loss, grads in runs[1:]:
+        assert loss == pytest.approx(runs[0][0], rel=1e-5)
+        for g, g0 in zip(grads, runs[0][1]):
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
