@@ -13,7 +13,7 @@ import sys
 
 from minialign.calibrate import CalibrateConfig, run_calibration
 from minialign.checkpoint import load_meta
-from minialign.config import ConfigError, build, check_known, main_guard, parse_flags, usage
+from minialign.config import ConfigError, build, check_known, convert, main_guard, parse_flags, usage
 from minialign.ctrl import CTRLConfig, ctrl_folder, print_summary, train_ctrl
 from minialign.reward import RewardConfig, train_reward
 from minialign.sft import SFTConfig, train_sft
@@ -33,8 +33,11 @@ def main(argv: list[str]) -> None:
         print(__doc__ + "\n" + usage(*(cls for cls, _ in STAGES.values())))
         return
     flags = parse_flags(argv)
-    stage = flags.pop("stage", None) or "all"
-    force = "force" in flags and flags.pop("force") in (None, "true", "1")
+    if "stage" in flags and flags["stage"] is None:
+        raise ConfigError(f"--stage needs a value: one of {', '.join(STAGES)} (or leave it out for every stage).")
+    stage = flags.pop("stage", "all")
+    force = flags.pop("force", "false")
+    force = True if force is None else convert("force", bool, force)  # --force alone, or --force=true
     if stage != "all":
         if stage not in STAGES:
             raise ConfigError(f"unknown --stage {stage!r}; choose one of: {', '.join(STAGES)}, or omit it for all.")
@@ -42,9 +45,10 @@ def main(argv: list[str]) -> None:
         run(build(cls, flags))
         return
     check_known(flags, *(cls for cls, _ in STAGES.values()))
+    configs = {name: build(cls, flags, strict=False) for name, (cls, _) in STAGES.items()}  # every flag checked first
     say = print if os.environ.get("RANK", "0") == "0" else lambda *_: None  # under torchrun: rank 0 speaks
-    for name, (cls, run) in STAGES.items():
-        cfg = build(cls, flags, strict=False)
+    for name, (_, run) in STAGES.items():
+        cfg = configs[name]
         folder = ctrl_folder(cfg) if name == "ctrl" else os.path.join(cfg.out_dir, FOLDERS.get(name, name))
         if os.path.exists(os.path.join(folder, "config.json")) and not force and not getattr(cfg, "resume", False):
             say(f"[{name}] reusing {folder} (pass --force to retrain)")

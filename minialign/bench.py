@@ -42,11 +42,11 @@ GPT2_124M = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, 
 @dataclass
 class BenchConfig:
     gpt2: bool = arg(False, "also benchmark GPT-2 124M shapes")
-    train_steps: int = arg(10, "timed training steps (after 3 warm-up steps)")
-    decode_tokens: int = arg(0, "tokens decoded per row; 0 = 256 on a GPU, 64 on a CPU")
+    train_steps: int = arg(10, "timed training steps (after 3 warm-up steps)", at_least=1)
+    decode_tokens: int = arg(0, "tokens decoded per row; 0 = 256 on a GPU, 64 on a CPU", at_least=0)
     compile: bool = arg(False, "torch.compile the training model")
     out_dir: str = arg("out", "checkpoints root: with a trained sft model, RAIN is timed too")
-    rain_prompts: int = arg(4, "held-out prompts per kind for the RAIN / vanilla ratio")
+    rain_prompts: int = arg(4, "held-out prompts per kind for the RAIN / vanilla ratio", at_least=1)
     out: str = arg("out/bench.json", "where to write the results")
     device: str = arg("auto", "auto, cpu or cuda")
 

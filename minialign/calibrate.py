@@ -45,10 +45,10 @@ def calibrated(sorted_rewards: torch.Tensor, rewards: torch.Tensor, smoothed: bo
 class CalibrateConfig:
     out_dir: str = arg("out", "checkpoints root (reads sft and reward, writes <out_dir>/calibration)")
     prompts: str = arg("", "prompt file (.jsonl with a prompt field, or one per line); '' = world train prompts")
-    n_prompts: int = arg(192, "training prompts to calibrate (and later train CTRL on)")
-    k: int = arg(32, "reference samples per prompt (K)")
-    temperature: float = arg(1.0, "sampling temperature of pi_ref")
-    max_new_tokens: int = arg(128, "longest reference response")
+    n_prompts: int = arg(192, "training prompts to calibrate (and later train CTRL on)", at_least=3)
+    k: int = arg(32, "reference samples per prompt (K)", at_least=1)
+    temperature: float = arg(1.0, "sampling temperature of pi_ref", above=0)
+    max_new_tokens: int = arg(128, "longest reference response", at_least=1)
     seed: int = arg(0, "seed of the prompt subset and the reference samples")
     device: str = arg("auto", "auto, cpu or cuda")
 

@@ -18,14 +18,31 @@ class ConfigError(ValueError):
     """A command-line flag that cannot be used, with a sentence saying why."""
 
 
-def arg(default, help: str):
-    """A config field with its default and its one-line help."""
+def arg(default, help: str, *, at_least=None, above=None, at_most=None, one_of=None):
+    """A config field with its default, its one-line help and the values it accepts: a bound
+    (``at_least``, ``above``, ``at_most``) or a list of choices (``one_of``), checked by ``build`` so
+    every command line and every stage refuses the same bad values with the same sentence."""
+    metadata = {"help": help, "at_least": at_least, "above": above, "at_most": at_most, "one_of": one_of}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: default, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-def _convert(name: str, kind, text: str):
+def check_value(name: str, value, metadata) -> None:
+    """Refuse a value outside what its field declares, in one sentence naming the flag."""
+    m = {key: metadata.get(key) for key in ("at_least", "above", "at_most", "one_of")}
+    if m["one_of"] is not None and value not in m["one_of"]:
+        raise ConfigError(f"--{name} takes one of {', '.join(map(str, m['one_of']))}, not {value!r}.")
+    if m["at_least"] is not None and value < m["at_least"]:
+        raise ConfigError(f"--{name} must be at least {m['at_least']}, not {value}.")
+    if m["above"] is not None and not value > m["above"]:  # also refuses nan
+        raise ConfigError(f"--{name} must be above {m['above']}, not {value}.")
+    if m["at_most"] is not None and not value <= m["at_most"]:
+        raise ConfigError(f"--{name} must be at most {m['at_most']}, not {value}.")
+
+
+def convert(name: str, kind, text: str):
+    """A flag's text as the field's type (int, float, str or bool), or one sentence saying what it takes."""
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -76,7 +93,8 @@ def build(cls, flags: dict[str, str | None], strict: bool = True):
                 raise ConfigError(f"--{key} needs a value (--{key}=...).")
             values[key] = True
         else:
-            values[key] = _convert(key, hints[key], text)
+            values[key] = convert(key, hints[key], text)
+        check_value(key, values[key], fields[key].metadata)
     return cls(**values)
 
 

@@ -44,7 +44,7 @@ from .model import GPT, length_chunks, sequence_logprobs, token_logprobs
 from .reward_model import load_reward, score
 from .sampling import generate, stop_ids
 from .tokenizer import get_tokenizer
-from .training import MetricsLog, make_optimizer, pick_device
+from .training import MetricsLog, clip_gradients, make_optimizer, pick_device
 
 TRANSFORMS = ("raw", "identity", "log", "exp")
 
@@ -102,7 +102,7 @@ def ppo_step(model, policy, optimizer, ids, logp_old, mask, advantages, clip: fl
         loss = ppo_loss(token_logprobs(model, ids[rows, :w]), logp_old[rows, : w - 1], mask[rows, : w - 1],
                         advantages[rows], clip)
         (loss * ((rows.stop - rows.start) / B)).backward()
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+    clip_gradients(policy.parameters(), "ctrl", "try a lower --lr, or a --beta and --t that keep the rewards small")
     optimizer.step()
 
 
@@ -124,24 +124,24 @@ def print_summary(metrics: dict, n: int) -> None:
 @dataclass
 class CTRLConfig:
     out_dir: str = arg("out", "checkpoints root (reads sft, reward, calibration; writes <out_dir>/ctrl...)")
-    transform: str = arg("exp", "reward transform: raw | identity | log | exp")
+    transform: str = arg("exp", "reward transform: raw | identity | log | exp", one_of=TRANSFORMS)
     t: float = arg(4.0, "exponent of the exp transform (> 0 for best-of-N, < 0 for worst-of-N)")
-    beta: float = arg(20.0, "KL penalty coefficient (scale with the transform: exp(4u) spans 1..55)")
-    steps: int = arg(40, "RL steps")
-    prompts_per_step: int = arg(16, "prompts per step")
-    group: int = arg(8, "samples per prompt (G) for the leave-one-out baseline")
-    ppo_epochs: int = arg(2, "passes over each batch")
+    beta: float = arg(20.0, "KL penalty coefficient (scale with the transform: exp(4u) spans 1..55)", above=0)
+    steps: int = arg(40, "RL steps", at_least=1)
+    prompts_per_step: int = arg(16, "prompts per step", at_least=1)
+    group: int = arg(8, "samples per prompt (G) for the leave-one-out baseline", at_least=2)
+    ppo_epochs: int = arg(2, "passes over each batch", at_least=1)
     micro_batch: int = arg(32, "rows per forward/backward in the update, rows of similar length together (gradient "
-                                "accumulation; less padding); 0 = all at once. GPT-2: 16")
-    clip: float = arg(0.2, "PPO ratio clip epsilon")
-    lr: float = arg(3e-4, "learning rate (constant)")
-    max_new_tokens: int = arg(128, "longest sampled response")
-    eval_n: int = arg(4, "N of the best-of-N / worst-of-N inference-time win rates")
-    eval_prompts: int = arg(32, "held-out prompts per kind in the final evaluation")
+                                "accumulation; less padding); 0 = all at once. GPT-2: 16", at_least=0)
+    clip: float = arg(0.2, "PPO ratio clip epsilon", above=0)
+    lr: float = arg(3e-4, "learning rate (constant)", above=0)
+    max_new_tokens: int = arg(128, "longest sampled response", at_least=1)
+    eval_n: int = arg(4, "N of the best-of-N / worst-of-N inference-time win rates", at_least=1)
+    eval_prompts: int = arg(32, "held-out prompts per kind in the final evaluation", at_least=1)
     eval_data: str = arg("", "prompt file for the final evaluation, judged by r; '' = held-out world prompts (gold)")
-    eval_samples: int = arg(8, "samples per prompt and policy in the final evaluation")
+    eval_samples: int = arg(8, "samples per prompt and policy in the final evaluation", at_least=1)
     name: str = arg("", "checkpoint folder name under out_dir; '' = ctrl")
-    save_every: int = arg(10, "steps between checkpoints")
+    save_every: int = arg(10, "steps between checkpoints", at_least=1)
     seed: int = arg(0, "seed of the prompt order and the samples")
     resume: bool = arg(False, "continue from the checkpoint's state.pt")
     device: str = arg("auto", "auto, cpu or cuda")

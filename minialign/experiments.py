@@ -431,13 +431,13 @@ def exact_tilt(model, reward_model, tokenizer, prompts: list[world.Prompt], cfg:
 @dataclass
 class ExperimentConfig:
     out_dir: str = arg("out", "checkpoints root (needs sft; infalign also reward and calibration)")
-    n_eval: int = arg(32, "sft, rain, bon: held-out prompts per kind")
+    n_eval: int = arg(32, "sft, rain, bon: held-out prompts per kind", at_least=1)
     seed: int = arg(0, "sampling seed (the prompts come from the reference policy's world)")
-    ctrl_steps: int = arg(30, "infalign: RL steps per sweep point")
-    eval_prompts: int = arg(32, "infalign: held-out prompts per kind in each evaluation")
-    eval_samples: int = arg(8, "infalign: samples per prompt and policy")
-    k: int = arg(32, "tilt: pi_ref samples per held-out prompt (the support of the exact optimum)")
-    n: int = arg(4, "tilt: N of best-of-N and worst-of-N")
+    ctrl_steps: int = arg(30, "infalign: RL steps per sweep point", at_least=1)
+    eval_prompts: int = arg(32, "infalign: held-out prompts per kind in each evaluation", at_least=1)
+    eval_samples: int = arg(8, "infalign: samples per prompt and policy", at_least=1)
+    k: int = arg(32, "tilt: pi_ref samples per held-out prompt (the support of the exact optimum)", at_least=2)
+    n: int = arg(4, "tilt: N of best-of-N and worst-of-N", at_least=1)
     ctrl: str = arg("ctrl", "tilt: CTRL checkpoints under out_dir (comma-separated) to set beside their exact optima; '' = none")
     device: str = arg("auto", "auto, cpu or cuda")
 

@@ -20,8 +20,8 @@ from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import from_pretrained, row_chunks
 from .reward_model import RewardModel, encode_batch, load_reward, score
 from .tokenizer import check_pairing, get_tokenizer
-from .training import (MetricsLog, announce_precision, autocast, cosine_lr, make_optimizer, pick_device,
-                       precision_name, resolve_bf16, set_lr)
+from .training import (MetricsLog, announce_precision, autocast, clip_gradients, cosine_lr, make_optimizer,
+                       pick_device, precision_name, resolve_bf16, set_lr)
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -57,18 +57,18 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 class RewardConfig:
     out_dir: str = arg("out", "checkpoints root (reads <out_dir>/sft, writes <out_dir>/reward)")
     init: str = arg("", "trunk from: '' = <out_dir>/sft, 'gpt2' or a local GPT-2 folder")
-    tokenizer: str = arg("auto", "with --init: the tokenizer (auto = gpt2); otherwise the sft checkpoint's")
+    tokenizer: str = arg("auto", "with --init: the tokenizer (auto = gpt2); otherwise the sft checkpoint's", one_of=("auto", "bytes", "gpt2"))
     data: str = arg("", "HH-format JSONL of preference pairs; '' = world pairs")
-    n_pairs: int = arg(8000, "world training pairs")
-    label_temperature: float = arg(0.25, "Bradley-Terry temperature of the world's labels")
-    steps: int = arg(150, "optimizer steps (on the world, held-out accuracy is flat from about step 150)")
-    batch_size: int = arg(32, "pairs per step")
+    n_pairs: int = arg(8000, "world training pairs", at_least=2)
+    label_temperature: float = arg(0.25, "Bradley-Terry temperature of the world's labels", above=0)
+    steps: int = arg(150, "optimizer steps (on the world, held-out accuracy is flat from about step 150)", at_least=1)
+    batch_size: int = arg(32, "pairs per step", at_least=1)
     micro_batch: int = arg(8, "pairs per forward/backward, pairs of similar length together (gradients add up "
-                              "to the whole batch's step; 0 = the whole batch at once)")
-    lr: float = arg(1e-3, "peak learning rate")
-    warmup: int = arg(20, "warm-up steps")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    eval_every: int = arg(100, "steps between held-out evaluations and checkpoints")
+                              "to the whole batch's step; 0 = the whole batch at once)", at_least=0)
+    lr: float = arg(1e-3, "peak learning rate", above=0)
+    warmup: int = arg(20, "warm-up steps", at_least=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay", at_least=0)
+    eval_every: int = arg(100, "steps between held-out evaluations and checkpoints", at_least=1)
     seed: int = arg(0, "seed of the batch order")
     resume: bool = arg(False, "continue from <out_dir>/reward/state.pt")
     device: str = arg("auto", "auto, cpu or cuda")
@@ -158,7 +158,7 @@ def train_reward(cfg: RewardConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, bf16):  # rows: chosen then rejected; DDP's average -> the global batch's mean
             loss = bradley_terry_step(ddp, ids, lengths, cfg.micro_batch, len(prompts) * d.world_size / cfg.batch_size)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(model.parameters(), f"reward step {step + 1}", f"try a lower --lr (now {cfg.lr:g})")
         optimizer.step()
         step += 1
         bar.update(1)

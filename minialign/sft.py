@@ -16,13 +16,13 @@ from tqdm import tqdm
 
 from . import world
 from .checkpoint import load_model, load_state, save
-from .config import arg
+from .config import ConfigError, arg
 from .data import load_documents, pack, random_windows
 from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import check_pairing, get_tokenizer
-from .training import (MetricsLog, announce_precision, autocast, cosine_lr, make_optimizer, pick_device,
-                       precision_name, resolve_bf16, set_lr)
+from .training import (MetricsLog, announce_precision, autocast, clip_gradients, cosine_lr, make_optimizer,
+                       pick_device, precision_name, resolve_bf16, set_lr)
 
 
 @dataclass
@@ -30,21 +30,21 @@ class SFTConfig:
     out_dir: str = arg("out", "folder for every stage's checkpoint (this stage writes <out_dir>/sft)")
     init: str = arg("", "start from: '' random weights, 'gpt2' (hub) or a local GPT-2 folder")
     data: str = arg("", "training corpus (.txt split at blank lines, or .jsonl with a text field); '' = the world")
-    tokenizer: str = arg("auto", "tokenizer: bytes (offline), gpt2, or auto (gpt2 with --init, else bytes)")
-    n_layer: int = arg(4, "transformer blocks (random init only)")
-    n_head: int = arg(4, "attention heads (random init only)")
-    n_embd: int = arg(128, "embedding width (random init only)")
-    block_size: int = arg(256, "context length in tokens (random init only)")
-    batch_size: int = arg(16, "sequences per optimizer step")
-    steps: int = arg(1500, "optimizer steps")
-    lr: float = arg(6e-3, "peak learning rate (cosine schedule)")
-    warmup: int = arg(50, "linear warm-up steps")
-    weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
-    answer_weight: float = arg(3.0, "loss weight of the self-evaluation verdict letter")
-    corpus_dialogues: int = arg(20000, "world dialogues in the corpus")
+    tokenizer: str = arg("auto", "tokenizer: bytes (offline), gpt2, or auto (gpt2 with --init, else bytes)", one_of=("auto", "bytes", "gpt2"))
+    n_layer: int = arg(4, "transformer blocks (random init only)", at_least=1)
+    n_head: int = arg(4, "attention heads (random init only)", at_least=1)
+    n_embd: int = arg(128, "embedding width (random init only)", at_least=1)
+    block_size: int = arg(256, "context length in tokens (random init only)", at_least=2)
+    batch_size: int = arg(16, "sequences per optimizer step", at_least=1)
+    steps: int = arg(1500, "optimizer steps", at_least=1)
+    lr: float = arg(6e-3, "peak learning rate (cosine schedule)", above=0)
+    warmup: int = arg(50, "linear warm-up steps", at_least=0)
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices", at_least=0)
+    answer_weight: float = arg(3.0, "loss weight of the self-evaluation verdict letter", at_least=0)
+    corpus_dialogues: int = arg(20000, "world dialogues in the corpus", at_least=20)
     seed: int = arg(0, "seed of the world, the model init and the data order")
-    eval_every: int = arg(250, "steps between held-out loss evaluations and checkpoints")
-    stop_at: int = arg(0, "stop (with a checkpoint) after this step, e.g. to time-box a run; 0 = run all steps")
+    eval_every: int = arg(250, "steps between held-out loss evaluations and checkpoints", at_least=1)
+    stop_at: int = arg(0, "stop (with a checkpoint) after this step, e.g. to time-box a run; 0 = run all steps", at_least=0)
     resume: bool = arg(False, "continue from <out_dir>/sft/state.pt")
     device: str = arg("auto", "auto, cpu or cuda")
     bf16: str = arg("auto", "bf16 autocast: auto (where the device does bf16 natively), true or false")
@@ -54,6 +54,9 @@ class SFTConfig:
 def build_model(cfg: SFTConfig, vocab_size: int) -> GPT:
     if cfg.init:
         return from_pretrained(cfg.init)
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head}): "
+                          "each head takes an equal slice of the embedding.")
     torch.manual_seed(cfg.seed)
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
                          n_head=cfg.n_head, n_embd=cfg.n_embd))
@@ -128,7 +131,7 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
         loss = lm_loss(ddp, shard(x, d), shard(y, d), shard(w, d), device, bf16, w.sum() / d.world_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(model.parameters(), f"sft step {step + 1}", f"try a lower --lr (now {cfg.lr:g})")
         optimizer.step()
         step += 1
         bar.update(1)

@@ -37,7 +37,11 @@ def transformed(transform: str, t: float, selector: torch.Tensor) -> torch.Tenso
 
 
 def tilt(phi: torch.Tensor, inverse_beta: float) -> torch.Tensor:
-    """The RLHF optimum on the support: w ∝ (1/K) exp(Phi / beta), per prompt. (P, K) -> (P, K)."""
+    """The RLHF optimum on the support: w ∝ (1/K) exp(Phi / beta), per prompt. (P, K) -> (P, K).
+    At beta = 0 (``inverse_beta`` infinite) its limit: pi_ref restricted to each prompt's highest Phi."""
+    if math.isinf(inverse_beta):
+        top = (phi == phi.max(dim=1, keepdim=True).values).double()
+        return top / top.sum(dim=1, keepdim=True)
     return torch.softmax(phi * inverse_beta, dim=1)
 
 

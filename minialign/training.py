@@ -20,10 +20,19 @@ NO_BF16_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` is CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    """``auto`` is CUDA when present, else CPU; ``cpu``, ``cuda`` or ``cuda:N`` where it exists."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device takes auto, cpu, cuda or cuda:N, not {name!r}.")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          "use --device cpu (or auto).")
+    return device
 
 
 def cpu_has_native_bf16() -> bool:
@@ -82,6 +91,22 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+class TrainingError(ConfigError):
+    """A run that cannot go on (a non-finite gradient), reported like a bad flag with the flag most
+    likely at fault, because one usually is: a learning rate far too high."""
+
+
+def clip_gradients(parameters, where: str, hint: str) -> float:
+    """Clip the gradient norm to 1, as every stage does, and stop before a non-finite gradient (or loss:
+    its gradient is not finite either) reaches the weights: the optimizer step and any checkpoint after
+    it never happen, so every checkpoint on disk stays finite."""
+    norm = float(torch.nn.utils.clip_grad_norm_(parameters, 1.0))
+    if not math.isfinite(norm):
+        raise TrainingError(f"{where}: the gradient is {norm}, so training stopped before this step changed "
+                            f"the weights (the last checkpoint is untouched); {hint}.")
+    return norm
 
 
 def cosine_lr(step: int, total: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:

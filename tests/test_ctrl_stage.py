@@ -1,7 +1,10 @@
 """The CTRL stage on tiny world checkpoints: it runs after sft -> reward -> calibrate, and resuming
 from a checkpoint gives the parameters of an uninterrupted run."""
+import os
+
 import torch
 
+from minialign import experiments
 from minialign.calibrate import CalibrateConfig, run_calibration
 from minialign.checkpoint import load_model
 from minialign.ctrl import CTRLConfig, train_ctrl
@@ -27,3 +30,22 @@ def test_ctrl_resume_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ref = load_model(f"{out}/sft")[0].state_dict()
     assert not all(torch.equal(a[k], ref[k]) for k in a)  # RL moved the policy
+    # the tilt experiment end to end on these checkpoints: tables, plot, and the trained policy beside its optima
+    experiments.main(["tilt", f"--out_dir={out}", "--n_eval=1", "--k=4", "--ctrl=full,split", "--device=cpu"])
+    for name in ("tilt.md", "tilt.csv", "tilt_reward_quality.md", "tilt_trained.md"):
+        assert os.path.getsize(f"{out}/{name}") > 0
+    trained = open(f"{out}/tilt_trained.md").read()
+    assert trained.count("| trained |") == 2 and trained.count("optimum at beta 20") == 2
+
+
+def test_infalign_sweep_runs_and_tabulates_both_judges(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    train_sft(SFTConfig(out_dir=out, n_layer=1, n_head=2, n_embd=32, block_size=256, batch_size=2, steps=2,
+                        corpus_dialogues=100, eval_every=2, **TINY))
+    train_reward(RewardConfig(out_dir=out, n_pairs=16, steps=2, batch_size=4, eval_every=2, **TINY))
+    run_calibration(CalibrateConfig(out_dir=out, n_prompts=6, k=4, max_new_tokens=12, **TINY))
+    monkeypatch.setattr(experiments, "SWEEP", {("exp", 4.0): (20.0,)})
+    rows = experiments.infalign_sweep(experiments.ExperimentConfig(out_dir=out, ctrl_steps=1, eval_prompts=1,
+                                                                  eval_samples=2, device="cpu"))
+    assert len(rows) == 1 and {"bon4_r", "bon4_gold", "kl"} <= set(rows[0])
+    assert "| exp(+4) | 20 |" in open(f"{out}/infalign.md").read()

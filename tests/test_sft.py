@@ -8,6 +8,7 @@ import torch
 from minialign.checkpoint import CheckpointError, load_model
 from minialign.data import DataError, load_pairs
 from minialign.sft import SFTConfig, train_sft
+from minialign.training import TrainingError
 
 SMALL = dict(n_layer=1, n_head=2, n_embd=32, block_size=64, batch_size=4, corpus_dialogues=200,
              eval_every=100, lr=1e-3, warmup=2)
@@ -61,3 +62,15 @@ def test_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     after = params(tmp_path / "sft")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".sft")]  # no temp folders left behind
+
+
+def test_non_finite_gradient_stops_before_the_weights_or_checkpoint_change(tmp_path):
+    train_sft(SFTConfig(out_dir=str(tmp_path), steps=2, **SMALL))
+    before = params(tmp_path / "sft")
+    with pytest.raises(TrainingError, match=r"sft step \d+: the gradient is (nan|inf).*--lr \(now 1e\+12\)"):
+        train_sft(SFTConfig(out_dir=str(tmp_path), steps=8, **{**SMALL, "lr": 1e12}))
+    after = params(tmp_path / "sft")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the diverged run never saved
+    with pytest.raises(TrainingError):  # checkpoints at every step: each one written is finite
+        train_sft(SFTConfig(out_dir=str(tmp_path), steps=8, **{**SMALL, "lr": 1e12, "eval_every": 1}))
+    assert all(torch.isfinite(v).all() for v in params(tmp_path / "sft").values())

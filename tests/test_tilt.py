@@ -80,3 +80,10 @@ def test_inverse_beta_at_kl_hits_the_target_and_saturates():
     lam = inverse_beta_at_kl(phi, 0.5)
     assert float(kl_to_reference(tilt(phi, lam)).mean()) == pytest.approx(0.5, abs=1e-6)
     assert inverse_beta_at_kl(phi, math.log(32) + 0.1) == math.inf  # more than a point mass allows
+
+
+def test_beta_zero_is_the_limit_of_the_tilt():
+    phi = torch.tensor([[0.0, 1.0, 1.0, 0.5]], dtype=torch.float64)
+    assert tilt(phi, math.inf)[0].tolist() == [0.0, 0.5, 0.5, 0.0]
+    assert torch.allclose(tilt(phi, 1e4), tilt(phi, math.inf))
+    assert float(kl_to_reference(tilt(phi, math.inf))[0]) == pytest.approx(math.log(2))  # log(K / #top)
