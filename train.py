@@ -6,7 +6,8 @@
     python train.py --help              # every stage's flags with defaults
 
 Each stage writes out/<stage>/ and finds its inputs there. With no --stage, a stage whose checkpoint
-exists is reused unless --force is given; a flag applies to every stage that has it.
+exists is reused unless --force is given; a flag applies to every stage that has it. With --stage, a
+stage whose checkpoint exists is refused unless --force replaces it or --resume continues it.
 """
 import os
 import sys
@@ -28,6 +29,15 @@ STAGES = {  # name -> (config class, run function), in pipeline order
 FOLDERS = {"calibrate": "calibration"}  # where a stage writes, where that is not its name
 
 
+def stage_folder(name: str, cfg) -> str:
+    return ctrl_folder(cfg) if name == "ctrl" else os.path.join(cfg.out_dir, FOLDERS.get(name, name))
+
+
+def finished(folder: str) -> bool:
+    """Whether a stage's checkpoint is there (its config.json is written last, atomically with the rest)."""
+    return os.path.exists(os.path.join(folder, "config.json"))
+
+
 def main(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         print(__doc__ + "\n" + usage(*(cls for cls, _ in STAGES.values())))
@@ -42,15 +52,21 @@ def main(argv: list[str]) -> None:
         if stage not in STAGES:
             raise ConfigError(f"unknown --stage {stage!r}; choose one of: {', '.join(STAGES)}, or omit it for all.")
         cls, run = STAGES[stage]
-        run(build(cls, flags))
+        cfg = build(cls, flags)
+        folder = stage_folder(stage, cfg)
+        if finished(folder) and not force and not getattr(cfg, "resume", False):
+            step = load_meta(folder).get("step", "?")
+            raise ConfigError(f"{folder} already holds a trained {stage} stage (step {step}); pass --force to replace "
+                              "it" + (", or --resume to continue it." if hasattr(cfg, "resume") else "."))
+        run(cfg)
         return
     check_known(flags, *(cls for cls, _ in STAGES.values()))
     configs = {name: build(cls, flags, strict=False) for name, (cls, _) in STAGES.items()}  # every flag checked first
     say = print if os.environ.get("RANK", "0") == "0" else lambda *_: None  # under torchrun: rank 0 speaks
     for name, (_, run) in STAGES.items():
         cfg = configs[name]
-        folder = ctrl_folder(cfg) if name == "ctrl" else os.path.join(cfg.out_dir, FOLDERS.get(name, name))
-        if os.path.exists(os.path.join(folder, "config.json")) and not force and not getattr(cfg, "resume", False):
+        folder = stage_folder(name, cfg)
+        if finished(folder) and not force and not getattr(cfg, "resume", False):
             say(f"[{name}] reusing {folder} (pass --force to retrain)")
             if name == "ctrl" and say is print:
                 print_summary(load_meta(folder)["metrics"], cfg.eval_n)

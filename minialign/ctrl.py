@@ -23,6 +23,15 @@ The RL solver (the choices, stated precisely):
   and sequences are averaged. Each pass accumulates gradients over micro-batches of rows sorted by
   length, each cut to its longest row: the whole batch's step, without computing padding.
 
+The paper solves the same objective with PPO (a learned value function as the baseline). The
+leave-one-out baseline estimates the same gradient: the other samples of a prompt are independent of
+sample i, so E[grad log pi(y_i) * mean_{j != i} R_j] = 0 and subtracting it changes the variance of
+the policy gradient, not its expectation. A critic's value baseline is likewise a function of what
+precedes the sampled tokens, so it too leaves the expectation unchanged: the two differ in variance
+(and in what they cost: G samples per prompt here, a value network there), not in the objective.
+Both take the same PPO-clipped steps; on the first pass the ratio is exactly 1 and the clipped and
+plain gradients agree.
+
 The same three functions (``ctrl_reward``, ``rloo_advantages``, ``ppo_loss``) drive the exact finite
 check in the tests, where a categorical policy over a fixed response set must converge to
 ``softmax(log pi_ref + R / beta)``.

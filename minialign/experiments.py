@@ -438,6 +438,8 @@ class ExperimentConfig:
     eval_samples: int = arg(8, "infalign: samples per prompt and policy", at_least=1)
     k: int = arg(32, "tilt: pi_ref samples per held-out prompt (the support of the exact optimum)", at_least=2)
     n: int = arg(4, "tilt: N of best-of-N and worst-of-N", at_least=1)
+    prompts: str = arg("test", "tilt: the support's prompts: held-out (test, n_eval per kind) or CTRL's own training "
+                               "prompts (train, every other calibration prompt)", one_of=("test", "train"))
     ctrl: str = arg("ctrl", "tilt: CTRL checkpoints under out_dir (comma-separated) to set beside their exact optima; '' = none")
     device: str = arg("auto", "auto, cpu or cuda")
 
@@ -469,6 +471,8 @@ def main(argv: list[str]) -> None:
     if argv[0] in ("bon", "calibration-noise", "tilt"):
         reward_model = load_reward(f"{cfg.out_dir}/reward")[0].to(pick_device(cfg.device)).eval()
         if argv[0] == "tilt":
+            if cfg.prompts == "train":  # where CTRL was trained: no generalisation between policy and optimum
+                prompts = [world.parse_prompt(p) for p in load_calibration(f"{cfg.out_dir}/calibration")[0][::2]]
             exact_tilt(model, reward_model, tokenizer, prompts, cfg)
             return
         if argv[0] == "calibration-noise":

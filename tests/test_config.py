@@ -87,3 +87,16 @@ def test_bounds_accept_their_edges():
     for flags in ({"p": "0"}, {"k": "-1"}, {"mode": "c"}):
         with pytest.raises(ConfigError):
             build(Probe, flags)
+
+
+def test_a_finished_stage_is_replaced_only_with_force(tmp_path):
+    small = [f"--out_dir={tmp_path}", "--steps=1", "--n_layer=1", "--n_embd=32", "--block_size=64",
+             "--batch_size=2", "--corpus_dialogues=20"]
+    TRAIN(SFT + small)
+    with pytest.raises(ConfigError, match=r"sft already holds a trained sft stage \(step 1\); pass --force "
+                                          r"to replace it, or --resume to continue it"):
+        TRAIN(SFT + small[:1] + ["--steps=3"])
+    TRAIN(SFT + small[:1] + ["--steps=2", "--resume"])  # continuing is allowed
+    TRAIN(SFT + small + ["--force"])  # and so is replacing, when asked
+    from minialign.checkpoint import load_meta
+    assert load_meta(f"{tmp_path}/sft")["step"] == 1
