@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from minialign import world
-from minialign.checkpoint import load_model, world_seed
+from minialign.checkpoint import load_model, newest_copy, world_seed
 from minialign.config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
 from minialign.evaluate import rain_markdown, rain_table, world_rates
 from minialign.rain import RainParams, rain_decode
@@ -69,7 +69,7 @@ def find_checkpoint(cfg: DecodeConfig) -> str:
     if cfg.checkpoint:
         return cfg.checkpoint
     for stage in ("sft",) if cfg.method == "rain" else ("ctrl", "sft"):
-        if os.path.exists(os.path.join(cfg.out_dir, stage, "config.json")):
+        if newest_copy(os.path.join(cfg.out_dir, stage)) is not None:
             return os.path.join(cfg.out_dir, stage)
     raise ConfigError(f"no trained model under {cfg.out_dir}/: run `python train.py` first "
                       "(or pass --checkpoint=FOLDER).")

@@ -9,11 +9,12 @@ Each stage writes out/<stage>/ and finds its inputs there. With no --stage, a st
 exists is reused unless --force is given; a flag applies to every stage that has it. With --stage, a
 stage whose checkpoint exists is refused unless --force replaces it or --resume continues it.
 """
+import contextlib
 import os
 import sys
 
 from minialign.calibrate import CalibrateConfig, run_calibration
-from minialign.checkpoint import load_meta
+from minialign.checkpoint import OutLock, load_meta, newest_copy
 from minialign.config import ConfigError, build, check_known, convert, main_guard, parse_flags, usage
 from minialign.ctrl import CTRLConfig, ctrl_folder, print_summary, train_ctrl
 from minialign.reward import RewardConfig, train_reward
@@ -34,8 +35,13 @@ def stage_folder(name: str, cfg) -> str:
 
 
 def finished(folder: str) -> bool:
-    """Whether a stage's checkpoint is there (its config.json is written last, atomically with the rest)."""
-    return os.path.exists(os.path.join(folder, "config.json"))
+    """Whether a stage's checkpoint is there (or a complete copy a crash left beside it)."""
+    return newest_copy(folder) is not None
+
+
+def run_lock(out_dir: str):
+    """The checkpoints root's lock (``checkpoint.OutLock``); under torchrun rank 0 holds it for the run."""
+    return OutLock(out_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
 
 
 def main(argv: list[str]) -> None:
@@ -54,25 +60,27 @@ def main(argv: list[str]) -> None:
         cls, run = STAGES[stage]
         cfg = build(cls, flags)
         folder = stage_folder(stage, cfg)
-        if finished(folder) and not force and not getattr(cfg, "resume", False):
-            step = load_meta(folder).get("step", "?")
-            raise ConfigError(f"{folder} already holds a trained {stage} stage (step {step}); pass --force to replace "
-                              "it" + (", or --resume to continue it." if hasattr(cfg, "resume") else "."))
-        run(cfg)
+        with run_lock(cfg.out_dir):
+            if finished(folder) and not force and not getattr(cfg, "resume", False):
+                step = load_meta(folder).get("step", "?")
+                raise ConfigError(f"{folder} already holds a trained {stage} stage (step {step}); pass --force to "
+                                  "replace it" + (", or --resume to continue it." if hasattr(cfg, "resume") else "."))
+            run(cfg)
         return
     check_known(flags, *(cls for cls, _ in STAGES.values()))
     configs = {name: build(cls, flags, strict=False) for name, (cls, _) in STAGES.items()}  # every flag checked first
     say = print if os.environ.get("RANK", "0") == "0" else lambda *_: None  # under torchrun: rank 0 speaks
-    for name, (_, run) in STAGES.items():
-        cfg = configs[name]
-        folder = stage_folder(name, cfg)
-        if finished(folder) and not force and not getattr(cfg, "resume", False):
-            say(f"[{name}] reusing {folder} (pass --force to retrain)")
-            if name == "ctrl" and say is print:
-                print_summary(load_meta(folder)["metrics"], cfg.eval_n)
-            continue
-        say(f"[{name}] running")
-        run(cfg)
+    with run_lock(configs["sft"].out_dir):
+        for name, (_, run) in STAGES.items():
+            cfg = configs[name]
+            folder = stage_folder(name, cfg)
+            if finished(folder) and not force and not getattr(cfg, "resume", False):
+                say(f"[{name}] reusing {folder} (pass --force to retrain)")
+                if name == "ctrl" and say is print:
+                    print_summary(load_meta(folder)["metrics"], cfg.eval_n)
+                continue
+            say(f"[{name}] running")
+            run(cfg)
 
 
 if __name__ == "__main__":

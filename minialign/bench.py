@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .checkpoint import atomic_write_text, load_model, world_seed
+from .checkpoint import atomic_write_text, load_model, newest_copy, world_seed
 from .config import arg, build, main_guard, parse_flags, usage
 from .evaluate import rain_table
 from .graphs import GraphDecoder
@@ -216,7 +216,7 @@ def main(argv: list[str]) -> None:
     report["train_world"] = [train_throughput(WORLD, 16, WORLD.block_size, cfg, device, bf16) for bf16 in (False, True)]
     world_tokens = min(tokens, WORLD.block_size - PROMPT_LEN)
     report["decode_world"] = [decode_speed(WORLD, b, world_tokens, device) for b in (1, 64)]
-    if os.path.exists(os.path.join(cfg.out_dir, "sft", "config.json")):
+    if newest_copy(os.path.join(cfg.out_dir, "sft")) is not None:
         report["rain_vs_vanilla"] = rain_ratio(cfg, device)
     if cfg.gpt2:
         report["train_gpt2"] = [train_throughput(GPT2_124M, 16 if on_gpu else 2, 1024 if on_gpu else 256, cfg, device,

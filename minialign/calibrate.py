@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import world
-from .checkpoint import CheckpointError, load_model, world_seed, write_folder
+from .checkpoint import CheckpointError, load_model, newest_copy, world_seed, write_folder
 from .config import arg
 from .data import load_prompts
 from .distributed import setup, wait_for_rank0
@@ -68,6 +68,7 @@ def training_prompts(cfg: CalibrateConfig) -> list[str]:
 
 def load_calibration(folder: str) -> tuple[list[str], torch.Tensor]:
     """(prompts, sorted reference rewards (P, K)) from a calibration folder."""
+    folder = newest_copy(folder) or folder  # after a crash mid-swap, the newest complete copy
     try:
         with open(os.path.join(folder, "prompts.json")) as f:
             prompts = json.load(f)

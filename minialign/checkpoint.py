@@ -12,6 +12,8 @@ half-written checkpoint under the final name; the previous checkpoint stays read
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 
 import torch
@@ -33,15 +35,52 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _leftovers(folder: str) -> list[str]:
+    """The temporary copies a writer keeps beside ``folder`` (``.NAME-tmp-*``, ``.NAME-old-*``)."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    if not os.path.isdir(parent):
+        return []
+    return [os.path.join(parent, n) for n in os.listdir(parent)
+            if n.startswith((f".{name}-tmp-", f".{name}-old-"))]
+
+
+def newest_copy(folder: str) -> str | None:
+    """Where the newest complete copy of a checkpoint folder is: the folder itself, or, when a crash
+    came between the two renames of a swap, the copy beside it that is newest. Complete means its
+    config.json is there: every writer writes that file last."""
+    done = lambda path: os.path.exists(os.path.join(path, "config.json"))  # noqa: E731
+    if done(folder):
+        return folder
+    copies = [path for path in _leftovers(folder) if done(path)]
+    return max(copies, key=lambda path: os.path.getmtime(os.path.join(path, "config.json"))) if copies else None
+
+
+def _settle(folder: str) -> None:
+    """Before writing: finish a swap a crash interrupted (the newest complete copy takes the folder's
+    place) and delete what crashes left beside it. Only a writer does this; readers just read from
+    ``newest_copy``, so they never move a folder under a running writer."""
+    newest = newest_copy(folder)
+    if newest is not None and newest != folder:
+        os.replace(newest, folder)
+    for path in _leftovers(folder):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def write_folder(folder: str, write) -> None:
     """Replace ``folder`` atomically: ``write(tmp)`` fills a temporary folder beside it, which is then
-    renamed into place (the old folder, if any, is moved aside first and deleted last)."""
+    renamed into place (the old folder, if any, is moved aside first and deleted last). A crash
+    between the two renames leaves both complete copies beside the folder's place: readers find the
+    newer one (``newest_copy``) and the next write puts it back in place."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
+    _settle(folder)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}-tmp-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); a checkpoint is an ordinary folder
+    old = None
     try:
         write(tmp)
-        old = None
         if os.path.exists(folder):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}-old-")
             os.rmdir(old)
@@ -49,9 +88,60 @@ def write_folder(folder: str, write) -> None:
         os.replace(tmp, folder)
         if old:
             shutil.rmtree(old)
-    except BaseException:
+    except BaseException:  # an error or Ctrl-C (a kill -9 runs nothing: readers then use newest_copy)
+        if old and os.path.exists(old) and not os.path.exists(folder):
+            os.replace(old, folder)  # interrupted between the renames: the old checkpoint goes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class OutLock:
+    """One training run per checkpoints root: ``out/.lock`` holds the running process's id, host and
+    command. A second run stops with one sentence naming the first; a lock whose process has died (on
+    this host) is taken over. Used as ``with OutLock(out_dir): ...``."""
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, ".lock")
+        self.mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}
+
+    def __enter__(self) -> "OutLock":
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and self._alive(holder):
+                    raise CheckpointError(
+                        f"another run is writing to {os.path.dirname(self.path)}: pid {holder['pid']} on "
+                        f"{holder['host']} (`{holder['command']}`); wait for it to finish, or stop it.")
+                os.remove(self.path)  # left by a run that died: take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.mine, f)
+            return self
+
+    def __exit__(self, *exc) -> None:
+        if self._holder() == self.mine:
+            os.remove(self.path)
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None  # half-written or unreadable: nobody can be holding it
+
+    def _alive(self, holder: dict) -> bool:
+        if holder.get("host") != self.mine["host"]:
+            return True  # another machine's process cannot be checked from here
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # someone else's live process
+        return True
 
 
 def save(folder: str, model: torch.nn.Module, meta: dict, state: dict | None = None) -> None:
@@ -75,9 +165,10 @@ def _torch_load(path: str):
 
 def load_meta(folder: str, hint: str = "python train.py") -> dict:
     """The config.json of a checkpoint folder; a missing one says which command creates it."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
+    found = newest_copy(folder)
+    if found is None:
         raise CheckpointError(f"no checkpoint in {folder}: run `{hint}` first.")
+    path = os.path.join(found, "config.json")
     try:
         with open(path) as f:
             return json.load(f)
@@ -87,7 +178,7 @@ def load_meta(folder: str, hint: str = "python train.py") -> dict:
 
 def load_weights(folder: str, module: torch.nn.Module) -> None:
     """Load ``folder/model.pt`` into ``module``, checking every key and shape."""
-    path = os.path.join(folder, "model.pt")
+    path = os.path.join(newest_copy(folder) or folder, "model.pt")
     state = _torch_load(path)
     try:
         module.load_state_dict(state)
@@ -111,7 +202,7 @@ def world_seed(out_dir: str) -> int:
 
 def load_state(folder: str) -> dict:
     """The resume state (optimizer, generator, step) of a checkpoint folder."""
-    path = os.path.join(folder, "state.pt")
+    path = os.path.join(newest_copy(folder) or folder, "state.pt")
     if not os.path.exists(path):
         raise CheckpointError(f"{folder} has no state.pt to resume from; run the stage without --resume.")
     return _torch_load(path)

@@ -100,3 +100,14 @@ def test_a_finished_stage_is_replaced_only_with_force(tmp_path):
     TRAIN(SFT + small + ["--force"])  # and so is replacing, when asked
     from minialign.checkpoint import load_meta
     assert load_meta(f"{tmp_path}/sft")["step"] == 1
+
+
+def test_train_refuses_an_out_dir_another_run_holds(tmp_path):
+    import json
+    import socket
+    with open(tmp_path / ".lock", "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": "python train.py"}, f)
+    from minialign.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="another run is writing to"):
+        TRAIN(SFT + [f"--out_dir={tmp_path}", "--steps=1", "--corpus_dialogues=20"])
+    assert sorted(os.listdir(tmp_path)) == [".lock"]
