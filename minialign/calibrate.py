@@ -73,9 +73,13 @@ def load_calibration(folder: str) -> tuple[list[str], torch.Tensor]:
         with open(os.path.join(folder, "prompts.json")) as f:
             prompts = json.load(f)
         rewards = torch.load(os.path.join(folder, "rewards.pt"), weights_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # missing, truncated, not JSON, not a tensor file (a pickle error is none of the above)
         raise CheckpointError(f"no usable calibration in {folder} ({type(err).__name__}): "
-                              "run `python train.py --stage calibrate` first.") from None
+                              "run `python train.py --stage calibrate --force` to write it again.") from None
+    if not (isinstance(prompts, list) and isinstance(rewards, torch.Tensor) and rewards.dim() == 2
+            and rewards.size(0) == len(prompts)):
+        raise CheckpointError(f"the calibration in {folder} does not match its prompts (one row of rewards per "
+                              "prompt): run `python train.py --stage calibrate --force` to write it again.")
     return prompts, rewards
 
 

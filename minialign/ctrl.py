@@ -53,7 +53,7 @@ from .model import GPT, length_chunks, sequence_logprobs, token_logprobs
 from .reward_model import load_reward, score
 from .sampling import generate, stop_ids
 from .tokenizer import get_tokenizer
-from .training import MetricsLog, clip_gradients, make_optimizer, pick_device
+from .training import MetricsLog, check_resume, clip_gradients, make_optimizer, pick_device
 
 TRANSFORMS = ("raw", "identity", "log", "exp")
 
@@ -210,6 +210,7 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
     prompts, sorted_reference = load_calibration(f"{cfg.out_dir}/calibration")
     policy = copy.deepcopy(reference)
     if cfg.resume:
+        check_resume(folder, cfg, free=("steps",))  # a constant learning rate: more steps extend the same run
         load_weights(folder, policy)
     state = load_state(folder) if cfg.resume else None
     for m in (reference, reward_model):

@@ -20,7 +20,7 @@ from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import from_pretrained, row_chunks
 from .reward_model import RewardModel, encode_batch, load_reward, score
 from .tokenizer import check_pairing, get_tokenizer
-from .training import (MetricsLog, announce_precision, autocast, clip_gradients, cosine_lr, make_optimizer,
+from .training import (MetricsLog, announce_precision, autocast, check_resume, clip_gradients, cosine_lr, make_optimizer,
                        pick_device, precision_name, resolve_bf16, set_lr)
 
 
@@ -125,6 +125,7 @@ def train_reward(cfg: RewardConfig) -> dict:
         train_pairs = world_pair_tuples(world.preference_pairs(cfg.n_pairs, seed, cfg.label_temperature))
         test_pairs = world_pair_tuples(world.preference_pairs(1000, seed, cfg.label_temperature, split="test"))
     if cfg.resume:
+        check_resume(folder, cfg)
         model, _ = load_reward(folder)
         state = load_state(folder)
         tokenizer = get_tokenizer(load_meta(folder)["tokenizer"])

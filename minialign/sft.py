@@ -21,7 +21,7 @@ from .data import load_documents, pack, random_windows
 from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import check_pairing, get_tokenizer
-from .training import (MetricsLog, announce_precision, autocast, clip_gradients, cosine_lr, make_optimizer,
+from .training import (MetricsLog, announce_precision, autocast, check_resume, clip_gradients, cosine_lr, make_optimizer,
                        pick_device, precision_name, resolve_bf16, set_lr)
 
 
@@ -94,6 +94,7 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
     val_tokens, val_w = pack(docs[:n_val], tokenizer, cfg.answer_weight)
 
     if cfg.resume:
+        check_resume(folder, cfg)
         model, meta = load_model(folder)
         state = load_state(folder)
     else:

@@ -4,6 +4,7 @@ Kept deliberately small: each stage (``sft.py``, ``reward.py``, ``ctrl.py``) wri
 to bottom and calls these helpers for the parts that are the same everywhere.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import time
 
 import torch
 
+from .checkpoint import load_meta
 from .config import ConfigError
 
 # oneDNN instruction sets (values of ONEDNN_MAX_CPU_ISA) below which it has no bf16 matmul kernels
@@ -91,6 +93,20 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+RESUME_FREE = ("resume", "stop_at", "eval_every", "save_every", "device", "bf16", "out_dir")
+
+
+def check_resume(folder: str, cfg, free: tuple[str, ...] = ()) -> None:
+    """``--resume`` continues a run exactly, so it refuses any flag that would change the run's
+    schedule, data or model: everything but when it stops and saves, the device, the precision and
+    the stage's own ``free`` flags."""
+    saved = load_meta(folder)["config"]
+    for key, value in dataclasses.asdict(cfg).items():
+        if key not in RESUME_FREE + free and key in saved and saved[key] != value:
+            raise ConfigError(f"--{key} is {value!r} but {folder} was trained with {saved[key]!r}; --resume continues "
+                              f"a run with its own flags (drop --{key}, or start over with --force).")
 
 
 class TrainingError(ConfigError):

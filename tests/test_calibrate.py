@@ -1,4 +1,5 @@
 """Calibration: C_hat in [0, 1], mean exactly 1/2 under pi_ref, invariant to increasing transforms, ties half."""
+import pytest
 import torch
 
 from minialign.calibrate import calibrated
@@ -39,3 +40,24 @@ def test_uniform_under_reference_without_ties():
     ref = torch.randn(3, 64)
     c = calibrated(ref.sort(1).values, ref).sort(1).values
     torch.testing.assert_close(c, ((torch.arange(64) + 0.5) / 64).expand(3, -1))
+
+
+@pytest.mark.parametrize("rewards_file", [b"not a tensor file", "pickle", "mismatch"])
+def test_a_broken_calibration_is_one_sentence(tmp_path, rewards_file):
+    import json
+    import pickle
+
+    from minialign.calibrate import load_calibration
+    from minialign.checkpoint import CheckpointError
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "prompts.json").write_text(json.dumps(["a", "b"]))
+    if rewards_file == "pickle":
+        (folder / "rewards.pt").write_bytes(pickle.dumps(object(), protocol=2))  # weights_only refuses it
+    elif rewards_file == "mismatch":
+        torch.save(torch.zeros(3, 4), folder / "rewards.pt")  # three rows for two prompts
+    else:
+        (folder / "rewards.pt").write_bytes(rewards_file)
+    with pytest.raises(CheckpointError, match="calibrate --force"):
+        load_calibration(str(folder))

@@ -7,6 +7,7 @@ import torch
 
 from minialign.checkpoint import CheckpointError, load_model
 from minialign.data import DataError, load_pairs
+from minialign.config import ConfigError
 from minialign.sft import SFTConfig, train_sft
 from minialign.training import TrainingError
 
@@ -74,3 +75,13 @@ def test_non_finite_gradient_stops_before_the_weights_or_checkpoint_change(tmp_p
     with pytest.raises(TrainingError):  # checkpoints at every step: each one written is finite
         train_sft(SFTConfig(out_dir=str(tmp_path), steps=8, **{**SMALL, "lr": 1e12, "eval_every": 1}))
     assert all(torch.isfinite(v).all() for v in params(tmp_path / "sft").values())
+
+
+def test_resume_refuses_flags_that_change_the_run(tmp_path):
+    train_sft(SFTConfig(out_dir=str(tmp_path), steps=6, stop_at=2, **SMALL))
+    for change, sentence in ((dict(steps=9), "--steps is 9 but"), (dict(n_embd=64), "--n_embd is 64 but"),
+                             (dict(lr=5e-3), "--lr is 0.005 but")):
+        with pytest.raises(ConfigError, match=sentence + ".*trained with"):
+            train_sft(SFTConfig(out_dir=str(tmp_path), resume=True, **{"steps": 6, **SMALL, **change}))
+    train_sft(SFTConfig(out_dir=str(tmp_path), steps=6, stop_at=4, resume=True, **{**SMALL, "eval_every": 1}))
+    assert load_model(str(tmp_path / "sft"))[1]["step"] == 4  # when it stops and saves may change
