@@ -96,7 +96,7 @@ def test_a_finished_stage_is_replaced_only_with_force(tmp_path):
     with pytest.raises(ConfigError, match=r"sft already holds a trained sft stage \(step 1\); pass --force "
                                           r"to replace it, or --resume to continue it"):
         TRAIN(SFT + small[:1] + ["--steps=3"])
-    TRAIN(SFT + small[:1] + ["--steps=2", "--resume"])  # continuing is allowed
+    TRAIN(SFT + small + ["--resume"])  # continuing (with the same flags) is allowed
     TRAIN(SFT + small + ["--force"])  # and so is replacing, when asked
     from minialign.checkpoint import load_meta
     assert load_meta(f"{tmp_path}/sft")["step"] == 1
