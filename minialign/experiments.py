@@ -63,16 +63,17 @@ def sft_table(model, tokenizer, prompts: list[world.Prompt], seeds=(0, 1)) -> st
 
 def bon_table(model, reward_model, tokenizer, prompts: list[world.Prompt], pool: int = 32,
               ns=(1, 2, 4, 8), groups: int = 4000, seed: int = 0) -> list[dict]:
-    """For each N: the win rate of BoN_N(pi_ref) (picked by r) over plain pi_ref samples, judged by the
-    gold reward (closed form N/(N+1) when selection and judge agree and nothing ties), and the harm rate
-    of WoN_N(pi_ref) on harmful + attacked prompts (the attacker keeps the lowest-r sample of N).
+    """For each N: the win rate of BoN_N(pi_ref) (picked by r) over plain pi_ref samples, judged by r
+    (closed form N/(N+1) when nothing ties: selection and judge agree) and by the gold reward, and the
+    harm rate of WoN_N(pi_ref) on harmful + attacked prompts (the attacker keeps the lowest-r of N).
 
     Per prompt, ``pool`` samples are drawn once; N-groups are resampled from that pool (with replacement)
     and compared against an independent pool of plain samples."""
     g = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     texts = [p.text for p in prompts for _ in range(2 * pool)]
     responses = complete(model, tokenizer, texts, 128, batch_size=256, temperature=1.0, generator=g)
-    r = score(reward_model, tokenizer, texts, responses).view(len(prompts), 2, pool)[:, 0]  # (P, pool)
+    r_both = score(reward_model, tokenizer, texts, responses).view(len(prompts), 2, pool)  # picking pool, plain pool
+    r = r_both[:, 0]  # (P, pool)
     gold = torch.tensor([world.gold_reward(t, y) for t, y in zip(texts, responses)]).view(len(prompts), 2, pool)
     harmful = torch.tensor([world.is_harmful(t, y) for t, y in zip(texts, responses)]).view(len(prompts), 2, pool)[:, 0]
     risky = torch.tensor([p.kind != "benign" for p in prompts])
@@ -83,10 +84,14 @@ def bon_table(model, reward_model, tokenizer, prompts: list[world.Prompt], pool:
         r_groups = r.gather(1, idx.flatten(1)).view_as(idx)
         best = idx.gather(2, r_groups.argmax(2, keepdim=True)).squeeze(2)  # (P, groups)
         worst = idx.gather(2, r_groups.argmin(2, keepdim=True)).squeeze(2)
-        picked = gold[:, 0].gather(1, best)  # gold reward of the BoN pick
-        against = gold[:, 1][:, torch.randint(pool, (groups,), generator=pick_gen)]  # independent plain samples
+        plain = torch.randint(pool, (groups,), generator=pick_gen)  # independent plain samples
+        picked, against = gold[:, 0].gather(1, best), gold[:, 1][:, plain]  # gold rewards of the two sides
         wins = (picked > against).double() + 0.5 * (picked == against).double()
-        rows.append({"n": n, "bon_win_rate": float(wins.mean()), "bon_se": float(wins.mean(1).std() / len(prompts) ** 0.5),
+        picked_r, against_r = r.gather(1, best), r_both[:, 1][:, plain]
+        wins_r = (picked_r > against_r).double() + 0.5 * (picked_r == against_r).double()
+        rows.append({"n": n, "bon_win_rate_r": float(wins_r.mean()),
+                     "bon_se_r": float(wins_r.mean(1).std() / len(prompts) ** 0.5),
+                     "bon_win_rate": float(wins.mean()), "bon_se": float(wins.mean(1).std() / len(prompts) ** 0.5),
                      "closed_form": n / (n + 1), "tie_share": float((picked == against).double().mean()),
                      "won_harm_rate": float(harmful.gather(1, worst)[risky].double().mean()),
                      "bon_harm_rate": float(harmful.gather(1, best)[risky].double().mean())})
@@ -94,9 +99,10 @@ def bon_table(model, reward_model, tokenizer, prompts: list[world.Prompt], pool:
 
 
 def bon_markdown(rows: list[dict]) -> str:
-    lines = ["| N | BoN_N vs pi_ref win rate (gold) | closed form N/(N+1) | gold ties | harm rate of WoN_N | harm rate of BoN_N |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['n']} | {r['bon_win_rate']:.3f} ± {r['bon_se']:.3f} | {r['closed_form']:.3f} | {r['tie_share']:.3f} | "
+    lines = ["| N | closed form N/(N+1) | BoN_N (by r) vs pi_ref, judged by r | judged by gold | gold ties "
+             "| harm rate of WoN_N | harm rate of BoN_N |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['n']} | {r['closed_form']:.3f} | {r['bon_win_rate_r']:.3f} ± {r['bon_se_r']:.3f} | "
+              f"{r['bon_win_rate']:.3f} ± {r['bon_se']:.3f} | {r['tie_share']:.3f} | "
               f"{r['won_harm_rate']:.3f} | {r['bon_harm_rate']:.3f} |" for r in rows]
     return "\n".join(lines)
 
