@@ -9,6 +9,8 @@ A checkpoint is one folder per stage (``out/sft``, ``out/reward``, ...):
 The folder is written next to its final place and renamed into it, so a crash never leaves a
 half-written checkpoint under the final name; the previous checkpoint stays readable until the swap.
 """
+import csv
+import io
 import json
 import os
 import shutil
@@ -33,6 +35,35 @@ def atomic_write_text(path: str, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """A table of results (one dict per row) as CSV, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def pyplot():
+    """matplotlib.pyplot without a display, or None (with a note) when the plot extra is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[plot]'): skipping the figure.")
+        return None
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """A matplotlib figure as PNG, written atomically."""
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)  # atomic: a reader never sees half a figure
+    print(f"wrote {path}")
 
 
 def _leftovers(folder: str) -> list[str]:

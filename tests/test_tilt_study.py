@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minialign import tilt
-from minialign.experiments import (TILT_TRANSFORMS, TILT_VIEWS, noisy_gold, phi_of, reward_quality_rows,
-                                   style_agreement, tilt_markdown, tilt_rows)
+from minialign.tilt_study import (TILT_TRANSFORMS, TILT_VIEWS, noisy_gold, phi_of, reward_quality_rows,
+                                  style_agreement, tilt_markdown, tilt_rows)
 
 
 def synthetic_support(prompts=12, k=16, seed=0) -> dict:
