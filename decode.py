@@ -65,6 +65,15 @@ def print_gold(prompt: str, response: str) -> None:
         pass  # not a world prompt: nothing to grade against
 
 
+def say_if_cut(model, tokenizer, prompt: str, response: str, max_new_tokens: int, who: str = "the") -> None:
+    """Say so when a reply used all the room the model's context leaves after the prompt (it may have
+    been cut there, not ended); a reply cut by --max_new_tokens is what was asked for."""
+    room = model.config.block_size - len(tokenizer.encode(prompt))
+    if room <= max_new_tokens and len(tokenizer.encode(prompt + " " + response)) >= model.config.block_size - 1:
+        print(f"note: {who} reply reached the model's context limit ({model.config.block_size} tokens, "
+              f"{room} after the prompt) and may be cut short; shorten the prompt for a longer reply.")
+
+
 def find_checkpoint(cfg: DecodeConfig) -> str:
     if cfg.checkpoint:
         return cfg.checkpoint
@@ -109,6 +118,7 @@ def main(argv: list[str]) -> None:
         start = time.time()
         response = respond([text])[0]
         print(f"{text} {response}\n({time.time() - start:.2f} s)")
+        say_if_cut(model, tokenizer, text, response, cfg.max_new_tokens)
         print_gold(text, response)
         return
     prompts = world.eval_prompts(cfg.n_eval, eval_world(cfg, meta))
@@ -145,6 +155,8 @@ def decode_rain(cfg: DecodeConfig, params: RainParams, model, tokenizer, meta: d
     trace = SearchTrace() if cfg.trace else None
     answer, stats = rain_decode(model, tokenizer, text, question, params, cfg.max_new_tokens, generator, trace)
     print(f"{text}\n  vanilla (greedy): {vanilla}\n  RAIN:             {answer}")
+    say_if_cut(model, tokenizer, text, vanilla, cfg.max_new_tokens, "vanilla")
+    say_if_cut(model, tokenizer, text, answer, stats["max_new_tokens"], "RAIN")
     print(f"search: {stats['iterations']} iterations, {stats['rewinds']} rewinds, {stats['nodes']} nodes, "
           f"{len(stats['judged'])} self-evaluations, {stats['seconds']:.2f} s")
     print_gold(text, answer)

@@ -10,6 +10,7 @@ The folder is written next to its final place and renamed into it, so a crash ne
 half-written checkpoint under the final name; the previous checkpoint stays readable until the swap.
 """
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -194,17 +195,55 @@ def _torch_load(path: str):
                               "delete its folder and run that stage again.") from None
 
 
-def load_meta(folder: str, hint: str = "python train.py") -> dict:
-    """The config.json of a checkpoint folder; a missing one says which command creates it."""
+def load_meta(folder: str, hint: str = "python train.py", model: bool = False) -> dict:
+    """The config.json of a checkpoint folder; a missing one says which command creates it, a malformed
+    one (``model``: one that must also describe a model) lists its defects."""
     found = newest_copy(folder)
     if found is None:
         raise CheckpointError(f"no checkpoint in {folder}: run `{hint}` first.")
     path = os.path.join(found, "config.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            meta = json.load(f)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); delete the folder and run the stage again.") from None
+    defects = meta_defects(meta, model)
+    if defects:
+        raise CheckpointError(f"{path}: " + " ".join(defects) + " Delete the folder and run the stage again.")
+    return meta
+
+
+MAX_PARAMETERS = 2_000_000_000  # GPT-2 XL has 1.56e9; a config.json asking for more is refused unread
+
+
+def meta_defects(meta, model: bool = False) -> list[str]:
+    """One sentence per defect of a config.json, checked before anything is allocated: the fields every
+    stage reads and their types; with ``model``, also the model's fields and a size that is positive,
+    consistent and bounded."""
+    if not isinstance(meta, dict):
+        return [f"is a JSON {type(meta).__name__}, not an object."]
+    expected = {"stage": str, "config": dict} | ({"step": int, "tokenizer": str, "model": dict} if model else {})
+    defects = [f"{key!r} is missing." if key not in meta else f"{key!r} should be a {kind.__name__}."
+               for key, kind in expected.items() if not isinstance(meta.get(key), kind)]
+    if isinstance(meta.get("tokenizer"), str) and meta["tokenizer"] not in ("bytes", "gpt2"):
+        defects.append(f"'tokenizer' is {meta['tokenizer']!r}, not 'bytes' or 'gpt2'.")
+    model = meta.get("model")
+    if not isinstance(model, dict) or not expected.get("model"):
+        return defects
+    sizes = {f.name for f in dataclasses.fields(GPTConfig)}
+    defects += [f"'model' has an unknown field {key!r}." for key in model if key not in sizes]
+    bad = [key for key in sizes if not (type(model.get(key)) is int and model[key] > 0)]
+    defects += [f"'model.{key}' should be a positive integer." for key in sorted(bad)]
+    if bad:
+        return defects
+    if model["n_embd"] % model["n_head"]:
+        defects.append(f"'model.n_embd' ({model['n_embd']}) is not a multiple of 'model.n_head' ({model['n_head']}).")
+    d = model["n_embd"]
+    parameters = (model["vocab_size"] + model["block_size"]) * d + 12 * model["n_layer"] * d * d
+    if parameters > MAX_PARAMETERS:
+        defects.append(f"'model' describes about {parameters:.2g} parameters, more than the {MAX_PARAMETERS:.0e} "
+                       "any GPT-2 has.")
+    return defects
 
 
 def load_weights(folder: str, module: torch.nn.Module) -> None:
@@ -219,7 +258,7 @@ def load_weights(folder: str, module: torch.nn.Module) -> None:
 
 def load_model(folder: str, hint: str = "python train.py --stage sft") -> tuple[GPT, dict]:
     """A language model and its meta from a checkpoint folder written by ``save``."""
-    meta = load_meta(folder, hint)
+    meta = load_meta(folder, hint, model=True)
     model = GPT(GPTConfig(**meta["model"]))
     load_weights(folder, model)
     return model, meta

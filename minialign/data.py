@@ -7,6 +7,7 @@
   including the last ``Assistant:``, and the response is what follows.
 - A malformed line is a ``DataError`` naming the file and the line.
 """
+import gzip
 import json
 import os
 
@@ -54,21 +55,40 @@ def random_windows(tokens: torch.Tensor, weights: torch.Tensor, batch_size: int,
     return chunk[:, :-1], chunk[:, 1:], wchunk[:, 1:]
 
 
-def _jsonl_rows(path: str):
-    """(line number, object) for each non-empty line; a broken line names the file and line."""
+def read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file, gzip-compressed if its name ends in .gz; a missing file, a folder
+    or bytes that are not UTF-8 are a DataError naming the file (and the line)."""
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder; give a .jsonl or .txt file (optionally .gz).")
     if not os.path.exists(path):
         raise DataError(f"{path} does not exist.")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object.")
-            yield number, row
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # a .gz that is not gzip, or is cut short
+        raise DataError(f"{path} cannot be read ({err}); check that it is a complete file.") from None
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        try:
+            lines[number - 1] = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}, line {number}: not UTF-8 text (byte {err.start + 1}); "
+                            "re-encode the file as UTF-8.") from None
+    return lines
+
+
+def _jsonl_rows(path: str):
+    """(line number, object) for each non-empty line; a broken line names the file and line."""
+    for number, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object.")
+        yield number, row
 
 
 def split_transcript(transcript: str) -> tuple[str, str]:
@@ -101,7 +121,7 @@ def load_pairs(path: str) -> list[tuple[str, str, str]]:
 def load_documents(path: str) -> list[str]:
     """A training corpus: a .jsonl file with a "text" field per line (or HH-format pairs, whose chosen
     transcripts become the documents), or plain text split at blank lines."""
-    if path.endswith(".jsonl"):
+    if path.removesuffix(".gz").endswith(".jsonl"):
         docs = []
         for number, row in _jsonl_rows(path):
             text = row.get("text", row.get("chosen"))
@@ -109,25 +129,19 @@ def load_documents(path: str) -> list[str]:
                 raise DataError(f"{path}, line {number}: expected a \"text\" (or HH \"chosen\") string field.")
             docs.append(text)
         return docs
-    if not os.path.exists(path):
-        raise DataError(f"{path} does not exist.")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    return [d.strip() for d in "\n".join(read_lines(path)).split("\n\n") if d.strip()]
 
 
 def load_prompts(path: str) -> list[str]:
     """Prompts from a .jsonl file with a "prompt" field per line (or one prompt per line of text)."""
-    if path.endswith(".jsonl"):
+    if path.removesuffix(".gz").endswith(".jsonl"):
         prompts = []
         for number, row in _jsonl_rows(path):
             if not isinstance(row.get("prompt"), str):
                 raise DataError(f"{path}, line {number}: expected a \"prompt\" string field.")
             prompts.append(row["prompt"])
         return prompts
-    if not os.path.exists(path):
-        raise DataError(f"{path} does not exist.")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    return [line for line in read_lines(path) if line.strip()]
 
 
 def right_pad(rows: list[list[int]], pad: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:

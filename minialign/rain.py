@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import arg
-from .model import GPT
+from .model import GPT, ModelError
 from .rain_proposer import CLAUSE_END, Proposer, Rollout, continuation_embeddings
 from .rain_tree import (Node, add_children, backup, best_child, ready_to_commit, remix_after_commit,
                         select_child, wants_addition)
@@ -83,8 +83,13 @@ class Rain:
         self.context = self.proposer.context(tokenizer.encode(prompt))  # the prompt: above every token set
         self.root = self.context  # the search root: moves down at every commit
         # the prompt, the answer, one token set and a rollout must fit in the context
-        self.max_new_tokens = min(max_new_tokens, model.config.block_size - len(self.context.tokens)
-                                  - params.rollout_tokens - self.lengths[-1])
+        room = model.config.block_size - len(self.context.tokens) - params.rollout_tokens - self.lengths[-1]
+        if room < 1:
+            raise ModelError(f"the prompt is {len(self.context.tokens)} tokens; RAIN needs room after it for a "
+                             f"token set ({self.lengths[-1]}) and a rollout ({params.rollout_tokens}) within the "
+                             f"model's context of {model.config.block_size}: shorten the prompt or lower "
+                             "--rollout_tokens.")
+        self.max_new_tokens = min(max_new_tokens, room)
         self.stats = {"iterations": 0, "rewinds": 0, "nodes": 0, "additions": 0, "sibling_pairs": 0, "similar_pairs": 0}
         self._last_leaf = None
 
@@ -201,4 +206,5 @@ def rain_decode(model: GPT, tokenizer: Tokenizer, prompt: str, question: str, pa
     start = time.time()
     search = Rain(model, tokenizer, params, question, prompt, max_new_tokens, generator, trace)
     answer = tokenizer.decode(search.decode()).strip()
-    return answer, dict(search.stats, seconds=time.time() - start, judged=search.judge.memo)
+    return answer, dict(search.stats, seconds=time.time() - start, judged=search.judge.memo,
+                        max_new_tokens=search.max_new_tokens)

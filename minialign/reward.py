@@ -15,7 +15,7 @@ from tqdm import tqdm
 from . import world
 from .checkpoint import load_meta, load_model, load_state, save, world_seed
 from .config import arg
-from .data import load_pairs, split_transcript
+from .data import DataError, load_pairs, split_transcript
 from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import from_pretrained, row_chunks
 from .reward_model import RewardModel, encode_batch, load_reward, score
@@ -118,6 +118,9 @@ def train_reward(cfg: RewardConfig) -> dict:
     folder = f"{cfg.out_dir}/reward"
     if cfg.data:
         pairs = load_pairs(cfg.data)
+        if len(pairs) < 2:
+            raise DataError(f"{cfg.data} holds one preference pair; the reward stage needs at least two "
+                            "(a tenth, at least one, is held out to measure accuracy).")
         n_test = max(1, len(pairs) // 10)
         train_pairs, test_pairs = pairs[n_test:], pairs[:n_test]
     else:

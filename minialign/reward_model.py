@@ -67,7 +67,7 @@ def score(model: RewardModel, tokenizer: Tokenizer, prompts: list[str], response
 
 def load_reward(folder: str) -> tuple[RewardModel, dict]:
     """A reward model and its meta from a checkpoint folder written by the reward stage."""
-    meta = load_meta(folder, "python train.py --stage reward")
+    meta = load_meta(folder, "python train.py --stage reward", model=True)
     model = RewardModel(GPTConfig(**meta["model"]))
     load_weights(folder, model)
     return model, meta

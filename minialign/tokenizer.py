@@ -64,9 +64,19 @@ def get_tokenizer(name: str) -> Tokenizer:
     raise TokenizerError(f"Unknown tokenizer {name!r}: choose 'bytes' or 'gpt2'.")
 
 
+VOCAB_PADDING = 128  # a model may round its vocabulary up for speed (GPT-2's 50257 to 50304)
+
+
 def check_pairing(tokenizer: Tokenizer, model_vocab_size: int, source: str) -> None:
-    """Refuse a model whose vocabulary cannot hold this tokenizer's ids."""
+    """Refuse a model and tokenizer that do not fit each other, either way: a model whose vocabulary
+    cannot hold this tokenizer's ids, or one whose vocabulary is far larger (more than padding), which
+    would emit ids this tokenizer cannot decode."""
     if tokenizer.vocab_size > model_vocab_size:
         raise TokenizerError(
             f"{source}: the model has a vocabulary of {model_vocab_size} but the {tokenizer.name} tokenizer "
             f"needs {tokenizer.vocab_size}; use the tokenizer the checkpoint was trained with.")
+    if model_vocab_size >= tokenizer.vocab_size + VOCAB_PADDING:
+        raise TokenizerError(
+            f"{source}: the model has a vocabulary of {model_vocab_size} but the {tokenizer.name} tokenizer "
+            f"knows only {tokenizer.vocab_size} ids, so the model would emit ids it cannot decode; use the "
+            "tokenizer the model was trained with (--tokenizer gpt2 for GPT-2 weights).")

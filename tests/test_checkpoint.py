@@ -15,7 +15,7 @@ from minialign.checkpoint import CheckpointError, OutLock, load_meta, load_weigh
 
 def checkpoint(folder, step):
     save(str(folder), torch.nn.Linear(2, 2, bias=False).requires_grad_(False).apply(
-        lambda m: torch.nn.init.constant_(m.weight, float(step))), {"step": step})
+        lambda m: torch.nn.init.constant_(m.weight, float(step))), {"stage": "sft", "config": {}, "step": step})
 
 
 KILL_BETWEEN_RENAMES = """
@@ -28,7 +28,7 @@ def replace(src, dst):
         os._exit(9)  # kill -9 right after the old folder moved aside, before the new one moved in
 os.replace = replace
 save(sys.argv[1], torch.nn.Linear(2, 2, bias=False).requires_grad_(False).apply(
-    lambda m: torch.nn.init.constant_(m.weight, 2.0)), {"step": 2})
+    lambda m: torch.nn.init.constant_(m.weight, 2.0)), {"stage": "sft", "config": {}, "step": 2})
 """
 
 
@@ -87,7 +87,7 @@ def test_checkpoint_folders_are_ordinary_folders(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "reward").st_mode) == 0o755  # not mkdtemp's 0700
     with open(tmp_path / "reward" / "config.json") as f:
-        assert json.load(f) == {"step": 1}
+        assert json.load(f)["step"] == 1
 
 
 def lock_file(out_dir, pid, command="python train.py --stage sft"):

@@ -1,6 +1,12 @@
-"""The two entry points: unknown flags list the valid ones; missing checkpoints say what to run."""
+"""The two entry points: unknown flags list the valid ones; missing checkpoints say what to run; bad
+inputs end in one sentence and leave out/ as it was."""
+import gzip
+import json
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 
@@ -52,3 +58,73 @@ def test_rain_without_a_prompt_decodes_the_demo_prompt_both_ways(tmp_path):
               "--min_new_visits=2")
     assert out.returncode == 0, out.stderr
     assert "demo prompt" in out.stdout and "vanilla (greedy):" in out.stdout and "RAIN:" in out.stdout
+
+
+# --- bad inputs through the real CLIs: exit code 2, one sentence, no traceback, out/ untouched ---------
+
+def _snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _edit_config(change):
+    def edit(out):
+        path = out / "sft" / "config.json"
+        meta = json.loads(path.read_text())
+        path.write_text(json.dumps(change(meta)))
+    return edit
+
+
+def _write(name, content: bytes):
+    def write(out):
+        (out.parent / name).write_bytes(content)
+    return write
+
+
+BAD_INPUTS = [  # (name, edit of the trained out/ or a file beside it, CLI arguments, words of the sentence)
+    ("config.json a list", _edit_config(lambda m: [m]), ["decode.py", "--prompt=hi"], "is a JSON list, not an object"),
+    ("config.json without model", _edit_config(lambda m: {k: v for k, v in m.items() if k != "model"}),
+     ["decode.py", "--prompt=hi"], "'model' is missing"),
+    ("config.json n_head 0", _edit_config(lambda m: {**m, "model": {**m["model"], "n_head": 0}}),
+     ["decode.py", "--prompt=hi"], "'model.n_head' should be a positive integer"),
+    ("config.json asks for 50 GB", _edit_config(lambda m: {**m, "model": {**m["model"], "n_embd": 65536, "n_layer": 48}}),
+     ["decode.py", "--prompt=hi"], "more than the 2e+09 any GPT-2 has"),
+    ("data is a folder", lambda out: (out.parent / "folder").mkdir(),
+     ["train.py", "--stage=sft", "--data={dir}/folder", "--force"], "is a folder"),
+    ("data not UTF-8", _write("bad.txt", b"fine line\n\xff\xfe broken\n"),
+     ["train.py", "--stage=sft", "--data={dir}/bad.txt", "--force"], "bad.txt, line 2: not UTF-8 text"),
+    ("data gzip cut short", _write("cut.jsonl.gz", gzip.compress(b'{"text": "hello"}\n')[:12]),
+     ["train.py", "--stage=sft", "--data={dir}/cut.jsonl.gz", "--force"], "cannot be read"),
+    ("one preference pair", _write("one.jsonl", b'{"chosen": "Human: a\\nAssistant: b", "rejected": "Human: a\\nAssistant: c"}\n'),
+     ["train.py", "--stage=reward", "--data={dir}/one.jsonl", "--steps=1"], "holds one preference pair"),
+    ("RAIN with no room", lambda out: None, ["decode.py", "--method=rain", "--prompt=" + "x" * 30],
+     "RAIN needs room after it"),
+]
+
+
+@pytest.fixture(scope="module")
+def trained_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "out"
+    result = run("train.py", "--stage", "sft", f"--out_dir={out}", "--steps=1", "--n_layer=1", "--n_embd=32",
+                 "--block_size=64", "--batch_size=2", "--corpus_dialogues=100")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("name, edit, args, sentence", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_sentence_and_out_is_untouched(name, edit, args, sentence, trained_out, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained_out, out)
+    edit(out)
+    before = _snapshot(out)
+    result = run(*[a.format(dir=tmp_path) for a in args], f"--out_dir={out}")
+    assert result.returncode == 2, result.stderr
+    assert sentence in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert _snapshot(out) == before
+
+
+def test_a_reply_cut_at_the_context_limit_says_so(trained_out):
+    long = run("decode.py", f"--out_dir={trained_out}", "--prompt=" + "x" * 40, "--max_new_tokens=100")
+    assert long.returncode == 0 and "reached the model's context limit (64 tokens" in long.stdout
+    short = run("decode.py", f"--out_dir={trained_out}", "--prompt=hi", "--max_new_tokens=5")
+    assert short.returncode == 0 and "context limit" not in short.stdout

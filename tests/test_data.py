@@ -1,8 +1,11 @@
-"""Data: HH transcripts split at the last Assistant turn, loss weights, response masks."""
+"""Data: HH transcripts split at the last Assistant turn, loss weights, response masks, compressed and
+broken files; the tokenizer paired with a model's vocabulary."""
+import gzip
+
 import pytest
 
-from minialign.data import DataError, load_pairs, pack, pad_responses, split_transcript
-from minialign.tokenizer import get_tokenizer
+from minialign.data import DataError, load_documents, load_pairs, load_prompts, pack, pad_responses, split_transcript
+from minialign.tokenizer import TokenizerError, check_pairing, get_tokenizer
 
 TOK = get_tokenizer("bytes")
 
@@ -29,3 +32,22 @@ def test_response_mask_selects_exactly_the_response_predictions():
     ids, mask = pad_responses([[1, 2, 3], [4]], [[7, 8], [9, 10, 11]])
     targets = ids[:, 1:]  # position t predicts ids[t + 1]
     assert targets[mask.bool()].tolist() == [7, 8, 9, 10, 11]
+
+
+def test_gzip_is_read_as_its_text(tmp_path):
+    rows = b'{"text": "first document"}\n{"text": "second, with \\u00e9"}\n'
+    (tmp_path / "c.jsonl").write_bytes(rows)
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(rows))
+    assert load_documents(str(tmp_path / "c.jsonl.gz")) == load_documents(str(tmp_path / "c.jsonl")) == [
+        "first document", "second, with \u00e9"]
+    (tmp_path / "p.txt.gz").write_bytes(gzip.compress(b"Human: a\nAssistant:\n\nHuman: b\nAssistant:\n"))
+    assert load_prompts(str(tmp_path / "p.txt.gz")) == ["Human: a", "Assistant:", "Human: b", "Assistant:"]
+
+
+def test_tokenizer_and_model_vocabulary_are_checked_both_ways():
+    check_pairing(TOK, 257, "m")       # the bytes tokenizer and a byte model
+    check_pairing(TOK, 257 + 63, "m")  # a vocabulary padded for speed
+    with pytest.raises(TokenizerError, match="needs 257"):
+        check_pairing(TOK, 100, "m")   # the model cannot hold the tokenizer's ids
+    with pytest.raises(TokenizerError, match="knows only 257 ids"):
+        check_pairing(TOK, 50257, "m")  # a GPT-2 vocabulary would emit ids bytes cannot decode
