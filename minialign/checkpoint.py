@@ -227,19 +227,19 @@ def meta_defects(meta, model: bool = False) -> list[str]:
                for key, kind in expected.items() if not isinstance(meta.get(key), kind)]
     if isinstance(meta.get("tokenizer"), str) and meta["tokenizer"] not in ("bytes", "gpt2"):
         defects.append(f"'tokenizer' is {meta['tokenizer']!r}, not 'bytes' or 'gpt2'.")
-    model = meta.get("model")
-    if not isinstance(model, dict) or not expected.get("model"):
+    shape = meta.get("model")
+    if not model or not isinstance(shape, dict):
         return defects
     sizes = {f.name for f in dataclasses.fields(GPTConfig)}
-    defects += [f"'model' has an unknown field {key!r}." for key in model if key not in sizes]
-    bad = [key for key in sizes if not (type(model.get(key)) is int and model[key] > 0)]
+    defects += [f"'model' has an unknown field {key!r}." for key in shape if key not in sizes]
+    bad = [key for key in sizes if not (type(shape.get(key)) is int and shape[key] > 0)]
     defects += [f"'model.{key}' should be a positive integer." for key in sorted(bad)]
     if bad:
         return defects
-    if model["n_embd"] % model["n_head"]:
-        defects.append(f"'model.n_embd' ({model['n_embd']}) is not a multiple of 'model.n_head' ({model['n_head']}).")
-    d = model["n_embd"]
-    parameters = (model["vocab_size"] + model["block_size"]) * d + 12 * model["n_layer"] * d * d
+    if shape["n_embd"] % shape["n_head"]:
+        defects.append(f"'model.n_embd' ({shape['n_embd']}) is not a multiple of 'model.n_head' ({shape['n_head']}).")
+    d = shape["n_embd"]
+    parameters = (shape["vocab_size"] + shape["block_size"]) * d + 12 * shape["n_layer"] * d * d  # tied embeddings
     if parameters > MAX_PARAMETERS:
         defects.append(f"'model' describes about {parameters:.2g} parameters, more than the {MAX_PARAMETERS:.0e} "
                        "any GPT-2 has.")

@@ -67,14 +67,11 @@ def read_lines(path: str) -> list[str]:
             raw = f.read()
     except (OSError, EOFError) as err:  # a .gz that is not gzip, or is cut short
         raise DataError(f"{path} cannot be read ({err}); check that it is a complete file.") from None
-    lines = raw.split(b"\n")
-    for number, line in enumerate(lines, 1):
-        try:
-            lines[number - 1] = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}, line {number}: not UTF-8 text (byte {err.start + 1}); "
-                            "re-encode the file as UTF-8.") from None
-    return lines
+    try:
+        return raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1  # the line that holds the first bad byte
+        raise DataError(f"{path}, line {line}: not UTF-8 text; re-encode the file as UTF-8.") from None
 
 
 def _jsonl_rows(path: str):
