@@ -125,7 +125,8 @@ def main(argv: list[str]) -> None:
     start = time.time()
     responses = respond([p.text for p in prompts])
     seconds = time.time() - start
-    for p, r in list(zip(prompts, responses))[:: max(1, len(prompts) // cfg.show)][: cfg.show]:
+    stride = max(1, len(prompts) // max(cfg.show, 1))  # --show evenly spaced examples (0: none)
+    for p, r in list(zip(prompts, responses))[::stride][: cfg.show]:
         print(f"[{p.kind}] {p.question}\n    -> {r}\n    gold reward {world.gold_reward(p.text, r):+.3f}, "
               f"harmful {world.is_harmful(p.text, r)}, helpful {world.is_helpful(p.text, r)}")
     rates = world_rates(prompts, responses)

@@ -2,12 +2,13 @@
 
     python train.py                     # every stage on the embedded world, reusing finished ones
     python train.py --stage sft         # one stage; its flags are its config's fields
-    python train.py --stage sft --steps=200 --resume
+    python train.py --stage sft --stop_at=200     # then `python train.py --stage sft --resume` goes on
     python train.py --help              # every stage's flags with defaults
 
 Each stage writes out/<stage>/ and finds its inputs there. With no --stage, a stage whose checkpoint
 exists is reused unless --force is given; a flag applies to every stage that has it. With --stage, a
-stage whose checkpoint exists is refused unless --force replaces it or --resume continues it.
+stage whose checkpoint exists is refused unless --force replaces it or --resume continues it, with
+the flags it was started with (a flag that would change the run is refused).
 """
 import contextlib
 import os
@@ -19,6 +20,7 @@ from minialign.config import ConfigError, build, check_known, convert, main_guar
 from minialign.ctrl import CTRLConfig, ctrl_folder, print_summary, train_ctrl
 from minialign.reward import RewardConfig, train_reward
 from minialign.sft import SFTConfig, train_sft
+from minialign.training import resumed_config
 
 STAGES = {  # name -> (config class, run function), in pipeline order
     "sft": (SFTConfig, train_sft),
@@ -61,6 +63,8 @@ def main(argv: list[str]) -> None:
         cfg = build(cls, flags)
         folder = stage_folder(stage, cfg)
         with run_lock(cfg.out_dir):
+            if getattr(cfg, "resume", False) and finished(folder):
+                cfg = resumed_config(cfg, folder, flags)
             if finished(folder) and not force and not getattr(cfg, "resume", False):
                 step = load_meta(folder).get("step", "?")
                 raise ConfigError(f"{folder} already holds a trained {stage} stage (step {step}); pass --force to "
@@ -74,6 +78,8 @@ def main(argv: list[str]) -> None:
         for name, (_, run) in STAGES.items():
             cfg = configs[name]
             folder = stage_folder(name, cfg)
+            if getattr(cfg, "resume", False) and finished(folder):
+                cfg = resumed_config(cfg, folder, flags)
             if finished(folder) and not force and not getattr(cfg, "resume", False):
                 say(f"[{name}] reusing {folder} (pass --force to retrain)")
                 if name == "ctrl" and say is print:

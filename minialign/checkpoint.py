@@ -22,6 +22,7 @@ import tempfile
 import torch
 
 from .model import GPT, GPTConfig
+from .tokenizer import VOCAB_SIZES, pairing_defect
 
 
 class CheckpointError(RuntimeError):
@@ -225,7 +226,7 @@ def meta_defects(meta, model: bool = False) -> list[str]:
     expected = {"stage": str, "config": dict} | ({"step": int, "tokenizer": str, "model": dict} if model else {})
     defects = [f"{key!r} is missing." if key not in meta else f"{key!r} should be a {kind.__name__}."
                for key, kind in expected.items() if not isinstance(meta.get(key), kind)]
-    if isinstance(meta.get("tokenizer"), str) and meta["tokenizer"] not in ("bytes", "gpt2"):
+    if isinstance(meta.get("tokenizer"), str) and meta["tokenizer"] not in VOCAB_SIZES:
         defects.append(f"'tokenizer' is {meta['tokenizer']!r}, not 'bytes' or 'gpt2'.")
     shape = meta.get("model")
     if not model or not isinstance(shape, dict):
@@ -240,6 +241,10 @@ def meta_defects(meta, model: bool = False) -> list[str]:
         defects.append(f"'model.n_embd' ({shape['n_embd']}) is not a multiple of 'model.n_head' ({shape['n_head']}).")
     d = shape["n_embd"]
     parameters = (shape["vocab_size"] + shape["block_size"]) * d + 12 * shape["n_layer"] * d * d  # tied embeddings
+    if meta.get("tokenizer") in VOCAB_SIZES:
+        name = meta["tokenizer"]
+        defect = pairing_defect(name, VOCAB_SIZES[name], shape["vocab_size"])
+        defects += [f"'model.vocab_size' and 'tokenizer': {defect}."] if defect else []
     if parameters > MAX_PARAMETERS:
         defects.append(f"'model' describes about {parameters:.2g} parameters, more than the {MAX_PARAMETERS:.0e} "
                        "any GPT-2 has.")
@@ -253,7 +258,7 @@ def load_weights(folder: str, module: torch.nn.Module) -> None:
     try:
         module.load_state_dict(state)
     except (RuntimeError, AttributeError) as err:
-        raise CheckpointError(f"{path} does not fit the model its config.json describes ({str(err)[:200]}).") from None
+        raise CheckpointError(f"{path} does not fit the model its config.json describes ({' '.join(str(err).split())[:200]}).") from None
 
 
 def load_model(folder: str, hint: str = "python train.py --stage sft") -> tuple[GPT, dict]:

@@ -235,29 +235,29 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
                  {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                   "sample_generator": sample_gen.get_state(), "step": step})
 
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"ctrl[{cfg.transform}]", dynamic_ncols=True, disable=not d.is_main)
-    while step < cfg.steps:
-        pick = shard(torch.randperm(len(prompts), generator=generator)[: cfg.prompts_per_step], d)  # (P,) this rank's
-        picked = [i for i in pick.tolist() for _ in range(cfg.group)]  # each prompt G times
-        rows = [prompt_ids[i] for i in picked]
-        policy.eval()
-        responses = generate(policy, rows, cfg.max_new_tokens, stop_ids(tokenizer), temperature=1.0,
-                             generator=sample_gen, keep_stop=True)
-        policy.train()
-        texts = [tokenizer.decode(r) for r in responses]
-        raw = score(reward_model, tokenizer, [prompts[i] for i in picked], texts).view(-1, cfg.group)  # (P, G)
-        R = ctrl_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
-        kl = rl_update(ddp, policy, reference, optimizer, rows, responses, R.to(device), cfg, device)  # (B,)
-        step += 1
-        win = calibrated(sorted_reference[pick], raw).mean()  # mean C_hat = win rate vs pi_ref under r
-        metrics = {"step": step, "reward": round(float(raw.mean()), 4), "kl": round(float(kl.mean()), 4),
-                   "win_rate_r": round(float(win), 4)}
-        log.write(**metrics)
-        bar.set_postfix(reward=metrics["reward"], kl=metrics["kl"], win=metrics["win_rate_r"], refresh=False)
-        bar.update(1)
-        if step % cfg.save_every == 0 and step < cfg.steps:
-            checkpoint(metrics)
-    bar.close()
+    # a context manager: the bar is closed on an error too, so the error's sentence starts a line
+    with tqdm(total=cfg.steps, initial=step, desc=f"ctrl[{cfg.transform}]", dynamic_ncols=True, disable=not d.is_main) as bar:
+        while step < cfg.steps:
+            pick = shard(torch.randperm(len(prompts), generator=generator)[: cfg.prompts_per_step], d)  # (P,) this rank's
+            picked = [i for i in pick.tolist() for _ in range(cfg.group)]  # each prompt G times
+            rows = [prompt_ids[i] for i in picked]
+            policy.eval()
+            responses = generate(policy, rows, cfg.max_new_tokens, stop_ids(tokenizer), temperature=1.0,
+                                 generator=sample_gen, keep_stop=True)
+            policy.train()
+            texts = [tokenizer.decode(r) for r in responses]
+            raw = score(reward_model, tokenizer, [prompts[i] for i in picked], texts).view(-1, cfg.group)  # (P, G)
+            R = ctrl_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
+            kl = rl_update(ddp, policy, reference, optimizer, rows, responses, R.to(device), cfg, device)  # (B,)
+            step += 1
+            win = calibrated(sorted_reference[pick], raw).mean()  # mean C_hat = win rate vs pi_ref under r
+            metrics = {"step": step, "reward": round(float(raw.mean()), 4), "kl": round(float(kl.mean()), 4),
+                       "win_rate_r": round(float(win), 4)}
+            log.write(**metrics)
+            bar.set_postfix(reward=metrics["reward"], kl=metrics["kl"], win=metrics["win_rate_r"], refresh=False)
+            bar.update(1)
+            if step % cfg.save_every == 0 and step < cfg.steps:
+                checkpoint(metrics)
     if not d.is_main:
         return policy, {}
     summary = final_evaluation(policy, reference, reward_model, tokenizer, cfg)

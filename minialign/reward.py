@@ -152,31 +152,31 @@ def train_reward(cfg: RewardConfig) -> dict:
         step = state["step"]
     log = MetricsLog(f"{cfg.out_dir}/logs/reward.jsonl", enabled=d.is_main)
     announce_precision("reward", bf16, device, log, step)
-    bar = tqdm(total=cfg.steps, initial=step, desc="reward", dynamic_ncols=True, disable=not d.is_main)
-    while step < cfg.steps:
-        set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
-        batch = [train_pairs[i] for i in torch.randint(len(train_pairs), (cfg.batch_size,), generator=generator)]
-        prompts, chosen, rejected = zip(*shard(batch, d))  # this rank's pairs of the global batch
-        ids, lengths = encode_batch(tokenizer, list(prompts + prompts), list(chosen + rejected),
-                                    model.trunk.config.block_size, device)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, bf16):  # rows: chosen then rejected; DDP's average -> the global batch's mean
-            loss = bradley_terry_step(ddp, ids, lengths, cfg.micro_batch, len(prompts) * d.world_size / cfg.batch_size)
-        clip_gradients(model.parameters(), f"reward step {step + 1}", f"try a lower --lr (now {cfg.lr:g})")
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if (step % cfg.eval_every == 0 or step == cfg.steps) and d.is_main:
-            model.eval()
-            metrics = {"step": step, "loss": round(loss, 4), **evaluate_reward(model, tokenizer, test_pairs, cfg, bf16)}
-            model.train()
-            log.write(**metrics)
-            bar.write(f"reward step {step}: " + ", ".join(f"{k} {v}" for k, v in metrics.items() if k != "step"))
-            meta = {"stage": "reward", "model": asdict(model.trunk.config), "tokenizer": tokenizer.name,
-                    "config": asdict(cfg), "precision": precision_name(bf16), "step": step, "metrics": metrics}
-            save(folder, model, meta, {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                       "step": step})
-    bar.close()
+    # a context manager: the bar is closed on an error too, so the error's sentence starts a line
+    with tqdm(total=cfg.steps, initial=step, desc="reward", dynamic_ncols=True, disable=not d.is_main) as bar:
+        while step < cfg.steps:
+            set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
+            batch = [train_pairs[i] for i in torch.randint(len(train_pairs), (cfg.batch_size,), generator=generator)]
+            prompts, chosen, rejected = zip(*shard(batch, d))  # this rank's pairs of the global batch
+            ids, lengths = encode_batch(tokenizer, list(prompts + prompts), list(chosen + rejected),
+                                        model.trunk.config.block_size, device)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, bf16):  # rows: chosen then rejected; DDP's average -> the global batch's mean
+                loss = bradley_terry_step(ddp, ids, lengths, cfg.micro_batch, len(prompts) * d.world_size / cfg.batch_size)
+            clip_gradients(model.parameters(), f"reward step {step + 1}", f"try a lower --lr (now {cfg.lr:g})")
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if (step % cfg.eval_every == 0 or step == cfg.steps) and d.is_main:
+                model.eval()
+                metrics = {"step": step, "loss": round(loss, 4), **evaluate_reward(model, tokenizer, test_pairs, cfg, bf16)}
+                model.train()
+                log.write(**metrics)
+                bar.write(f"reward step {step}: " + ", ".join(f"{k} {v}" for k, v in metrics.items() if k != "step"))
+                meta = {"stage": "reward", "model": asdict(model.trunk.config), "tokenizer": tokenizer.name,
+                        "config": asdict(cfg), "precision": precision_name(bf16), "step": step, "metrics": metrics}
+                save(folder, model, meta, {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                                           "step": step})
     wait_for_rank0(d)
     return metrics

@@ -123,27 +123,27 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
         if d.is_main:
             save(folder, model, meta, state)
 
-    bar = tqdm(total=last, initial=step, desc="sft", dynamic_ncols=True, disable=not d.is_main)
-    while step < last:
-        set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
-        x, y, w = (t.to(device) for t in random_windows(train_tokens, train_w, cfg.batch_size,
-                                                         model.config.block_size, generator))  # the global batch
-        # this rank's rows; scaled so that DDP's gradient average is the gradient of the global mean
-        loss = lm_loss(ddp, shard(x, d), shard(y, d), shard(w, d), device, bf16, w.sum() / d.world_size)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(model.parameters(), f"sft step {step + 1}", f"try a lower --lr (now {cfg.lr:g})")
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg.eval_every == 0 or step == last:
-            metrics = {"step": step, "train_loss": round(loss.item(), 4),
-                       "heldout_loss": round(heldout_loss(model, val_tokens, val_w, cfg, device, bf16), 4)}
-            log.write(**metrics)
-            if d.is_main:
-                bar.write(f"step {step}: train loss {metrics['train_loss']:.3f}, held-out loss {metrics['heldout_loss']:.3f}")
-            checkpoint()
-    bar.close()
+    # a context manager: the bar is closed on an error too, so the error's sentence starts a line
+    with tqdm(total=last, initial=step, desc="sft", dynamic_ncols=True, disable=not d.is_main) as bar:
+        while step < last:
+            set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
+            x, y, w = (t.to(device) for t in random_windows(train_tokens, train_w, cfg.batch_size,
+                                                             model.config.block_size, generator))  # the global batch
+            # this rank's rows; scaled so that DDP's gradient average is the gradient of the global mean
+            loss = lm_loss(ddp, shard(x, d), shard(y, d), shard(w, d), device, bf16, w.sum() / d.world_size)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_gradients(model.parameters(), f"sft step {step + 1}", f"try a lower --lr (now {cfg.lr:g})")
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % cfg.eval_every == 0 or step == last:
+                metrics = {"step": step, "train_loss": round(loss.item(), 4),
+                           "heldout_loss": round(heldout_loss(model, val_tokens, val_w, cfg, device, bf16), 4)}
+                log.write(**metrics)
+                if d.is_main:
+                    bar.write(f"step {step}: train loss {metrics['train_loss']:.3f}, held-out loss {metrics['heldout_loss']:.3f}")
+                checkpoint()
     wait_for_rank0(d)
     return model, metrics

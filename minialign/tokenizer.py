@@ -65,18 +65,25 @@ def get_tokenizer(name: str) -> Tokenizer:
 
 
 VOCAB_PADDING = 128  # a model may round its vocabulary up for speed (GPT-2's 50257 to 50304)
+VOCAB_SIZES = {"bytes": 257, "gpt2": 50257}  # each tokenizer's ids, known without building it (gpt2 needs a download)
+
+
+def pairing_defect(name: str, tokenizer_vocab: int, model_vocab: int) -> str | None:
+    """Why a model and a tokenizer do not fit each other, either way, or None: a model whose
+    vocabulary cannot hold the tokenizer's ids, or one whose vocabulary is far larger (more than
+    padding), which would emit ids the tokenizer cannot decode."""
+    if tokenizer_vocab > model_vocab:
+        return (f"the model has a vocabulary of {model_vocab} but the {name} tokenizer needs {tokenizer_vocab}; "
+                "use the tokenizer the checkpoint was trained with")
+    if model_vocab >= tokenizer_vocab + VOCAB_PADDING:
+        return (f"the model has a vocabulary of {model_vocab} but the {name} tokenizer knows only {tokenizer_vocab} "
+                "ids, so the model would emit ids it cannot decode; use the tokenizer the model was trained with "
+                "(--tokenizer gpt2 for GPT-2 weights)")
+    return None
 
 
 def check_pairing(tokenizer: Tokenizer, model_vocab_size: int, source: str) -> None:
-    """Refuse a model and tokenizer that do not fit each other, either way: a model whose vocabulary
-    cannot hold this tokenizer's ids, or one whose vocabulary is far larger (more than padding), which
-    would emit ids this tokenizer cannot decode."""
-    if tokenizer.vocab_size > model_vocab_size:
-        raise TokenizerError(
-            f"{source}: the model has a vocabulary of {model_vocab_size} but the {tokenizer.name} tokenizer "
-            f"needs {tokenizer.vocab_size}; use the tokenizer the checkpoint was trained with.")
-    if model_vocab_size >= tokenizer.vocab_size + VOCAB_PADDING:
-        raise TokenizerError(
-            f"{source}: the model has a vocabulary of {model_vocab_size} but the {tokenizer.name} tokenizer "
-            f"knows only {tokenizer.vocab_size} ids, so the model would emit ids it cannot decode; use the "
-            "tokenizer the model was trained with (--tokenizer gpt2 for GPT-2 weights).")
+    """Refuse a model and tokenizer that do not fit each other (``pairing_defect``), naming ``source``."""
+    defect = pairing_defect(tokenizer.name, tokenizer.vocab_size, model_vocab_size)
+    if defect:
+        raise TokenizerError(f"{source}: {defect}.")

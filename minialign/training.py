@@ -98,6 +98,16 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
 RESUME_FREE = ("resume", "stop_at", "eval_every", "save_every", "device", "bf16", "out_dir")
 
 
+def resumed_config(cfg, folder: str, given) -> object:
+    """``cfg`` for ``--resume``: every flag not ``given`` on the command line takes the value the run in
+    ``folder`` was started with, so ``--resume`` alone continues any run; given flags are then held
+    to ``check_resume``."""
+    saved = load_meta(folder)["config"]
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{key: value for key, value in saved.items()
+                                       if key in fields and key not in given and key not in RESUME_FREE})
+
+
 def check_resume(folder: str, cfg, free: tuple[str, ...] = ()) -> None:
     """``--resume`` continues a run exactly, so it refuses any flag that would change the run's
     schedule, data or model: everything but when it stops and saves, the device, the precision and

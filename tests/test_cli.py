@@ -88,6 +88,10 @@ BAD_INPUTS = [  # (name, edit of the trained out/ or a file beside it, CLI argum
      ["decode.py", "--prompt=hi"], "'model.n_head' should be a positive integer"),
     ("config.json asks for 50 GB", _edit_config(lambda m: {**m, "model": {**m["model"], "n_embd": 65536, "n_layer": 48}}),
      ["decode.py", "--prompt=hi"], "more than the 2e+09 any GPT-2 has"),
+    ("config.json GPT-2 vocabulary, bytes tokenizer", _edit_config(lambda m: {**m, "model": {**m["model"], "vocab_size": 50304}}),
+     ["decode.py", "--prompt=hi"], "the bytes tokenizer knows only 257 ids"),
+    ("config.json sizes unlike the weights", _edit_config(lambda m: {**m, "model": {**m["model"], "n_embd": 64}}),
+     ["decode.py", "--prompt=hi"], "does not fit the model its config.json describes"),
     ("data is a folder", lambda out: (out.parent / "folder").mkdir(),
      ["train.py", "--stage=sft", "--data={dir}/folder", "--force"], "is a folder"),
     ("data not UTF-8", _write("bad.txt", b"fine line\n\xff\xfe broken\n"),
@@ -128,3 +132,14 @@ def test_a_reply_cut_at_the_context_limit_says_so(trained_out):
     assert long.returncode == 0 and "reached the model's context limit (64 tokens" in long.stdout
     short = run("decode.py", f"--out_dir={trained_out}", "--prompt=hi", "--max_new_tokens=5")
     assert short.returncode == 0 and "context limit" not in short.stdout
+
+
+
+def test_eval_prints_as_many_examples_as_show_asks(tmp_path):
+    assert run("train.py", "--stage", "sft", f"--out_dir={tmp_path}", "--steps=1", "--n_layer=1", "--n_embd=32",
+               "--batch_size=2", "--corpus_dialogues=100").returncode == 0
+    for show in (0, 2):
+        result = run("decode.py", f"--out_dir={tmp_path}", "--eval", "--n_eval=2", f"--show={show}",
+                     "--max_new_tokens=4")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("    -> ") == show and "6 held-out prompts" in result.stdout

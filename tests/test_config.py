@@ -102,6 +102,17 @@ def test_a_finished_stage_is_replaced_only_with_force(tmp_path):
     assert load_meta(f"{tmp_path}/sft")["step"] == 1
 
 
+def test_resume_alone_continues_a_run_with_its_own_flags(tmp_path):
+    from minialign.checkpoint import load_meta
+    TRAIN(SFT + [f"--out_dir={tmp_path}", "--steps=3", "--stop_at=1", "--n_layer=1", "--n_embd=32",
+                 "--block_size=64", "--batch_size=2", "--corpus_dialogues=20", "--eval_every=1"])
+    TRAIN(SFT + [f"--out_dir={tmp_path}", "--resume"])  # no other flag: the saved ones, not the defaults
+    meta = load_meta(f"{tmp_path}/sft")
+    assert meta["step"] == 3 and meta["model"]["n_embd"] == 32 and meta["config"]["stop_at"] == 0
+    with pytest.raises(ConfigError, match="--n_embd is 64 but .* was trained with 32"):
+        TRAIN(SFT + [f"--out_dir={tmp_path}", "--resume", "--n_embd=64"])  # a given flag that changes the run
+
+
 def test_train_refuses_an_out_dir_another_run_holds(tmp_path):
     import json
     import socket

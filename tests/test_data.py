@@ -5,7 +5,7 @@ import gzip
 import pytest
 
 from minialign.data import DataError, load_documents, load_pairs, load_prompts, pack, pad_responses, split_transcript
-from minialign.tokenizer import TokenizerError, check_pairing, get_tokenizer
+from minialign.tokenizer import VOCAB_SIZES, TokenizerError, check_pairing, get_tokenizer
 
 TOK = get_tokenizer("bytes")
 
@@ -51,3 +51,9 @@ def test_tokenizer_and_model_vocabulary_are_checked_both_ways():
         check_pairing(TOK, 100, "m")   # the model cannot hold the tokenizer's ids
     with pytest.raises(TokenizerError, match="knows only 257 ids"):
         check_pairing(TOK, 50257, "m")  # a GPT-2 vocabulary would emit ids bytes cannot decode
+    assert VOCAB_SIZES["bytes"] == TOK.vocab_size  # config.json is checked against these sizes unbuilt
+    with pytest.raises(TokenizerError, match="needs 257"):  # the edge: 256 ids cannot hold <|endoftext|>
+        check_pairing(TOK, 256, "m")
+    with pytest.raises(TokenizerError, match="knows only"):  # the edge: exactly one padding's worth more
+        check_pairing(TOK, 257 + 128, "m")
+    check_pairing(TOK, 257 + 127, "m")
