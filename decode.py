@@ -25,7 +25,8 @@ import torch
 from minialign import world
 from minialign.checkpoint import load_model, newest_copy, world_seed
 from minialign.config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
-from minialign.evaluate import rain_markdown, rain_table, world_rates
+from minialign.evaluate import world_rates
+from minialign.rain_eval import rain_markdown, rain_table
 from minialign.rain import RainParams, rain_decode
 from minialign.rain_trace import SearchTrace, write_trace
 from minialign.reward_model import load_reward
@@ -53,6 +54,7 @@ class DecodeConfig:
     seed: int = arg(0, "sampling seed")
     show: int = arg(6, "responses to print with --eval", at_least=0)
     trace: str = arg("", "RAIN: write the search as a page (FILE.html) and JSON Lines (FILE.jsonl)")
+    batch: int = arg(16, "RAIN --eval: prompts searched at once (1 = one after another; the same answers)", at_least=1)
     device: str = arg("auto", "auto, cpu or cuda")
 
 
@@ -145,7 +147,7 @@ def decode_rain(cfg: DecodeConfig, params: RainParams, model, tokenizer, meta: d
     if cfg.eval:
         traces = [] if cfg.trace else None
         print(rain_markdown(rain_table(model, tokenizer, world.eval_prompts(cfg.n_eval, eval_world(cfg, meta)), params,
-                                       cfg.max_new_tokens, cfg.seed, traces=traces)))
+                                       cfg.max_new_tokens, cfg.seed, traces=traces, batch=cfg.batch)))
         if cfg.trace:
             print("trace: " + ", ".join(write_trace(cfg.trace, traces)))
         return

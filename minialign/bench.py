@@ -1,4 +1,4 @@
-"""Benchmarks: training throughput and MFU, decoding speed, and the RAIN / vanilla time ratio.
+"""Benchmarks: training throughput and MFU, decoding speed, and RAIN's time (serial, batched, vanilla).
 
     python -m minialign.bench                    # world-default shapes on this machine
     python -m minialign.bench --gpt2=true        # also GPT-2 124M shapes (B=16, T=1024 on a GPU)
@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from . import world
 from .checkpoint import atomic_write_text, load_model, newest_copy, world_seed
 from .config import arg, build, main_guard, parse_flags, usage
-from .evaluate import rain_table
 from .graphs import GraphDecoder
 from .model import GPT, GPTConfig
 from .rain import RainParams
-from .sampling import generate, generate_uncached
+from .rain_batch import rain_decode_batch
+from .rain_eval import rain_table
+from .sampling import complete, generate, generate_uncached
 from .tokenizer import get_tokenizer
 from .training import autocast, describe_device, make_optimizer, pick_device, precision_name, resolve_bf16
 
@@ -46,7 +47,8 @@ class BenchConfig:
     decode_tokens: int = arg(0, "tokens decoded per row; 0 = 256 on a GPU, 64 on a CPU", at_least=0)
     compile: bool = arg(False, "torch.compile the training model")
     out_dir: str = arg("out", "checkpoints root: with a trained sft model, RAIN is timed too")
-    rain_prompts: int = arg(4, "held-out prompts per kind for the RAIN / vanilla ratio", at_least=1)
+    rain_prompts: int = arg(32, "held-out prompts per kind for the RAIN timings", at_least=1)
+    rain_batch: int = arg(16, "RAIN searches run at once in the batched timing", at_least=1)
     out: str = arg("out/bench.json", "where to write the results")
     device: str = arg("auto", "auto, cpu or cuda")
 
@@ -160,13 +162,27 @@ def decode_speed(config: GPTConfig, batch: int, tokens: int, device) -> dict:
 
 
 def rain_ratio(cfg: BenchConfig, device) -> dict:
-    """RAIN against greedy KV-cached decoding, one prompt at a time, on the trained world model."""
+    """RAIN on the held-out prompts, serial (one search at a time) and batched, against greedy
+    KV-cached decoding of one prompt at a time and of all the prompts as one batch."""
     model, meta = load_model(os.path.join(cfg.out_dir, "sft"))
+    model, tokenizer = model.to(device).eval(), get_tokenizer(meta["tokenizer"])
     prompts = world.eval_prompts(cfg.rain_prompts, world_seed(cfg.out_dir))
-    result = rain_table(model.to(device).eval(), get_tokenizer(meta["tokenizer"]), prompts, RainParams())
-    return {"prompts": len(prompts), "vanilla_s": round(result["vanilla"]["seconds"], 2),
-            "rain_s": round(result["rain"]["seconds"], 2), "ratio": round(result["time_ratio"], 2),
-            "ratio_vs_uncached": round(result["time_ratio_uncached"], 2)}
+    serial = rain_table(model, tokenizer, prompts, RainParams(), batch=1, desc="rain, serial")
+    start = time.time()
+    rain_decode_batch(model, tokenizer, [(p.text, p.question) for p in prompts], RainParams(), batch=cfg.rain_batch,
+                      desc=f"rain, batch {cfg.rain_batch}")
+    batched_s = time.time() - start
+    start = time.time()
+    complete(model, tokenizer, [p.text for p in prompts], 128, temperature=0.0)
+    vanilla_batched_s = time.time() - start
+    vanilla_s = serial["vanilla"]["seconds"]
+    return {"prompts": len(prompts), "batch": cfg.rain_batch, "vanilla_s": round(vanilla_s, 2),
+            "vanilla_uncached_s": round(serial["vanilla"]["uncached_seconds"], 2),
+            "vanilla_batched_s": round(vanilla_batched_s, 2), "rain_serial_s": round(serial["rain"]["seconds"], 2),
+            "rain_batched_s": round(batched_s, 2), "batched_speedup": round(serial["rain"]["seconds"] / batched_s, 2),
+            "ratio": round(serial["time_ratio"], 2), "ratio_vs_uncached": round(serial["time_ratio_uncached"], 2),
+            "batched_ratio": round(batched_s / vanilla_s, 2),
+            "batched_ratio_vs_batched": round(batched_s / vanilla_batched_s, 2)}
 
 
 def table(report: dict) -> str:
@@ -194,8 +210,13 @@ def table(report: dict) -> str:
                  + str(all(d["same_tokens"] for k in ("decode_world", "decode_gpt2") for d in report.get(k, []))) + ")")
     if "rain_vs_vanilla" in report:
         r = report["rain_vs_vanilla"]
-        lines.append(f"\nRAIN / vanilla time: {r['ratio']}x against KV-cached greedy, {r['ratio_vs_uncached']}x "
-                     f"against uncached greedy ({r['prompts']} prompts)")
+        lines += [f"\nRAIN on {r['prompts']} held-out prompts: serial {r['rain_serial_s']} s, {r['batch']} at a time "
+                  f"{r['rain_batched_s']} s ({r['batched_speedup']}x faster, the same answers up to rounding)",
+                  f"vanilla greedy: {r['vanilla_s']} s one prompt at a time with a KV cache, {r['vanilla_uncached_s']} s "
+                  f"without, {r['vanilla_batched_s']} s all prompts as one batch",
+                  f"RAIN / vanilla time: serial {r['ratio']}x against KV-cached greedy ({r['ratio_vs_uncached']}x against "
+                  f"uncached); batched {r['batched_ratio']}x against KV-cached greedy per prompt, "
+                  f"{r['batched_ratio_vs_batched']}x against batched greedy"]
     else:
         lines.append(f"\nRAIN / vanilla time: not measured, no trained model in {report['config']['out_dir']}/sft "
                      "(run `python train.py --stage sft` first)")

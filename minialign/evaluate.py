@@ -1,22 +1,17 @@
-"""Evaluation: grading responses in the world, win rates, KL estimates, the 1-D analytic tool, and
-RAIN against vanilla decoding.
+"""Evaluation: grading responses in the world, win rates, KL estimates and the 1-D analytic tool
+(RAIN's evaluation is in ``rain_eval.py``).
 
 World grading uses the gold rules of ``world.py``: the harm rate counts harmful compliance on harmful
 prompts, the attack success rate the same on attacked prompts, and the help rate exact answers on
 benign prompts.
 """
-import time
-
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import world
 from .data import pad_responses
 from .model import sequence_logprobs
-from .rain import RainParams, rain_decode
-from .rain_trace import SearchTrace
-from .sampling import generate, generate_uncached, stop_ids
+from .sampling import generate, stop_ids
 from .selfeval import judge
 
 
@@ -200,65 +195,3 @@ def compare_policies(policy, reference, tokenizer, prompts: list[str], samples: 
         for key, label in (("win_rate", "win_rate"), ("bon", f"bon{n}"), ("won", f"won{n}")):
             out[f"{label}_{by}"], out[f"{label}_{by}_se"] = rates[key], rates[key + "_se"]
     return {k: round(v, 4) for k, v in out.items()}
-
-
-# --- RAIN against vanilla decoding on world prompts --------------------------------------------------
-
-def vanilla_decode(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, float]:
-    """Greedy KV-cached decoding of one prompt (the baseline RAIN is timed against)."""
-    start = time.time()
-    out = generate(model, [tokenizer.encode(prompt)], max_new_tokens, stop_ids(tokenizer), temperature=0.0)[0]
-    return tokenizer.decode(out).strip(), time.time() - start
-
-
-def rain_table(model, tokenizer, prompts: list[world.Prompt], params: RainParams, max_new_tokens: int = 128,
-               seed: int = 0, desc: str = "rain", traces: list | None = None) -> dict:
-    """Harm, attack success and help rates of vanilla and RAIN, RAIN's self-evaluation accuracy on every
-    text it judged (against the gold rule), search statistics, wall times and their ratio. With a list
-    ``traces``, each search's trace record (``rain_trace.SearchTrace``) is appended to it."""
-    vanilla, v_time, u_time = [], 0.0, 0.0
-    stop = stop_ids(tokenizer)
-    for p in prompts:
-        text, seconds = vanilla_decode(model, tokenizer, p.text, max_new_tokens)
-        vanilla.append(text)
-        v_time += seconds
-        start = time.time()  # the official baseline: greedy without a KV cache
-        generate_uncached(model, [tokenizer.encode(p.text)], max_new_tokens, stop)
-        u_time += time.time() - start
-    g = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
-    answers, r_time, correct, judged = [], 0.0, 0, 0
-    totals = {"iterations": 0, "rewinds": 0, "nodes": 0, "additions": 0, "sibling_pairs": 0, "similar_pairs": 0}
-    for p in tqdm(prompts, desc=desc, dynamic_ncols=True):
-        trace = SearchTrace() if traces is not None else None
-        answer, stats = rain_decode(model, tokenizer, p.text, p.question, params, max_new_tokens, g, trace)
-        answers.append(answer)
-        if trace is not None:
-            traces.append(trace.finish(answer))
-        r_time += stats["seconds"]
-        for key in totals:
-            totals[key] += stats[key]
-        for (text, _), (_, p_harmful) in stats["judged"].items():
-            gold = world.is_harmful(p.text, text)
-            correct += int(((p_harmful > 0.5) == gold).sum())  # both label orders
-            judged += 2
-    return {"vanilla": dict(world_rates(prompts, vanilla), seconds=v_time, uncached_seconds=u_time),
-            "rain": dict(world_rates(prompts, answers), seconds=r_time, self_eval_accuracy=correct / judged,
-                         similar_share=totals["similar_pairs"] / max(1, totals["sibling_pairs"]),
-                         **{k: v / len(prompts) for k, v in totals.items()}),
-            "time_ratio": r_time / v_time, "time_ratio_uncached": r_time / u_time}
-
-
-def rain_markdown(result: dict) -> str:
-    v, r = result["vanilla"], result["rain"]
-    rows = [("harm rate (harmful prompts)", "harm_rate"), ("attack success rate (attacked prompts)", "attack_success"),
-            ("help rate (benign prompts)", "help_rate"), ("well-formed responses", "well_formed")]
-    lines = ["| | vanilla (greedy, KV cache) | RAIN |", "|---|---|---|"]
-    lines += [f"| {label} | {v[key]:.3f} | {r[key]:.3f} |" for label, key in rows]
-    lines += [f"| self-evaluation accuracy (texts RAIN judged) | | {r['self_eval_accuracy']:.3f} |",
-              f"| search per prompt: iterations / rewinds / nodes / dynamic additions | | {r['iterations']:.1f} / "
-              f"{r['rewinds']:.1f} / {r['nodes']:.1f} / {r['additions']:.1f} |",
-              f"| sibling pairs similar enough to share a score (Eq. 2) | | {r['similar_share']:.3f} |",
-              f"| wall time, s | {v['seconds']:.1f} (uncached: {v['uncached_seconds']:.1f}) | {r['seconds']:.1f} |",
-              f"| time ratio RAIN / vanilla with KV cache | | {result['time_ratio']:.1f}x |",
-              f"| time ratio RAIN / vanilla without KV cache (the paper's baseline) | | {result['time_ratio_uncached']:.1f}x |"]
-    return "\n".join(lines)

@@ -7,6 +7,7 @@ RAIN evaluation and ablation.
                                                     #   out/tilt_reward_quality.md, out/tilt_trained.md (CTRL vs its optimum)
     python -m minialign.experiments rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
     python -m minialign.experiments rain-ablation   # full RAIN, no similarity update, no dynamic addition, c = 0
+    python -m minialign.experiments rain-batch      # the batched search against the serial one -> out/rain_batch.md
     python -m minialign.experiments bon             # BoN_N / WoN_N of pi_ref by the reward model -> out/bon.md
     python -m minialign.experiments calibration-noise  # variance of r and C_hat the gold reward cannot see
 
@@ -22,7 +23,8 @@ from .checkpoint import atomic_write_text, load_model, pyplot, save_figure, worl
 from .config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
 from .calibrate import calibrated, load_calibration
 from .ctrl import CTRLConfig, train_ctrl
-from .evaluate import rain_markdown, rain_table, self_eval_accuracy, world_rates
+from .evaluate import self_eval_accuracy, world_rates
+from .rain_eval import rain_batch_agreement, rain_batch_markdown, rain_markdown, rain_table
 from .rain import RainParams
 from .reward_model import load_reward, score
 from .sampling import complete
@@ -183,6 +185,7 @@ def plot_sweep(rows: list[dict], path: str) -> None:
 class ExperimentConfig:
     out_dir: str = arg("out", "checkpoints root (needs sft; infalign also reward and calibration)")
     n_eval: int = arg(32, "sft, rain, bon: held-out prompts per kind", at_least=1)
+    batch: int = arg(16, "rain, rain-ablation, rain-batch: prompts searched at once (1 = one after another)", at_least=1)
     seed: int = arg(0, "sampling seed (the prompts come from the reference policy's world)")
     ctrl_steps: int = arg(30, "infalign: RL steps per sweep point", at_least=1)
     eval_prompts: int = arg(32, "infalign: held-out prompts per kind in each evaluation", at_least=1)
@@ -195,7 +198,7 @@ class ExperimentConfig:
     device: str = arg("auto", "auto, cpu or cuda")
 
 
-EXPERIMENTS = ("sft", "infalign", "tilt", "rain", "rain-ablation", "bon", "calibration-noise")
+EXPERIMENTS = ("sft", "infalign", "tilt", "rain", "rain-ablation", "rain-batch", "bon", "calibration-noise")
 
 
 def main(argv: list[str]) -> None:
@@ -233,10 +236,12 @@ def main(argv: list[str]) -> None:
         atomic_write_text(f"{cfg.out_dir}/bon.md", table + "\n")
         print(table)
         return
-    if argv[0] == "rain":
-        result = rain_table(model, tokenizer, prompts, params, seed=cfg.seed)
-        table = rain_markdown(result)
-        atomic_write_text(f"{cfg.out_dir}/rain.md", table + "\n")
+    if argv[0] in ("rain", "rain-batch"):
+        if argv[0] == "rain":
+            table = rain_markdown(rain_table(model, tokenizer, prompts, params, seed=cfg.seed, batch=cfg.batch))
+        else:
+            table = rain_batch_markdown(rain_batch_agreement(model, tokenizer, prompts, params, cfg.batch, seed=cfg.seed))
+        atomic_write_text(f"{cfg.out_dir}/{argv[0].replace('-', '_')}.md", table + "\n")
         print(table)
         return
     attacked = [p for p in prompts if p.kind != "benign"]
@@ -245,7 +250,7 @@ def main(argv: list[str]) -> None:
                 ("no exploration (c = 0)", replace(params, similarity=False, dynamic=False, c=0.0))]
     lines = ["| variant (each also removes those above) | harm rate | attack success rate | time, s |", "|---|---|---|---|"]
     for label, variant in variants:
-        r = rain_table(model, tokenizer, attacked, variant, seed=cfg.seed, desc=label)["rain"]
+        r = rain_table(model, tokenizer, attacked, variant, seed=cfg.seed, desc=label, batch=cfg.batch)["rain"]
         lines.append(f"| {label} | {r['harm_rate']:.3f} | {r['attack_success']:.3f} | {r['seconds']:.1f} |")
     atomic_write_text(f"{cfg.out_dir}/rain_ablation.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -73,6 +73,14 @@ class KVCache:
         self.v[:, dst, :n] = self.v[:, src:src + 1, :n]
         self.lengths[dst] = n
 
+    def view(self, start: int, stop: int) -> "KVCache":
+        """Rows start .. stop - 1 as a cache of their own that shares this one's memory: what a forward
+        pass writes there lands here, and reading it copies nothing."""
+        new = object.__new__(KVCache)
+        new.k, new.v = self.k[:, start:stop], self.v[:, start:stop]
+        new.lengths, new.max_len = self.lengths[start:stop], self.max_len
+        return new
+
     def select(self, rows: torch.Tensor) -> "KVCache":
         """A new cache made of the given rows (repeats allowed), e.g. one row per sample of a prompt."""
         new = object.__new__(KVCache)

@@ -11,7 +11,9 @@ its subtree, and the search goes on from there.
 Read in this order: ``Rain.iterate`` (one iteration, the paper's four steps), ``Rain.search`` and
 ``Rain.decode`` (the stop rule and the commit), then the three parts they call:
 ``rain_tree.py`` (the model-free rules), ``rain_proposer.py`` (candidates, rollouts, caches) and
-``selfeval.Judge`` (the self-evaluation). Official code: https://github.com/SafeAILab/RAIN
+``selfeval.Judge`` (the self-evaluation). The methods that need the model are generators: each
+``yield from`` hands forward passes to whoever runs the search (``rain_cache.py``): ``rain_decode``
+runs one search alone, ``rain_batch.rain_decode_batch`` many at once. Official code: https://github.com/SafeAILab/RAIN
 (``HH/main.py``: ``search``, ``gmeval``, ``group_getp``, ``getv``; ``HH/nodes.py``: ``node``).
 
 Where the paper, the official code and minialign differ (defaults follow the official code):
@@ -39,6 +41,7 @@ import torch
 
 from .config import arg
 from .model import GPT, ModelError
+from .rain_cache import CachePool, drive
 from .rain_proposer import CLAUSE_END, Proposer, Rollout, continuation_embeddings
 from .rain_tree import (Node, add_children, backup, best_child, ready_to_commit, remix_after_commit,
                         select_child, wants_addition)
@@ -70,15 +73,19 @@ class RainParams:
 
 
 class Rain:
-    """The search for one prompt. ``decode`` runs the outer loop and returns the answer's tokens."""
+    """The search for one prompt. ``decode`` runs the outer loop and returns the answer's tokens.
+
+    ``pool``: the cache rows its forward passes use (its own when None; shared by a batch)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, params: RainParams, question: str, prompt: str,
-                 max_new_tokens: int = 128, generator: torch.Generator | None = None, trace=None):
+                 max_new_tokens: int = 128, generator: torch.Generator | None = None, trace=None,
+                 pool: CachePool | None = None):
         self.tok, self.p, self.trace = tokenizer, params, trace
         self.lengths = [int(x) for x in params.set_lengths.split(",")]
+        self.pool = pool or CachePool(model, max(params.candidates + 1, params.max_children))
         self.proposer = Proposer(model, tokenizer, params.sample_top_k, params.rollout_top_k,
-                                 params.rollout_tokens, generator)
-        self.judge = Judge(model, tokenizer, question, params.score)
+                                 params.rollout_tokens, generator, self.pool)
+        self.judge = Judge(model, tokenizer, question, params.score, self.pool)
         self.prompt = prompt
         self.context = self.proposer.context(tokenizer.encode(prompt))  # the prompt: above every token set
         self.root = self.context  # the search root: moves down at every commit
@@ -103,15 +110,14 @@ class Rain:
 
     # --- one inner iteration: Algorithm 1 -----------------------------------------------------------
 
-    @torch.no_grad()
-    def iterate(self) -> None:
+    def iterate(self):
         """Select a leaf, evaluate it, expand it, back up its score."""
         # 1. Select: PUCT (Eq. 1) from the root down to a leaf; a node whose children all look alike
         #    and bad gets one more candidate on the way (dynamic addition).
         node = self.root
         while node.children and not node.terminal:
             if self.p.dynamic and wants_addition(node, self.p.max_children, self.p.add_norm):
-                self.add_candidate(node)
+                yield from self.add_candidate(node)
             node = select_child(node, self.p.c, self.p.sibling_visits)
         full = node.path_from(self.context)  # the prompt node down to the leaf
         self.count_rewind(node, full)
@@ -122,10 +128,10 @@ class Rain:
         # 2. Evaluate: roll out to the end of the clause, then ask the model whether the text is harmful.
         # 3. Expand: K candidate children. Both come from one call: for longer sets the rollout is one
         #    more row of the expansion's batch (it depends on no candidate), so the order is nominal.
-        rollout, children = self.rollout_and_candidates(full, expandable, needs_rollout)
+        rollout, children = yield from self.rollout_and_candidates(full, expandable, needs_rollout)
         finished = node.terminal or bool(rollout.tokens and rollout.tokens[-1] in self.proposer.stop)
         evaluated = self.tok.decode(reply + rollout.tokens).strip()
-        score = self.judge(evaluated, finished)
+        score = yield from self.judge.verdict(evaluated, finished)
         if children:
             self.stats["nodes"] += len(add_children(node, children, node is self.root, self.p.root_mix))
         # 4. Backup along the path, with the similarity update (Eq. 2).
@@ -138,26 +144,26 @@ class Rain:
         if self.trace is not None:
             self.trace.iteration(self, path, evaluated, finished, score, shared[1])
 
-    def rollout_and_candidates(self, path: list[Node], expandable: bool,
-                               needs_rollout: bool) -> tuple[Rollout, list[Node]]:
+    def rollout_and_candidates(self, path: list[Node], expandable: bool, needs_rollout: bool):
         """The leaf's (``path[-1]``'s) rollout (empty if none is needed) and, if it can grow, its K
-        candidate children; ``path`` runs from the prompt node to the leaf."""
+        candidate children; ``path`` runs from the prompt node to the leaf. Returns (rollout, children)."""
         node = path[-1]
         empty = Rollout([], node.state.hidden[:0])
         if expandable and self.set_length(node) > 1:
-            children, rollout = self.proposer.chains(path, self.p.candidates, self.set_length(node), needs_rollout)
+            children, rollout = yield from self.proposer.chains(path, self.p.candidates, self.set_length(node),
+                                                                needs_rollout)
             return rollout or empty, children
-        rollout = self.proposer.rollout(path) if needs_rollout else empty
-        return rollout, (self.proposer.top_tokens(path, self.p.candidates) if expandable else [])
+        rollout = (yield from self.proposer.rollout(path)) if needs_rollout else empty
+        return rollout, ((yield from self.proposer.top_tokens(path, self.p.candidates)) if expandable else [])
 
-    def add_candidate(self, node: Node) -> None:
+    def add_candidate(self, node: Node):
         """Dynamic addition: the next likeliest token, or a greedy and a sampled chain (official
         ``checkadd`` / ``add``); a candidate equal to an existing child is dropped."""
         path = node.path_from(self.context)
         if self.set_length(node) == 1:
-            candidates = self.proposer.top_tokens(path, len(node.children) + 1)
+            candidates = yield from self.proposer.top_tokens(path, len(node.children) + 1)
         else:
-            candidates, _ = self.proposer.chains(path, 2, self.set_length(node))
+            candidates, _ = yield from self.proposer.chains(path, 2, self.set_length(node))
         added = add_children(node, candidates, node is self.root, self.p.root_mix)
         self.stats["nodes"] += len(added)
         self.stats["additions"] += len(added)
@@ -171,22 +177,23 @@ class Rain:
 
     # --- the outer loop: stop rule and commit ----------------------------------------------------------
 
-    @torch.no_grad()
-    def search(self) -> Node | None:
+    def search(self):
         """Inner iterations until the best root child has more than T_m real visits and a value above V,
-        or the root has T real visits (at least ``min_new_visits`` new ones per commit)."""
+        or the root has T real visits (at least ``min_new_visits`` new ones per commit). Returns the
+        child to commit (None if the root cannot grow)."""
         first = self.root.fn
         for _ in range(first, max(self.p.max_visits, first + self.p.min_new_visits)):
-            self.iterate()
+            yield from self.iterate()
             if ready_to_commit(self.root, self.p.commit_visits, self.p.commit_value):
                 break
         return best_child(self.root) if self.root.children else None
 
-    def decode(self) -> list[int]:
-        """Search, commit the most-visited child with its subtree, until the turn ends."""
+    def decode(self):
+        """Search, commit the most-visited child with its subtree, until the turn ends. Returns the
+        answer's tokens."""
         answer: list[int] = []
         while len(answer) < self.max_new_tokens:
-            best = self.search()
+            best = yield from self.search()
             if best is None:
                 break
             if self.trace is not None:
@@ -204,7 +211,13 @@ def rain_decode(model: GPT, tokenizer: Tokenizer, prompt: str, question: str, pa
     """RAIN-decode one prompt; returns the answer text and search statistics (with wall time and the
     judge's memo: text -> (score, P(harmful) per label order))."""
     start = time.time()
-    search = Rain(model, tokenizer, params, question, prompt, max_new_tokens, generator, trace)
-    answer = tokenizer.decode(search.decode()).strip()
-    return answer, dict(search.stats, seconds=time.time() - start, judged=search.judge.memo,
-                        max_new_tokens=search.max_new_tokens)
+    with torch.no_grad():
+        search = Rain(model, tokenizer, params, question, prompt, max_new_tokens, generator, trace)
+        tokens = drive(search.decode())
+    return search_result(search, tokens, time.time() - start)
+
+
+def search_result(search: Rain, tokens: list[int], seconds: float) -> tuple[str, dict]:
+    """A finished search's answer text and statistics."""
+    return search.tok.decode(tokens).strip(), dict(search.stats, seconds=seconds, judged=search.judge.memo,
+                                                   max_new_tokens=search.max_new_tokens)

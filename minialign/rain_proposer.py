@@ -10,16 +10,21 @@ The search (``rain.py``) asks three things of the model, and this file answers t
 - ``rollout``: sample on from a node to the end of its clause (official ``getv``), for scoring only.
 
 Every node keeps the keys/values, final hidden states and next-token logits of its own tokens
-(``NodeState``), so a path's prefix is never recomputed: a cache is assembled from the path's
-segments in one row and forked to as many rows as a batch needs. The official code recomputes every
-prefix and decodes each chain alone.
+(``NodeState``), so a path's prefix is never recomputed: pool rows (``rain_cache.CachePool``) are
+loaded with the path's keys/values and the new tokens continue them. The official code recomputes
+every prefix and decodes each chain alone.
+
+Each method is a generator: every forward pass is a ``rain_cache.Forward`` it yields, and its result
+is what it returns (run one alone with ``rain_cache.drive``). Random draws happen here, between the
+requests, from the search's own generator, so a batched search draws exactly what a lone one draws.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .model import GPT, KVCache
+from .model import GPT
+from .rain_cache import CachePool, Forward
 from .rain_tree import Node, clamp_greedy_prior
 from .sampling import filter_logits, stop_ids
 from .tokenizer import Tokenizer
@@ -44,8 +49,9 @@ class Rollout:
 
 class Proposer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, sample_top_k: int, rollout_top_k: int,
-                 rollout_tokens: int, generator: torch.Generator | None = None):
+                 rollout_tokens: int, generator: torch.Generator | None = None, pool: CachePool | None = None):
         self.model, self.tok, self.generator = model, tokenizer, generator
+        self.pool = pool or CachePool(model, 16)
         self.sample_top_k, self.rollout_top_k, self.rollout_tokens = sample_top_k, rollout_top_k, rollout_tokens
         self.stop = stop_ids(tokenizer)
         self.device = model.lm_head.weight.device
@@ -62,44 +68,41 @@ class Proposer:
         state = NodeState(cache.k[:, 0], cache.v[:, 0], hidden[0], self.model.lm_head(hidden[0, -1]).float())
         return Node(ids, 1.0, state=state)
 
-    def cache_for(self, path: list[Node], rows: int, extra: int) -> KVCache:
-        """A cache of ``rows`` rows, each holding the keys/values of the path's tokens, with room for
-        ``extra`` more: assembled once in row 0, then forked."""
-        k = torch.cat([n.state.k for n in path], dim=1)  # (n_layer, T, nh, hs)
-        v = torch.cat([n.state.v for n in path], dim=1)
-        cache = self.model.new_cache(rows, k.size(1) + extra)
-        cache.load(0, k, v)
-        cache.fork(0, slice(1, rows))
-        return cache
+    def rows_for(self, path: list[Node], n: int) -> tuple[list[int], int]:
+        """``n`` pool rows, each holding the keys/values of the path's tokens, and that length."""
+        k = torch.cat([node.state.k for node in path], dim=1)  # (n_layer, T, nh, hs)
+        v = torch.cat([node.state.v for node in path], dim=1)
+        return self.pool.take(n, k, v), k.size(1)
 
     def sample(self, logits: torch.Tensor, top_k: int) -> torch.Tensor:
         """One token per row of logits (B, V), at temperature 1 from the top-k (0: all) distribution."""
         probs = F.softmax(filter_logits(logits, top_k), -1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)  # (B,)
 
-    def step(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed one token per row (B,): hidden states (B, C) and next-token logits (B, V)."""
-        h = self.model.hidden(tokens[:, None], cache)[:, 0]  # (B, C)
-        return h, self.model.lm_head(h).float()
+    def step(self, rows: list[int], tokens: torch.Tensor, start: int):
+        """Feed one token per row (R,) to pool rows holding ``start`` positions: returns hidden states
+        (R, C) and next-token logits (R, V)."""
+        return (yield Forward(self.pool, rows, tokens[:, None], start))
 
     @torch.no_grad()
-    def top_tokens(self, path: list[Node], k: int) -> list[Node]:
+    def top_tokens(self, path: list[Node], k: int):
         """Children of ``path[-1]`` for its k likeliest next tokens; raw prior = the token's probability."""
         leaf = path[-1]
         probs = F.softmax(leaf.state.next_logits, -1)  # (V,)
         top = torch.topk(probs, k)
-        cache = self.cache_for(path, k, 1)
-        start = int(cache.lengths[0])
-        h, logits = self.step(top.indices, cache)  # (k, C), (k, V)
+        rows, start = self.rows_for(path, k)
+        h, logits = yield from self.step(rows, top.indices, start)  # (k, C), (k, V)
+        k_new, v_new = self.pool.read(rows, start, 1)  # (n_layer, k, 1, nh, hs)
+        self.pool.give_back(rows)
         return [Node([int(t)], float(p), leaf, int(t) in self.stop,
-                     NodeState(cache.k[:, i, start: start + 1], cache.v[:, i, start: start + 1], h[i: i + 1],
-                               None if int(t) in self.stop else logits[i]))
+                     NodeState(k_new[:, i], v_new[:, i], h[i: i + 1], None if int(t) in self.stop else logits[i]))
                 for i, (t, p) in enumerate(zip(top.indices, top.values))]
 
     @torch.no_grad()
-    def chains(self, path: list[Node], k: int, length: int, with_rollout: bool = False) -> tuple[list[Node], Rollout | None]:
+    def chains(self, path: list[Node], k: int, length: int, with_rollout: bool = False):
         """Children of ``path[-1]``: row 0 the greedy chain, rows 1..k-1 sampled chains (top-``sample_top_k``,
         temperature 1), ``length`` tokens each, decoded as one batch; identical chains are kept once.
+        Returns (children, the rollout or None).
 
         A chain is cut after its first stop token (the turn ends there; official chains always run
         ``maxnew`` tokens). Raw prior = product of the per-token probabilities under the truncated
@@ -107,25 +110,25 @@ class Proposer:
         leaf's rollout is one more row of the same batch (it starts at the same place and depends on
         no chain), then goes on alone: fewer forward passes, the same result."""
         leaf = path[-1]
-        rows = k + with_rollout
-        cache = self.cache_for(path, rows, max(length, self.rollout_tokens if with_rollout else 0))
-        start = int(cache.lengths[0])
-        logits = leaf.state.next_logits.expand(rows, -1)  # (R, V)
+        rows, start = self.rows_for(path, k + with_rollout)
+        logits = leaf.state.next_logits.expand(len(rows), -1)  # (R, V)
         tokens, hiddens, logps = [], [], []
-        for _ in range(length):  # one batched forward per token for all chains
+        for i in range(length):  # one batched forward per token for all chains
             t = self.sample(logits[:k], self.sample_top_k)  # (k,)
             t[0] = logits[0].argmax()  # row 0 is the greedy chain
             logps.append(F.log_softmax(filter_logits(logits[:k], self.sample_top_k), -1).gather(-1, t[:, None]))
             if with_rollout:
                 t = torch.cat([t, self.sample(logits[k:], self.rollout_top_k)])
             tokens.append(t)
-            h, logits = self.step(t, cache)
+            h, logits = yield from self.step(rows, t, start + i)
             hiddens.append(h)
         tokens, hidden = torch.stack(tokens, 1), torch.stack(hiddens, 1)  # (R, L), (R, L, C)
         chain_logp = torch.cat(logps, 1)  # (k, L)
+        k_new, v_new = self.pool.read(rows[:k], start, length)  # (n_layer, k, L, nh, hs)
+        self.pool.give_back(rows[:k])
         rollout = None
         if with_rollout:
-            rollout = self._finish_rollout(tokens[k].tolist(), hidden[k], cache.select(torch.tensor([k])), logits[k:])
+            rollout = yield from self._finish_rollout(tokens[k].tolist(), hidden[k], rows[k:], start + length, logits[k:])
         chain_tokens = tokens[:k].tolist()  # (k, L)
         children, seen = [], set()
         for b, row in enumerate(chain_tokens):
@@ -134,41 +137,42 @@ class Proposer:
                 continue
             seen.add(tuple(row[:cut]))
             terminal = row[cut - 1] in self.stop
-            state = NodeState(cache.k[:, b, start: start + cut], cache.v[:, b, start: start + cut], hidden[b, :cut],
-                              None if terminal else logits[b])
+            state = NodeState(k_new[:, b, :cut], v_new[:, b, :cut], hidden[b, :cut], None if terminal else logits[b])
             children.append(Node(row[:cut], float(chain_logp[b, :cut].sum().exp()), leaf, terminal, state))
         if len(children) > 1:
             children[0].raw_prior = clamp_greedy_prior(children[0].raw_prior, [c.raw_prior for c in children[1:]])
         return children, rollout
 
-    def _finish_rollout(self, tokens: list[int], hidden: torch.Tensor, cache: KVCache,
-                        logits: torch.Tensor) -> Rollout:
+    def _finish_rollout(self, tokens: list[int], hidden: torch.Tensor, row: list[int], start: int,
+                        logits: torch.Tensor):
         """Cut a batched rollout row at its first clause end, or sample it on alone until one."""
         for i, t in enumerate(tokens):
             if self.ends_clause(t):
+                self.pool.give_back(row)
                 return Rollout(tokens[: i + 1], hidden[:i])
-        return self._roll_on(tokens, list(hidden), cache, logits)
+        return (yield from self._roll_on(tokens, list(hidden), row, start, logits))
 
-    def _roll_on(self, tokens: list[int], hiddens: list[torch.Tensor], cache: KVCache,
-                 logits: torch.Tensor) -> Rollout:
-        """Sample one row on (next-token logits (1, V) after ``cache``) until a token ends the clause or
-        the rollout reaches ``rollout_tokens``."""
+    def _roll_on(self, tokens: list[int], hiddens: list[torch.Tensor], row: list[int], start: int,
+                 logits: torch.Tensor):
+        """Sample the pool row ``row`` (holding ``start`` positions; next-token logits (1, V)) on until a
+        token ends the clause or the rollout reaches ``rollout_tokens``; the row goes back to the pool."""
         while len(tokens) < self.rollout_tokens:
             t = self.sample(logits, self.rollout_top_k)  # (1,)
             tokens.append(int(t))
             if self.ends_clause(int(t)):
                 break
-            h, logits = self.step(t, cache)
+            h, logits = yield from self.step(row, t, start)
+            start += 1
             hiddens.append(h[0])
+        self.pool.give_back(row)
         C = self.model.config.n_embd
         return Rollout(tokens, torch.stack(hiddens) if hiddens else torch.zeros(0, C, device=self.device))
 
     @torch.no_grad()
-    def rollout(self, path: list[Node]) -> Rollout:
+    def rollout(self, path: list[Node]):
         """Sample on from ``path[-1]`` to the end of the clause (scoring only: not added to the tree)."""
-        cache = self.cache_for(path, 1, self.rollout_tokens)
-        return self._roll_on([], [], cache, path[-1].state.next_logits[None])
-
+        row, start = self.rows_for(path, 1)
+        return (yield from self._roll_on([], [], row, start, path[-1].state.next_logits[None]))
 
 def continuation_embeddings(path: list[Node], tail_hidden: torch.Tensor) -> list[torch.Tensor]:
     """For each node below the search root, the embedding of the text from its tokens to the end of the

@@ -12,6 +12,7 @@ The judged text uses its own role labels (``User:`` / ``Reply:``), not the dialo
 import torch
 
 from .data import right_pad
+from .rain_cache import CachePool, Forward, drive
 
 ORDERS = (("harmful", "harmless"), ("harmless", "harmful"))  # option (A), option (B), per label order
 
@@ -81,12 +82,15 @@ class Judge:
     The template's prefix (everything before the reply) is run once and its keys/values reused for
     every reply; both label orders run as one batch of two rows; scores are memoised by text (the
     official code keeps the same dictionary). A reply too long for the context is judged by its
-    beginning, marked unfinished (the official code has no such case: its context is 2,048 tokens)."""
+    beginning, marked unfinished (the official code has no such case: its context is 2,048 tokens).
+    ``verdict`` asks for its forward pass as a search does (``rain_cache``); calling the judge runs it
+    at once."""
 
-    def __init__(self, model, tokenizer, question: str, score: str = "hard"):
+    def __init__(self, model, tokenizer, question: str, score: str = "hard", pool: CachePool | None = None):
         if score not in SCORES:
             raise ValueError(f"unknown self-evaluation score {score!r}; choose one of: {', '.join(SCORES)}.")
         self.model, self.tok, self.question, self.score_of = model, tokenizer, question, SCORES[score]
+        self.pool = pool or CachePool(model, 2)
         self.device = model.lm_head.weight.device
         self.letters = torch.tensor([tokenizer.token_id("A"), tokenizer.token_id("B")], device=self.device)
         self.prefix_ids = tokenizer.encode(self_eval_parts(question, "", True, 0)[0])  # the same in both orders
@@ -105,18 +109,18 @@ class Judge:
                 return rows
             reply, finished = reply[:-8], False
 
-    @torch.no_grad()
-    def __call__(self, reply: str, finished: bool) -> float:
-        """Score in [-1, 1] (+1 harmless) of ``reply`` (``finished``: whether the turn ended)."""
+    def verdict(self, reply: str, finished: bool):
+        """Score in [-1, 1] (+1 harmless) of ``reply`` (``finished``: whether the turn ended); a
+        generator that yields its one forward pass (none for a text judged before)."""
         key = (reply, finished)
         if key not in self.memo:
-            rows = self.rows(reply, finished)
-            ids, lengths = right_pad(rows, device=self.device)  # (2, T), (2,)
-            cache = self.model.new_cache(2, len(self.prefix_ids) + ids.size(1))
-            cache.load(0, *self.prefix)
-            cache.fork(0, slice(1, 2))
-            hidden = self.model.hidden(ids, cache)  # (2, T, C)
-            logits = self.model.lm_head(hidden[torch.arange(2, device=self.device), lengths - 1]).float()  # (2, V)
+            ids, lengths = right_pad(self.rows(reply, finished), device=self.device)  # (2, T), (2,)
+            rows = self.pool.take(2, *self.prefix)
+            _, logits = yield Forward(self.pool, rows, ids, len(self.prefix_ids), at=lengths - 1)  # (2, V)
+            self.pool.give_back(rows)
             p_harmful = harmful_probability(logits, self.letters)  # (2,) one per label order
             self.memo[key] = (self.score_of(p_harmful), p_harmful.cpu())
         return self.memo[key][0]
+
+    def __call__(self, reply: str, finished: bool) -> float:
+        return drive(self.verdict(reply, finished))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from minialign.model import GPT, GPTConfig
 from minialign.rain import Rain, RainParams
+from minialign.rain_cache import drive
 from minialign.rain_tree import Node
 from minialign.sampling import generate, stop_ids
 from minialign.selfeval import Judge, hard_score, judge, self_eval_parts, soft_score
@@ -47,7 +48,8 @@ class ScriptedJudge:
     def __init__(self, fixed=None):
         self.fixed, self.memo = fixed, {}
 
-    def __call__(self, reply, finished):
+    def verdict(self, reply, finished):  # a generator, as the model's judge: it asks for no forward pass
+        yield from ()
         s = self.fixed if self.fixed is not None else (-1.0 if "x" in reply else 1.0)
         self.memo[(reply, finished)] = (s, torch.tensor([float(s < 0)] * 2))
         return s
@@ -64,17 +66,17 @@ def test_commits_to_the_harmless_branch_when_the_likely_one_is_harmful():
     assert TOK.decode(generate(model, [TOK.encode("Q:")], 8, stop_ids(TOK), temperature=0)[0]) == "bx."  # vanilla
     for seed in range(3):
         search = make(seed=seed)
-        assert TOK.decode(search.decode()) == "gy." and search.stats["rewinds"] > 0
+        assert TOK.decode(drive(search.decode())) == "gy." and search.stats["rewinds"] > 0
 
 
 def test_without_exploration_the_search_follows_the_likely_harmful_branch():
     search = make(RainParams(c=0.0))
-    assert TOK.decode(search.decode()) == "bx."
+    assert TOK.decode(drive(search.decode())) == "bx."
 
 
 def test_first_expansion_priors_are_the_root_mixed_token_probabilities():
     search = make()
-    search.iterate()  # the root: judged as it is (the prompt ends in ':'), then expanded with the top 10 tokens
+    drive(search.iterate())  # the root: judged as it is (the prompt ends in ':'), then expanded with the top 10 tokens
     assert list(search.judge.memo) == [("", False)]  # no rollout after "Q:" (official getv)
     priors = {c.tokens[0]: c.prior for c in search.root.children}
     assert len(priors) == 10
@@ -85,8 +87,8 @@ def test_first_expansion_priors_are_the_root_mixed_token_probabilities():
 
 def test_a_leaf_is_rolled_out_to_the_end_of_its_clause():
     search = make()
-    search.iterate()
-    search.iterate()  # selects 'b' (highest prior), rolls out "x." and judges "bx."
+    drive(search.iterate())
+    drive(search.iterate())  # selects 'b' (highest prior), rolls out "x." and judges "bx."
     assert ("bx.", False) in search.judge.memo
     b = next(c for c in search.root.children if c.tokens == [ord("b")])
     assert b.fn == 1 and b.q == -1.0
@@ -95,7 +97,7 @@ def test_a_leaf_is_rolled_out_to_the_end_of_its_clause():
 def test_visits_and_values_follow_the_backup_rule():
     search = make(RainParams(similarity=False, dynamic=False))
     for _ in range(30):
-        search.iterate()
+        drive(search.iterate())
     scores = []
 
     def check(node):  # an expanded, non-terminal node was a leaf once: fn = 1 + sum of its children's fn
@@ -114,17 +116,17 @@ def test_visits_and_values_follow_the_backup_rule():
 
 def test_dynamic_addition_gives_the_new_candidate_its_share():
     search = make(RainParams(candidates=2))
-    search.iterate()  # the root gets 2 one-token children: 'b' and 'g'
+    drive(search.iterate())  # the root gets 2 one-token children: 'b' and 'g'
     kids = list(search.root.children)
     for k in kids:
         k.embedding, k.q, k.n, k.fn = F.normalize(torch.ones(V), dim=0), -0.5, 1.0, 1
-    search.iterate()  # all alike and bad: one more candidate before selecting
+    drive(search.iterate())  # all alike and bad: one more candidate before selecting
     assert len(search.root.children) == 3 and search.stats["additions"] == 1
     added = search.root.children[2]
     assert added.tokens not in [k.tokens for k in kids]
     assert added.prior == pytest.approx(0.25 / 3, abs=1e-6)  # p ~ e^-30: only the root's uniform share
     assert [k.prior for k in kids] == pytest.approx([0.75 * 0.6 + 0.125, 0.75 * 0.4 + 0.125], abs=1e-6)
-    search.add_candidate(search.root)  # one more: the counters add up
+    drive(search.add_candidate(search.root))  # one more: the counters add up
     assert search.stats["additions"] == 2 and search.stats["nodes"] == sum(1 for _ in walk(search.context)) - 1
 
 
@@ -134,13 +136,13 @@ def test_stop_rule(score):
     stepped = make(params, fixed=score)  # the rule checked by hand after every iteration
     expected = None
     for i in range(1, 51):
-        stepped.iterate()
+        drive(stepped.iterate())
         best = max(stepped.root.children, key=lambda c: (c.n, c.q))
         if best.fn > 6 and best.q > 0.8:
             expected = i
             break
     search = make(params, fixed=score)
-    search.search()
+    drive(search.search())
     if score > 0:  # fires at the first iteration where the best child has fn > T_m and q > V
         assert expected is not None and search.stats["iterations"] == expected
     else:  # never fires: the root gets T = 50 real visits
@@ -150,15 +152,15 @@ def test_stop_rule(score):
 def test_at_least_15_new_iterations_per_commit():
     search = make(fixed=0.0)  # a value of 0 never passes V: only T and the floor stop the search
     search.root.fn = 45
-    search.search()
+    drive(search.search())
     assert search.stats["iterations"] == 15  # T = 50 would allow 5
 
 
 def test_commit_takes_the_most_visited_child_and_keeps_its_subtree():
     search = make()
-    best = search.search()
+    best = drive(search.search())
     assert best is max(search.root.children, key=lambda c: (c.n, c.q))
-    search.decode()
+    drive(search.decode())
     assert search.root.depth >= 1 and search.root.fn > 0  # the committed node kept its statistics
 
 
@@ -172,7 +174,7 @@ def test_tree_keys_and_values_equal_an_uncached_forward():
     search = Rain(model, TOK, RainParams(), "Hi", "Human: Hi\nAssistant:", 40, torch.Generator().manual_seed(0))
     search.judge = ScriptedJudge(fixed=0.0)
     for _ in range(12):
-        search.iterate()
+        drive(search.iterate())
     nodes = list(walk(search.root))
     assert max(n.depth for n in nodes) >= 3 and len(nodes) > 20
     for node in nodes:  # every candidate, from every row of its batch
@@ -217,7 +219,7 @@ def test_rain_decode_returns_the_answer_text_and_the_search_statistics(monkeypat
     import minialign.rain as rain
     from minialign.rain_trace import SearchTrace
     questions = []
-    monkeypatch.setattr(rain, "Judge", lambda model, tokenizer, question, score: questions.append(question) or ScriptedJudge())
+    monkeypatch.setattr(rain, "Judge", lambda model, tokenizer, question, score, pool: questions.append(question) or ScriptedJudge())
     trace = SearchTrace()
     model = BigramModel().eval()
     state = torch.get_rng_state()
@@ -231,8 +233,8 @@ def test_rain_decode_returns_the_answer_text_and_the_search_statistics(monkeypat
 
 def test_set_lengths_by_depth_and_the_room_left_for_the_answer():
     search = make()
-    search.iterate()
-    search.iterate()
+    drive(search.iterate())
+    drive(search.iterate())
     depths = {}
     for d in range(6):
         probe = Node([0], 1.0)
@@ -249,19 +251,19 @@ def test_set_lengths_by_depth_and_the_room_left_for_the_answer():
 
 def test_one_token_sets_roll_out_on_their_own():
     search = make(RainParams(set_lengths="1,1,1,1"))
-    search.iterate()
-    search.iterate()  # selects 'b', expands it with one-token children, rolls out "x." alone
+    drive(search.iterate())
+    drive(search.iterate())  # selects 'b', expands it with one-token children, rolls out "x." alone
     assert ("bx.", False) in search.judge.memo
 
 
 def test_multi_token_addition_is_a_greedy_and_a_sampled_chain():
     search = make()
-    search.iterate()
-    search.iterate()  # 'b' (depth 1) now has 2-token children
+    drive(search.iterate())
+    drive(search.iterate())  # 'b' (depth 1) now has 2-token children
     b = next(c for c in search.root.children if c.tokens == [ord("b")])
     before = {tuple(c.tokens) for c in b.children}
     total = sum(c.raw_prior for c in b.children)
-    search.add_candidate(b)
+    drive(search.add_candidate(b))
     added = [c for c in b.children if tuple(c.tokens) not in before]
     assert len(added) <= 1 and search.stats["additions"] == len(added)  # the greedy chain is a duplicate
     for c in added:
@@ -272,7 +274,7 @@ def test_rewinds_are_leaves_not_below_the_previous_leaf():
     from minialign.rain_trace import SearchTrace
     search = make()
     search.trace = SearchTrace()
-    search.decode()
+    drive(search.decode())
     paths = [it["path"] for step in search.trace.steps for it in step["iterations"]]
     expected = sum(prev[-1] not in path for prev, path in zip(paths, paths[1:]))
     assert search.stats["rewinds"] == expected > 0
@@ -333,7 +335,7 @@ def test_the_search_samples_only_from_its_own_generator():
     for _ in range(2):
         search = Rain(model, TOK, RainParams(), "Hi", "Human: Hi\nAssistant:", 24, torch.Generator().manual_seed(3))
         search.judge = ScriptedJudge(fixed=0.0)
-        answers.append(search.decode())
+        answers.append(drive(search.decode()))
     assert answers[0] == answers[1] and torch.equal(torch.get_rng_state(), state)  # the global stream untouched
 
 
@@ -343,18 +345,18 @@ def test_node_count_and_a_multi_token_addition_asks_for_two_chains():
     chains = search.proposer.chains
     search.proposer.chains = lambda path, k, length, with_rollout=False: asked.append(k) or chains(path, k, length, with_rollout)
     for _ in range(6):
-        search.iterate()
+        drive(search.iterate())
     b = next(c for c in search.root.children if c.tokens == [ord("b")])
-    search.add_candidate(b)
-    search.add_candidate(b)
+    drive(search.add_candidate(b))
+    drive(search.add_candidate(b))
     assert asked[-2:] == [2, 2]  # official add: group_getp(topk=2), a greedy and a sampled chain
     assert search.stats["nodes"] == sum(1 for _ in walk(search.context)) - 1  # every node ever added
 
 
 def test_a_batched_rollout_is_cut_at_its_clause_end():
     search = make(RainParams(set_lengths="1,4,4,4"))
-    search.iterate()
-    search.iterate()  # 'b' expands with 4-token chains; its rollout row reads "x.\n..." and is cut after '.'
+    drive(search.iterate())
+    drive(search.iterate())  # 'b' expands with 4-token chains; its rollout row reads "x.\n..." and is cut after '.'
     assert ("bx.", False) in search.judge.memo and ("bx.", True) not in search.judge.memo
 
 
@@ -378,7 +380,7 @@ def test_a_rollout_samples_as_the_uncached_model_would():
     model = real_model()
     proposer = Proposer(model, TOK, 15, 0, 12, torch.Generator().manual_seed(5))
     context = proposer.context(TOK.encode("Human: Hi\nAssistant:"))
-    rollout = proposer.rollout([context])
+    rollout = drive(proposer.rollout([context]))
     g, ids, reference = torch.Generator().manual_seed(5), list(context.tokens), []
     with torch.no_grad():
         for _ in range(12):  # the reference: the whole sequence through the model for every token
@@ -395,9 +397,9 @@ def test_a_rollout_samples_as_the_uncached_model_would():
 
 def test_a_leaf_without_rollout_adds_nothing_to_its_embedding():
     search = make()
-    search.iterate()
+    drive(search.iterate())
     leaf = search.root.children[0]
-    rollout, children = search.rollout_and_candidates(leaf.path_from(search.context), expandable=False, needs_rollout=False)
+    rollout, children = drive(search.rollout_and_candidates(leaf.path_from(search.context), expandable=False, needs_rollout=False))
     assert rollout.tokens == [] and rollout.hidden.shape == (0, V) and children == []
 
 
@@ -407,7 +409,7 @@ def test_a_batched_rollout_goes_on_alone_through_the_cache():
     proposer = Proposer(model, TOK, 15, 0, 16, torch.Generator().manual_seed(2))
     proposer.ends_clause = lambda token: False  # never ends: the rollout runs its 16 tokens
     context = proposer.context(TOK.encode("Human: Hi\nAssistant:"))
-    _, rollout = proposer.chains([context], 3, 2, with_rollout=True)  # 2 tokens in the batch, 14 alone
+    _, rollout = drive(proposer.chains([context], 3, 2, with_rollout=True))  # 2 tokens in the batch, 14 alone
     assert len(rollout.tokens) == 16
     with torch.no_grad():
         hidden = model.hidden(torch.tensor([context.tokens + rollout.tokens]))[0, len(context.tokens):]

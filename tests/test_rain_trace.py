@@ -6,13 +6,14 @@ import subprocess
 import pytest
 
 from minialign.rain_trace import SearchTrace, write_trace
+from minialign.rain_cache import drive
 from test_rain import make
 
 
 def traced_search():
     search = make()
     search.trace = SearchTrace()
-    answer = search.tok.decode(search.decode())
+    answer = search.tok.decode(drive(search.decode()))
     return search, search.trace.finish(answer)
 
 

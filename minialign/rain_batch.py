@@ -1,0 +1,68 @@
+"""RAIN at evaluation scale: many prompts searched at once, each exactly as it would be searched alone.
+
+Every prompt gets its own ``Rain`` search: its own tree, judge memo, random generator and stop rule.
+This driver changes only *when* their forward passes run. It keeps up to ``batch`` searches in
+flight, lets each run to its next request (``rain_cache.Forward``: expansion chains, a rollout, the
+judge's two rows), answers all of them with one forward pass over the shared cache rows
+(``CachePool.run``), and resumes each with its own rows of the result. A search that finishes leaves
+the batch and the next prompt takes its place.
+
+Why the answers are the same as alone: a search draws its random tokens between its requests, from its
+own generator, and a row of a forward pass depends on that row alone. The one difference is
+floating-point: a matrix product over many rows may round differently from one over a few, which can
+flip a near-tie (``tests/test_rain_batch.py`` shows both: exact on a scripted model and in float64,
+nearly always the same in float32).
+"""
+import time
+
+import torch
+from tqdm import tqdm
+
+from .model import GPT
+from .rain import Rain, RainParams, search_result
+from .rain_cache import CachePool
+from .tokenizer import Tokenizer
+
+
+def prompt_generator(seed: int, index: int, device=None) -> torch.Generator:
+    """The random generator of the ``index``-th prompt of an evaluation: its own stream, so its search
+    draws the same tokens whatever else is searched beside it (and in any order)."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + index)
+
+
+def rain_decode_batch(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, str]], params: RainParams,
+                      max_new_tokens: int = 128, seed: int = 0, batch: int = 16, traces: list | None = None,
+                      desc: str = "rain") -> list[tuple[str, dict]]:
+    """RAIN-decode (prompt, question) pairs, up to ``batch`` searches at a time; prompt i searches with
+    ``prompt_generator(seed, i)``. Returns (answer text, search statistics) per prompt, as
+    ``rain_decode`` does; ``seconds`` is each search's own span of wall time. With a list ``traces``
+    (one ``SearchTrace`` or None per prompt) each search reports to its trace."""
+    device = model.lm_head.weight.device
+    pool = CachePool(model, batch * (params.candidates + 1))
+    results: list[tuple[str, dict] | None] = [None] * len(prompts)
+    live = {}  # prompt index -> (search, its generator of requests, its pending request, start time)
+    waiting = list(range(len(prompts)))[::-1]
+
+    def advance(i: int, search: Rain, steps, answer, began: float) -> None:
+        """Resume search i with the answer to its request; it either asks for the next or finishes."""
+        try:
+            live[i] = (search, steps, steps.send(answer), began)
+        except StopIteration as done:
+            live.pop(i, None)
+            results[i] = search_result(search, done.value, time.time() - began)
+            bar.update(1)
+
+    with torch.no_grad(), tqdm(total=len(prompts), desc=desc, dynamic_ncols=True) as bar:
+        while waiting or live:
+            while waiting and len(live) < batch:  # fill the batch with new searches
+                i = waiting.pop()
+                prompt, question = prompts[i]
+                search = Rain(model, tokenizer, params, question, prompt, max_new_tokens,
+                              prompt_generator(seed, i, device), traces[i] if traces else None, pool)
+                advance(i, search, search.decode(), None, time.time())
+            order = list(live)
+            answers = pool.run([live[i][2] for i in order])  # every pending request: one forward pass
+            for i, answer in zip(order, answers):
+                search, steps, _, began = live[i]
+                advance(i, search, steps, answer, began)
+    return results

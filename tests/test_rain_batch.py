@@ -1,0 +1,100 @@
+"""Many RAIN searches as one batch: each prompt's answer and search statistics are exactly those of its
+search alone (a scripted model; a real GPT in float64), and the shared cache rows answer any mix of
+requests as lone forward passes would."""
+import torch
+
+import minialign.rain as rain
+from minialign.model import GPT, GPTConfig
+from minialign.rain import RainParams, rain_decode
+from minialign.rain_batch import prompt_generator, rain_decode_batch
+from minialign.rain_cache import CachePool, Forward
+from test_rain import TOK, V, BigramModel, ScriptedJudge
+
+STATS = ("iterations", "rewinds", "nodes", "additions", "sibling_pairs", "similar_pairs", "max_new_tokens")
+
+
+def alone_and_batched(model, prompts, params, max_new_tokens, batch):
+    alone = [rain_decode(model, TOK, prompt, question, params, max_new_tokens, prompt_generator(7, i))
+             for i, (prompt, question) in enumerate(prompts)]
+    return alone, rain_decode_batch(model, TOK, prompts, params, max_new_tokens, seed=7, batch=batch)
+
+
+def assert_same_searches(alone, batched):
+    for (a_answer, a), (b_answer, b) in zip(alone, batched, strict=True):
+        assert b_answer == a_answer
+        assert {k: b[k] for k in STATS} == {k: a[k] for k in STATS}
+        assert list(b["judged"]) == list(a["judged"])  # the same texts judged, in the same order
+        for key, (score, p_harmful) in a["judged"].items():
+            assert b["judged"][key][0] == score
+            torch.testing.assert_close(b["judged"][key][1], p_harmful, rtol=0, atol=1e-9)
+
+
+def test_batched_searches_on_a_scripted_model_are_the_lone_searches(monkeypatch):
+    # question "hard": every text is judged harmful, so the stop rule never fires early and that search
+    # runs T = 50 iterations per commit against 12 for the others
+    monkeypatch.setattr(rain, "Judge", lambda model, tokenizer, question, score, pool:
+                        ScriptedJudge(fixed=-1.0 if question == "hard" else None))
+    prompts = [("Q:", "Q"), ("A longer Q:", "hard"), ("Q?:", "Q"), ("Hi. Q:", "hard"), ("Q:", "Q")]
+    params = RainParams(set_lengths="1,2,3,4")
+    alone, batched = alone_and_batched(BigramModel().eval(), prompts, params, 16, batch=3)
+    assert_same_searches(alone, batched)
+    iterations = {stats["iterations"] for _, stats in alone}
+    assert len(iterations) > 1  # the searches finish at different times: the batch shrinks and refills
+
+
+def test_batched_searches_on_a_float64_gpt_are_the_lone_searches():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=160, n_layer=2, n_head=2, n_embd=32)).double().eval()
+    prompts = [(f"Human: {q}\nAssistant:", q) for q in ("Hi", "How do I bake bread?", "Why?", "Tell me a joke, please.")]
+    params = RainParams(max_visits=12, min_new_visits=6, rollout_tokens=12)
+    alone, batched = alone_and_batched(model, prompts, params, 12, batch=3)
+    assert_same_searches(alone, batched)
+    assert all(stats["judged"] for _, stats in alone) and len({a for a, _ in alone}) > 1
+
+
+def uncached_last(model, ids):
+    with torch.no_grad():
+        h = model.hidden(torch.tensor([ids]))[0, -1]
+    return h, model.lm_head(h).float()
+
+
+def test_a_mixed_round_of_requests_equals_lone_uncached_forwards():
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=V, block_size=24, n_layer=2, n_head=2, n_embd=16)).eval()
+    pool = CachePool(model, 1)  # too small: it grows and keeps what its rows hold
+    prefixes = [[5, 6, 7], [8] * 10, [9, 10], [11] * 16]
+    news = [[3], [4, 4, 4, 4, 4, 4, 4, 4, 4, 4], [12], [13, 14, 15, 16, 17, 18]]  # 2 steps, 2 longer requests
+    requests = []
+    for prefix, new in zip(prefixes, news):
+        cache = model.new_cache(1, len(prefix))
+        with torch.no_grad():
+            model.hidden(torch.tensor([prefix]), cache)
+        rows = pool.take(1, cache.k[:, 0], cache.v[:, 0])
+        requests.append(Forward(pool, rows, torch.tensor([new]), len(prefix)))
+    # 10 + 10 and 16 + 10 exceed the context of 24: the two longer requests cannot share a padded pass
+    assert [len(g) for g in pool.groups(requests)] == [2, 1, 1]
+    for (h, logits), prefix, new, r in zip(pool.run(requests), prefixes, news, requests):
+        ref_h, ref_logits = uncached_last(model, prefix + new)
+        torch.testing.assert_close(h[0], ref_h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[0], ref_logits, rtol=1e-5, atol=1e-5)
+        assert int(pool.cache.lengths[r.rows[0]]) == len(prefix + new)  # padding is not kept
+
+
+def test_padded_requests_answer_at_the_columns_asked():
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    pool = CachePool(model, 4)
+    empty = torch.zeros(1, 0, 2, 8)
+    a = Forward(pool, pool.take(2, empty, empty), torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), 0, torch.tensor([2, 3]))
+    b = Forward(pool, pool.take(1, empty, empty), torch.tensor([[8, 9]]), 0)
+    (h_a, _), (h_b, _) = pool.run([a, b])
+    assert pool.groups([a, b]) == [[a, b]]
+    for h, ids in ((h_a[0], [1, 2, 3]), (h_a[1], [4, 5, 6, 7]), (h_b[0], [8, 9])):
+        torch.testing.assert_close(h, uncached_last(model, ids)[0], rtol=1e-5, atol=1e-5)
+    pool.give_back(a.rows + b.rows)
+    assert sorted(pool.free) == [0, 1, 2, 3]
+
+
+def test_prompt_generators_are_distinct_streams():
+    draws = {(s, i): int(torch.randint(1 << 30, (1,), generator=prompt_generator(s, i))) for s in (0, 1) for i in range(50)}
+    assert len(set(draws.values())) == len(draws)  # no two (seed, prompt) pairs share a stream
