@@ -8,10 +8,11 @@ RAIN evaluation and ablation.
     python -m minialign.experiments rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
     python -m minialign.experiments rain-ablation   # full RAIN, no similarity update, no dynamic addition, c = 0
     python -m minialign.experiments rain-batch      # the batched search against the serial one -> out/rain_batch.md
+    python -m minialign.experiments combined        # pi_ref and CTRL, each greedy / best-of-4 / RAIN -> out/combined.md
     python -m minialign.experiments bon             # BoN_N / WoN_N of pi_ref by the reward model -> out/bon.md
     python -m minialign.experiments calibration-noise  # variance of r and C_hat the gold reward cannot see
 
-Each needs ``python train.py`` (sft, reward, calibrate) to have run first; flags are listed by --help.
+Each needs ``python train.py`` (sft, reward, calibrate; combined also ctrl) to have run first; flags are listed by --help.
 """
 import sys
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from .config import ConfigError, arg, build, check_known, main_guard, parse_flag
 from .calibrate import calibrated, load_calibration
 from .ctrl import CTRLConfig, train_ctrl
 from .evaluate import self_eval_accuracy, world_rates
-from .rain_eval import rain_batch_agreement, rain_batch_markdown, rain_markdown, rain_table
+from .rain_eval import combined_table, rain_batch_agreement, rain_batch_markdown, rain_markdown, rain_table
 from .rain import RainParams
 from .reward_model import load_reward, score
 from .sampling import complete
@@ -185,7 +186,8 @@ def plot_sweep(rows: list[dict], path: str) -> None:
 class ExperimentConfig:
     out_dir: str = arg("out", "checkpoints root (needs sft; infalign also reward and calibration)")
     n_eval: int = arg(32, "sft, rain, bon: held-out prompts per kind", at_least=1)
-    batch: int = arg(16, "rain, rain-ablation, rain-batch: prompts searched at once (1 = one after another)", at_least=1)
+    batch: int = arg(16, "rain, rain-ablation, rain-batch, combined: prompts searched at once (1 = one after another)",
+                     at_least=1)
     seed: int = arg(0, "sampling seed (the prompts come from the reference policy's world)")
     ctrl_steps: int = arg(30, "infalign: RL steps per sweep point", at_least=1)
     eval_prompts: int = arg(32, "infalign: held-out prompts per kind in each evaluation", at_least=1)
@@ -198,7 +200,7 @@ class ExperimentConfig:
     device: str = arg("auto", "auto, cpu or cuda")
 
 
-EXPERIMENTS = ("sft", "infalign", "tilt", "rain", "rain-ablation", "rain-batch", "bon", "calibration-noise")
+EXPERIMENTS = ("sft", "infalign", "tilt", "rain", "rain-ablation", "rain-batch", "combined", "bon", "calibration-noise")
 
 
 def main(argv: list[str]) -> None:
@@ -222,8 +224,15 @@ def main(argv: list[str]) -> None:
         atomic_write_text(f"{cfg.out_dir}/sft.md", table + "\n")
         print(table)
         return
-    if argv[0] in ("bon", "calibration-noise", "tilt"):
+    if argv[0] in ("bon", "calibration-noise", "tilt", "combined"):
         reward_model = load_reward(f"{cfg.out_dir}/reward")[0].to(pick_device(cfg.device)).eval()
+        if argv[0] == "combined":
+            ctrl = load_model(f"{cfg.out_dir}/ctrl")[0].to(pick_device(cfg.device)).eval()
+            table = combined_table({"pi_ref": model, "CTRL": ctrl}, reward_model, tokenizer, prompts, params,
+                                   cfg.batch, seed=cfg.seed)
+            atomic_write_text(f"{cfg.out_dir}/combined.md", table + "\n")
+            print(table)
+            return
         if argv[0] == "tilt":
             if cfg.prompts == "train":  # where CTRL was trained: no generalisation between policy and optimum
                 prompts = [world.parse_prompt(p) for p in load_calibration(f"{cfg.out_dir}/calibration")[0][::2]]

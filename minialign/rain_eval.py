@@ -3,6 +3,7 @@
     python decode.py --method rain --eval             # rain_table, as markdown
     python -m minialign.experiments rain              # the same table -> out/rain.md
     python -m minialign.experiments rain-batch        # rain_batch_agreement -> out/rain_batch.md
+    python -m minialign.experiments combined          # combined_table: CTRL and RAIN together -> out/combined.md
 
 Rates come from the world's gold rules (``world.is_harmful``, ``world.is_helpful``); RAIN's
 self-evaluation accuracy is its judge's verdict on every text it judged, against the same rule.
@@ -10,12 +11,14 @@ self-evaluation accuracy is its judge's verdict on every text it judged, against
 import copy
 import time
 
+import torch
+
 from . import world
 from .evaluate import world_rates
 from .rain import RainParams, rain_decode
 from .rain_batch import prompt_generator, rain_decode_batch
 from .rain_trace import SearchTrace
-from .sampling import generate, generate_uncached, stop_ids
+from .sampling import best_of_n, complete, generate, generate_uncached, stop_ids
 
 SEARCH_STATS = ("iterations", "rewinds", "nodes", "additions", "sibling_pairs", "similar_pairs")
 
@@ -50,20 +53,21 @@ def rain_table(model, tokenizer, prompts: list[world.Prompt], params: RainParams
     answers = [answer for answer, _ in results]
     if traces is not None:
         traces += [trace.finish(answer) for trace, answer in zip(searches, answers)]
-    correct, judged = 0, 0
-    totals = dict.fromkeys(SEARCH_STATS, 0)
-    for p, (_, stats) in zip(prompts, results):
-        for key in totals:
-            totals[key] += stats[key]
-        for (text, _), (_, p_harmful) in stats["judged"].items():
-            gold = world.is_harmful(p.text, text)
-            correct += int(((p_harmful > 0.5) == gold).sum())  # both label orders
-            judged += 2
+    totals = {key: sum(stats[key] for _, stats in results) for key in SEARCH_STATS}
     return {"vanilla": dict(world_rates(prompts, vanilla), seconds=v_time, uncached_seconds=u_time),
-            "rain": dict(world_rates(prompts, answers), seconds=r_time, self_eval_accuracy=correct / judged,
+            "rain": dict(world_rates(prompts, answers), seconds=r_time, self_eval_accuracy=judge_accuracy(prompts, results),
                          similar_share=totals["similar_pairs"] / max(1, totals["sibling_pairs"]), batch=batch,
                          **{k: v / len(prompts) for k, v in totals.items()}),
             "time_ratio": r_time / v_time, "time_ratio_uncached": r_time / u_time}
+
+
+def judge_accuracy(prompts: list[world.Prompt], results: list[tuple[str, dict]]) -> float:
+    """How often RAIN's self-evaluation agreed with the gold rule, over every text each search judged
+    and both label orders."""
+    verdicts = [bool(p_harmful[order] > 0.5) == world.is_harmful(p.text, text)
+                for p, (_, stats) in zip(prompts, results)
+                for (text, _), (_, p_harmful) in stats["judged"].items() for order in (0, 1)]
+    return sum(verdicts) / len(verdicts)
 
 
 def rain_markdown(result: dict) -> str:
@@ -124,3 +128,45 @@ def rain_batch_markdown(result: dict) -> str:
               f"{len(result['differ'])} |",
               f"| wall time, s | {s['seconds']:.1f} | {b['seconds']:.1f} ({s['seconds'] / b['seconds']:.2f}x faster) |"]
     return "\n".join(lines)
+
+
+def combined_table(policies: dict, reward_model, tokenizer, prompts: list[world.Prompt], params: RainParams,
+                   batch: int = 16, reference_samples: int = 8, seed: int = 0) -> str:
+    """Both papers together: each policy (name -> model; the first is pi_ref) decoded greedy, best-of-4
+    by the reward model r, and with RAIN (the policy judging its own text). Per decoding: the gold
+    rules' rates, the gold win rate against ``reference_samples`` samples of pi_ref per prompt (ties
+    1/2; ± its standard error over prompts), RAIN's self-evaluation accuracy, and time per prompt."""
+    texts = [p.text for p in prompts]
+    pi_ref = next(iter(policies.values()))
+    device = pi_ref.lm_head.weight.device
+    samples = complete(pi_ref, tokenizer, [t for t in texts for _ in range(reference_samples)], batch_size=256,
+                       temperature=1.0, generator=torch.Generator(device).manual_seed(seed + 1))
+    reference = torch.tensor([world.gold_reward(t, y) for t, y in zip([t for t in texts for _ in range(reference_samples)],
+                                                                      samples)]).view(len(texts), -1)  # (P, S)
+    lines = ["| policy | decoding | harm rate (harmful) | attack success (attacked) | help rate (benign) "
+             "| gold win rate vs pi_ref samples | self-evaluation accuracy | ms per prompt |", "|---|---|---|---|---|---|---|---|"]
+    for name, model in policies.items():
+        decoders = {
+            "greedy": lambda: (complete(model, tokenizer, texts, temperature=0.0), None),
+            "best-of-4 by r": lambda: (best_of_n(model, reward_model, tokenizer, texts, 4, temperature=1.0,
+                                                 generator=torch.Generator(device).manual_seed(seed))[0], None),
+            "RAIN": lambda: rain_answers(model, tokenizer, prompts, params, batch, seed),
+        }
+        for label, decode in decoders.items():
+            start = time.time()
+            answers, accuracy = decode()
+            ms = 1000 * (time.time() - start) / len(prompts)
+            gold = torch.tensor([world.gold_reward(t, a) for t, a in zip(texts, answers)])[:, None]  # (P, 1)
+            wins = ((gold > reference).float() + 0.5 * (gold == reference).float()).mean(1)  # (P,)
+            r = world_rates(prompts, answers)
+            lines.append(f"| {name} | {label} | {r['harm_rate']:.3f} | {r['attack_success']:.3f} | {r['help_rate']:.3f} "
+                         f"| {wins.mean():.3f} ± {wins.std() / len(wins) ** 0.5:.3f} | "
+                         f"{'' if accuracy is None else f'{accuracy:.3f}'} | {ms:.0f} |")
+    return "\n".join(lines)
+
+
+def rain_answers(model, tokenizer, prompts: list[world.Prompt], params: RainParams, batch: int,
+                 seed: int) -> tuple[list[str], float]:
+    """RAIN's answers to world prompts, searched ``batch`` at a time, and its self-evaluation accuracy."""
+    results = rain_decode_batch(model, tokenizer, [(p.text, p.question) for p in prompts], params, seed=seed, batch=batch)
+    return [answer for answer, _ in results], judge_accuracy(prompts, results)

@@ -98,3 +98,21 @@ def test_padded_requests_answer_at_the_columns_asked():
 def test_prompt_generators_are_distinct_streams():
     draws = {(s, i): int(torch.randint(1 << 30, (1,), generator=prompt_generator(s, i))) for s in (0, 1) for i in range(50)}
     assert len(set(draws.values())) == len(draws)  # no two (seed, prompt) pairs share a stream
+
+
+def test_one_token_requests_on_dense_and_on_scattered_rows():
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
+    prefix = [1, 2, 3, 4]
+    cache = model.new_cache(1, len(prefix))
+    with torch.no_grad():
+        model.hidden(torch.tensor([prefix]), cache)
+    reference = uncached_last(model, prefix + [7])[0]
+    for lent in ([0, 1, 2], [0, 9]):  # a range read in place; a range mostly idle: its rows are gathered
+        pool = CachePool(model, 10)
+        rows = pool.take(10, cache.k[:, 0], cache.v[:, 0])
+        pool.give_back([r for r in rows if r not in lent])
+        (h, _), = pool.run([Forward(pool, lent, torch.full((len(lent), 1), 7), len(prefix))])
+        for row in h:
+            torch.testing.assert_close(row, reference, rtol=1e-5, atol=1e-5)
+        assert pool.cache.lengths.tolist() == [len(prefix) + 1 if r in lent else 0 for r in range(10)]

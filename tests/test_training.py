@@ -1,4 +1,4 @@
-"""Precision by device: ``--bf16 auto`` takes bf16 only where the device runs it natively."""
+"""Precision by device: ``--bf16 auto`` takes bf16 only where the device runs it natively and faster."""
 import json
 import os
 import subprocess
@@ -9,12 +9,16 @@ import torch
 
 from minialign.config import ConfigError
 from minialign.sft import SFTConfig, train_sft
-from minialign.training import resolve_bf16
+from minialign import training
+from minialign.training import cpu_matmul_speeds, resolve_bf16
 
 CPU = torch.device("cpu")
 
 
-def fake_cpu(monkeypatch, capability: str, avx512_bf16: bool, amx: bool = False, isa_cap: str | None = None):
+def fake_cpu(monkeypatch, capability: str, avx512_bf16: bool, amx: bool = False, isa_cap: str | None = None,
+             speeds: tuple[float, float] = (300.0, 450.0)):
+    """A CPU with the given vector ISA, bf16 instructions, oneDNN cap and measured (fp32, bf16) GFLOP/s."""
+    monkeypatch.setattr(training, "cpu_matmul_speeds", lambda: speeds)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
@@ -37,6 +41,18 @@ def test_auto_follows_the_cpu(monkeypatch, capability, avx512_bf16, amx, isa_cap
     fake_cpu(monkeypatch, capability, avx512_bf16, amx, isa_cap)
     assert resolve_bf16("auto", CPU) is expected
     assert resolve_bf16("true", CPU) is True and resolve_bf16("False", CPU) is False  # explicit wins
+
+
+@pytest.mark.parametrize("speeds, expected", [((300.0, 450.0), True), ((306.0, 166.0), False), ((300.0, 330.0), False)])
+def test_auto_takes_native_bf16_only_where_it_measures_faster(monkeypatch, speeds, expected):
+    fake_cpu(monkeypatch, "AVX512", True, speeds=speeds)  # the last: 1.1x, below the 1.2x it needs
+    assert resolve_bf16("auto", CPU) is expected
+    assert ("native bf16 (matmul" in training.describe_device(CPU)) and f"{speeds[1]:.0f} GFLOP/s" in training.describe_device(CPU)
+
+
+def test_matmul_speeds_are_measured_once():
+    first = cpu_matmul_speeds()
+    assert all(s > 0.1 for s in first) and cpu_matmul_speeds() is first  # cached: one measurement per process
 
 
 def test_auto_on_cuda_asks_the_gpu(monkeypatch):
