@@ -36,10 +36,27 @@ def test_batched_searches_on_a_scripted_model_are_the_lone_searches(monkeypatch)
                         ScriptedJudge(fixed=-1.0 if question == "hard" else None))
     prompts = [("Q:", "Q"), ("A longer Q:", "hard"), ("Q?:", "Q"), ("Hi. Q:", "hard"), ("Q:", "Q")]
     params = RainParams(set_lengths="1,2,3,4")
+    rounds = []
+    run = CachePool.run
+    monkeypatch.setattr(CachePool, "run", lambda pool, requests: rounds.append(len(requests)) or run(pool, requests))
     alone, batched = alone_and_batched(BigramModel().eval(), prompts, params, 16, batch=3)
     assert_same_searches(alone, batched)
     iterations = {stats["iterations"] for _, stats in alone}
     assert len(iterations) > 1  # the searches finish at different times: the batch shrinks and refills
+    assert max(rounds) == 3  # never more searches in flight than the batch (lone rounds have 1)
+
+
+def test_each_search_reports_to_its_own_trace(monkeypatch):
+    from minialign.rain_trace import SearchTrace
+    monkeypatch.setattr(rain, "Judge", lambda model, tokenizer, question, score, pool: ScriptedJudge())
+    traces = [SearchTrace(), SearchTrace()]
+    results = rain_decode_batch(BigramModel().eval(), TOK, [("Q:", "Q"), ("Hi Q:", "Q")], RainParams(), 16,
+                                batch=2, traces=traces)
+    for trace, (answer, stats) in zip(traces, results):
+        record = trace.finish(answer)
+        assert record["prompt"] in ("Q:", "Hi Q:") and record["answer"] == answer == "gy."
+        assert sum(len(s["iterations"]) for s in record["steps"]) == stats["iterations"]
+    assert traces[0].prompt == "Q:" and traces[1].prompt == "Hi Q:"
 
 
 def test_batched_searches_on_a_float64_gpt_are_the_lone_searches():
@@ -62,8 +79,8 @@ def test_a_mixed_round_of_requests_equals_lone_uncached_forwards():
     torch.manual_seed(1)
     model = GPT(GPTConfig(vocab_size=V, block_size=24, n_layer=2, n_head=2, n_embd=16)).eval()
     pool = CachePool(model, 1)  # too small: it grows and keeps what its rows hold
-    prefixes = [[5, 6, 7], [8] * 10, [9, 10], [11] * 16]
-    news = [[3], [4, 4, 4, 4, 4, 4, 4, 4, 4, 4], [12], [13, 14, 15, 16, 17, 18]]  # 2 steps, 2 longer requests
+    prefixes = [[5, 6, 7], [8] * 10, [9, 10], [11] * 14, [12] * 15]
+    news = [[3], [4] * 10, [12], [13, 14, 15, 16, 17, 18], [19, 20]]  # 2 steps, 3 longer requests
     requests = []
     for prefix, new in zip(prefixes, news):
         cache = model.new_cache(1, len(prefix))
@@ -71,13 +88,15 @@ def test_a_mixed_round_of_requests_equals_lone_uncached_forwards():
             model.hidden(torch.tensor([prefix]), cache)
         rows = pool.take(1, cache.k[:, 0], cache.v[:, 0])
         requests.append(Forward(pool, rows, torch.tensor([new]), len(prefix)))
-    # 10 + 10 and 16 + 10 exceed the context of 24: the two longer requests cannot share a padded pass
-    assert [len(g) for g in pool.groups(requests)] == [2, 1, 1]
+    # padded to the widest (10), the one starting at 14 just fits the context of 24, the one at 15 not
+    assert [[len(r.tokens[0]) for r in g] for g in pool.groups(requests)] == [[1, 1], [10, 6], [2]]
     for (h, logits), prefix, new, r in zip(pool.run(requests), prefixes, news, requests):
         ref_h, ref_logits = uncached_last(model, prefix + new)
         torch.testing.assert_close(h[0], ref_h, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits[0], ref_logits, rtol=1e-5, atol=1e-5)
         assert int(pool.cache.lengths[r.rows[0]]) == len(prefix + new)  # padding is not kept
+    pool.give_back([r.rows[0] for r in requests])
+    assert sorted(pool.free) == list(range(pool.cache.batch_size))  # growing lost no row
 
 
 def test_padded_requests_answer_at_the_columns_asked():
@@ -91,8 +110,10 @@ def test_padded_requests_answer_at_the_columns_asked():
     assert pool.groups([a, b]) == [[a, b]]
     for h, ids in ((h_a[0], [1, 2, 3]), (h_a[1], [4, 5, 6, 7]), (h_b[0], [8, 9])):
         torch.testing.assert_close(h, uncached_last(model, ids)[0], rtol=1e-5, atol=1e-5)
-    pool.give_back(a.rows + b.rows)
-    assert sorted(pool.free) == [0, 1, 2, 3]
+    more = pool.take(3, empty, empty)  # one row free, three asked: the pool grows and keeps the free one
+    assert 3 in more and pool.cache.batch_size == 8
+    pool.give_back(a.rows + b.rows + more)
+    assert sorted(pool.free) == list(range(8))
 
 
 def test_prompt_generators_are_distinct_streams():
