@@ -44,6 +44,7 @@ def test_batched_searches_on_a_scripted_model_are_the_lone_searches(monkeypatch)
     iterations = {stats["iterations"] for _, stats in alone}
     assert len(iterations) > 1  # the searches finish at different times: the batch shrinks and refills
     assert max(rounds) == 3  # never more searches in flight than the batch (lone rounds have 1)
+    assert all(0 < stats["seconds"] < 60 for _, stats in batched)  # each search's own span of wall time
 
 
 def test_each_search_reports_to_its_own_trace(monkeypatch):
