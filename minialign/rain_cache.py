@@ -60,6 +60,7 @@ class CachePool:
         return self.cache.k[:, index, start: start + length], self.cache.v[:, index, start: start + length]
 
     def give_back(self, rows: list[int]) -> None:
+        """Return rows to the pool; a free row has length 0 (``forward`` relies on it)."""
         self.cache.lengths[torch.tensor(rows, device=self.cache.lengths.device)] = 0
         self.free += rows
 
