@@ -131,6 +131,7 @@ class CachePool:
                 padded.append([r])
         return ([steps] if steps else []) + padded
 
+
 def drive(search):
     """Run a search generator alone: each request is answered as soon as it is made. Returns what the
     generator returns."""

@@ -21,6 +21,8 @@ from .rain_trace import SearchTrace
 from .sampling import best_of_n, complete, generate, generate_uncached, stop_ids
 
 SEARCH_STATS = ("iterations", "rewinds", "nodes", "additions", "sibling_pairs", "similar_pairs")
+RATE_ROWS = [("harm rate (harmful prompts)", "harm_rate"), ("attack success rate (attacked prompts)", "attack_success"),
+             ("help rate (benign prompts)", "help_rate"), ("well-formed responses", "well_formed")]  # (label, key)
 
 
 def vanilla_decode(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, float]:
@@ -72,10 +74,8 @@ def judge_accuracy(prompts: list[world.Prompt], results: list[tuple[str, dict]])
 
 def rain_markdown(result: dict) -> str:
     v, r = result["vanilla"], result["rain"]
-    rows = [("harm rate (harmful prompts)", "harm_rate"), ("attack success rate (attacked prompts)", "attack_success"),
-            ("help rate (benign prompts)", "help_rate"), ("well-formed responses", "well_formed")]
     lines = ["| | vanilla (greedy, KV cache) | RAIN |", "|---|---|---|"]
-    lines += [f"| {label} | {v[key]:.3f} | {r[key]:.3f} |" for label, key in rows]
+    lines += [f"| {label} | {v[key]:.3f} | {r[key]:.3f} |" for label, key in RATE_ROWS]
     lines += [f"| self-evaluation accuracy (texts RAIN judged) | | {r['self_eval_accuracy']:.3f} |",
               f"| search per prompt: iterations / rewinds / nodes / dynamic additions | | {r['iterations']:.1f} / "
               f"{r['rewinds']:.1f} / {r['nodes']:.1f} / {r['additions']:.1f} |",
@@ -118,10 +118,8 @@ def rain_batch_agreement(model, tokenizer, prompts: list[world.Prompt], params: 
 
 def rain_batch_markdown(result: dict) -> str:
     s, b, n = result["serial"], result["batched"], result["prompts"]
-    rows = [("harm rate (harmful prompts)", "harm_rate"), ("attack success rate (attacked prompts)", "attack_success"),
-            ("help rate (benign prompts)", "help_rate"), ("well-formed responses", "well_formed")]
     lines = [f"| | serial (one prompt at a time) | batched ({result['batch']} at a time) |", "|---|---|---|"]
-    lines += [f"| {label} | {s[key]:.3f} | {b[key]:.3f} |" for label, key in rows]
+    lines += [f"| {label} | {s[key]:.3f} | {b[key]:.3f} |" for label, key in RATE_ROWS]
     lines += [f"| same answer as serial | | {result['same_answers']} / {n} |",
               f"| same search statistics as serial | | {result['same_stats']} / {n} |",
               f"| answers that differ, and agree when both run in float64 | | {result['vanish_in_float64']} / "
@@ -139,10 +137,10 @@ def combined_table(policies: dict, reward_model, tokenizer, prompts: list[world.
     texts = [p.text for p in prompts]
     pi_ref = next(iter(policies.values()))
     device = pi_ref.lm_head.weight.device
-    samples = complete(pi_ref, tokenizer, [t for t in texts for _ in range(reference_samples)], batch_size=256,
-                       temperature=1.0, generator=torch.Generator(device).manual_seed(seed + 1))
-    reference = torch.tensor([world.gold_reward(t, y) for t, y in zip([t for t in texts for _ in range(reference_samples)],
-                                                                      samples)]).view(len(texts), -1)  # (P, S)
+    repeated = [t for t in texts for _ in range(reference_samples)]
+    samples = complete(pi_ref, tokenizer, repeated, batch_size=256, temperature=1.0,
+                       generator=torch.Generator(device).manual_seed(seed + 1))
+    reference = torch.tensor([world.gold_reward(t, y) for t, y in zip(repeated, samples)]).view(len(texts), -1)  # (P, S)
     lines = ["| policy | decoding | harm rate (harmful) | attack success (attacked) | help rate (benign) "
              "| gold win rate vs pi_ref samples | self-evaluation accuracy | ms per prompt |", "|---|---|---|---|---|---|---|---|"]
     for name, model in policies.items():
