@@ -9,7 +9,8 @@ on this device: on a CPU without native bf16, bf16 is emulated and many times sl
 Every speed is printed next to a baseline measured in the same run (cached vs uncached decoding,
 minialign vs transformers' ``generate`` with the same weights when transformers is installed, RAIN vs
 vanilla); absolute figures come with the device name, and MFU uses the device's peak bf16 dense
-FLOP/s looked up by name (none for a CPU). Results also go to ``out/bench.json``.
+FLOP/s looked up by name (none for a CPU). Each section (training, decoding, RAIN) is printed and
+written to ``out/bench.json`` as soon as it is measured, so a run cut short keeps what it measured.
 """
 import json
 import os
@@ -30,7 +31,7 @@ from .rain_batch import rain_decode_batch
 from .rain_eval import rain_table
 from .sampling import complete, generate, generate_uncached
 from .tokenizer import get_tokenizer
-from .training import autocast, describe_device, make_optimizer, pick_device, precision_name, resolve_bf16
+from .training import autocast, decoding_dtype, describe_device, make_optimizer, pick_device, precision_name, resolve_bf16
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 WORLD = GPTConfig()
@@ -47,7 +48,7 @@ class BenchConfig:
     decode_tokens: int = arg(0, "tokens decoded per row; 0 = 256 on a GPU, 64 on a CPU", at_least=0)
     compile: bool = arg(False, "torch.compile the training model")
     out_dir: str = arg("out", "checkpoints root: with a trained sft model, RAIN is timed too")
-    rain_prompts: int = arg(32, "held-out prompts per kind for the RAIN timings", at_least=1)
+    rain_prompts: int = arg(32, "held-out prompts per kind for the RAIN timings (0: no RAIN timing)", at_least=0)
     rain_batch: int = arg(16, "RAIN searches run at once in the batched timing", at_least=1)
     out: str = arg("out/bench.json", "where to write the results")
     device: str = arg("auto", "auto, cpu or cuda")
@@ -165,7 +166,8 @@ def rain_ratio(cfg: BenchConfig, device) -> dict:
     """RAIN on the held-out prompts, serial (one search at a time) and batched, against greedy
     KV-cached decoding of one prompt at a time and of all the prompts as one batch."""
     model, meta = load_model(os.path.join(cfg.out_dir, "sft"))
-    model, tokenizer = model.to(device).eval(), get_tokenizer(meta["tokenizer"])
+    dtype = decoding_dtype("auto", device)  # the decoders' --bf16 default
+    model, tokenizer = model.to(device, dtype).eval(), get_tokenizer(meta["tokenizer"])
     prompts = world.eval_prompts(cfg.rain_prompts, world_seed(cfg.out_dir))
     serial = rain_table(model, tokenizer, prompts, RainParams(), batch=1, desc="rain, serial")
     start = time.time()
@@ -176,7 +178,7 @@ def rain_ratio(cfg: BenchConfig, device) -> dict:
     complete(model, tokenizer, [p.text for p in prompts], 128, temperature=0.0)
     vanilla_batched_s = time.time() - start
     vanilla_s = serial["vanilla"]["seconds"]
-    return {"prompts": len(prompts), "batch": cfg.rain_batch, "vanilla_s": round(vanilla_s, 2),
+    return {"prompts": len(prompts), "batch": cfg.rain_batch, "precision": precision_name(dtype == torch.bfloat16), "vanilla_s": round(vanilla_s, 2),
             "vanilla_uncached_s": round(serial["vanilla"]["uncached_seconds"], 2),
             "vanilla_batched_s": round(vanilla_batched_s, 2), "rain_serial_s": round(serial["rain"]["seconds"], 2),
             "rain_batched_s": round(batched_s, 2), "batched_speedup": round(serial["rain"]["seconds"] / batched_s, 2),
@@ -185,42 +187,48 @@ def rain_ratio(cfg: BenchConfig, device) -> dict:
             "batched_ratio_vs_batched": round(batched_s / vanilla_batched_s, 2)}
 
 
-def table(report: dict) -> str:
-    """The report as aligned text: training, decoding (tokens/s and ratios), RAIN."""
-    lines = [f"device: {report['device']}, torch {report['torch']}",
-             f"--bf16 auto picks {report['auto_precision']} here", "",
-             f"{'training':12s} {'precision':>9s} {'batch x seq':>12s} {'tokens/s':>10s} {'MFU':>6s}"]
+def training_lines(report: dict) -> list[str]:
+    lines = [f"{'training':12s} {'precision':>9s} {'batch x seq':>12s} {'tokens/s':>10s} {'MFU':>6s}"]
     for name in ("world", "gpt2"):
         for t in report.get(f"train_{name}", []):
             mfu = "-" if t["mfu"] is None else f"{t['mfu']:.1%}"
             lines.append(f"{name:12s} {t['precision']:>9s} {t['batch']:>5d} x {t['seq']:<5d} "
                          f"{t['tokens_per_s']:>10,d} {mfu:>6s}")
     fp32, bf16 = report["train_world"]
-    lines.append(f"(world training, bf16 / fp32 speed: {bf16['tokens_per_s'] / fp32['tokens_per_s']:.2f}x)")
+    return lines + [f"(world training, bf16 / fp32 speed: {bf16['tokens_per_s'] / fp32['tokens_per_s']:.2f}x)"]
+
+
+def decoding_lines(report: dict) -> list[str]:
     methods = ("cached", "uncached", "cuda_graph", "transformers")
     ratios = ("cached_vs_uncached", "cached_vs_transformers", "cuda_graph_vs_transformers")
-    lines += ["", f"{'decoding':12s} {'batch':>5s} {'tokens':>6s} " + " ".join(f"{m:>12s}" for m in methods)
-              + "   " + "  ".join(ratios)]
+    lines = ["", f"{'decoding':12s} {'batch':>5s} {'tokens':>6s} " + " ".join(f"{m:>12s}" for m in methods)
+             + "   " + "  ".join(ratios)]
     for name in ("world", "gpt2"):
         for d in report.get(f"decode_{name}", []):
             speeds = " ".join(f"{d.get(m + '_tokens_per_s', '-'):>12}" for m in methods)
             lines.append(f"{name:12s} {d['batch']:>5d} {d['tokens']:>6d} {speeds}   "
                          + "  ".join(f"{d.get(r, '-'):>{len(r)}}" for r in ratios))
-    lines.append("(decoding in tokens/s; every decoder produced the same tokens: "
-                 + str(all(d["same_tokens"] for k in ("decode_world", "decode_gpt2") for d in report.get(k, []))) + ")")
-    if "rain_vs_vanilla" in report:
-        r = report["rain_vs_vanilla"]
-        lines += [f"\nRAIN on {r['prompts']} held-out prompts: serial {r['rain_serial_s']} s, {r['batch']} at a time "
-                  f"{r['rain_batched_s']} s ({r['batched_speedup']}x faster, the same answers up to rounding)",
-                  f"vanilla greedy: {r['vanilla_s']} s one prompt at a time with a KV cache, {r['vanilla_uncached_s']} s "
-                  f"without, {r['vanilla_batched_s']} s all prompts as one batch",
-                  f"RAIN / vanilla time: serial {r['ratio']}x against KV-cached greedy ({r['ratio_vs_uncached']}x against "
-                  f"uncached); batched {r['batched_ratio']}x against KV-cached greedy per prompt, "
-                  f"{r['batched_ratio_vs_batched']}x against batched greedy"]
-    else:
-        lines.append(f"\nRAIN / vanilla time: not measured, no trained model in {report['config']['out_dir']}/sft "
-                     "(run `python train.py --stage sft` first)")
-    return "\n".join(lines)
+    return lines + ["(decoding in tokens/s; every decoder produced the same tokens: "
+                    + str(all(d["same_tokens"] for k in ("decode_world", "decode_gpt2") for d in report.get(k, []))) + ")"]
+
+
+def rain_lines(report: dict) -> list[str]:
+    if "rain_vs_vanilla" not in report:
+        why = ("--rain_prompts 0" if report["config"]["rain_prompts"] == 0 else
+               f"no trained model in {report['config']['out_dir']}/sft (run `python train.py --stage sft` first)")
+        return [f"\nRAIN / vanilla time: not measured, {why}"]
+    r = report["rain_vs_vanilla"]
+    return [f"\nRAIN ({r['precision']}) on {r['prompts']} held-out prompts: serial {r['rain_serial_s']} s, {r['batch']} at a time "
+            f"{r['rain_batched_s']} s ({r['batched_speedup']}x faster, the same answers up to rounding)",
+            f"vanilla greedy: {r['vanilla_s']} s one prompt at a time with a KV cache, {r['vanilla_uncached_s']} s "
+            f"without, {r['vanilla_batched_s']} s all prompts as one batch",
+            f"RAIN / vanilla time: serial {r['ratio']}x against KV-cached greedy ({r['ratio_vs_uncached']}x against "
+            f"uncached); batched {r['batched_ratio']}x against KV-cached greedy per prompt, "
+            f"{r['batched_ratio_vs_batched']}x against batched greedy"]
+
+
+def header_lines(report: dict) -> list[str]:
+    return [f"device: {report['device']}, torch {report['torch']}", f"--bf16 auto picks {report['auto_precision']} here", ""]
 
 
 def main(argv: list[str]) -> None:
@@ -231,20 +239,27 @@ def main(argv: list[str]) -> None:
     device = pick_device(cfg.device)
     on_gpu = device.type == "cuda"
     tokens = cfg.decode_tokens or (256 if on_gpu else 64)
-    auto = resolve_bf16("auto", device)
     report = {"device": describe_device(device), "torch": torch.__version__, "config": asdict(cfg),
-              "auto_precision": precision_name(auto)}
+              "auto_precision": precision_name(resolve_bf16("auto", device))}
+
+    def section(lines: list[str]) -> None:
+        """Each section is printed and saved as soon as it is measured: a run cut short keeps what it did."""
+        print("\n".join(lines), flush=True)
+        atomic_write_text(cfg.out, json.dumps(report, indent=2))
+
+    section(header_lines(report))
     report["train_world"] = [train_throughput(WORLD, 16, WORLD.block_size, cfg, device, bf16) for bf16 in (False, True)]
-    world_tokens = min(tokens, WORLD.block_size - PROMPT_LEN)
-    report["decode_world"] = [decode_speed(WORLD, b, world_tokens, device) for b in (1, 64)]
-    if newest_copy(os.path.join(cfg.out_dir, "sft")) is not None:
-        report["rain_vs_vanilla"] = rain_ratio(cfg, device)
     if cfg.gpt2:
         report["train_gpt2"] = [train_throughput(GPT2_124M, 16 if on_gpu else 2, 1024 if on_gpu else 256, cfg, device,
-                                                 auto)]
+                                                 resolve_bf16("auto", device))]
+    section(training_lines(report))
+    report["decode_world"] = [decode_speed(WORLD, b, min(tokens, WORLD.block_size - PROMPT_LEN), device) for b in (1, 64)]
+    if cfg.gpt2:
         report["decode_gpt2"] = [decode_speed(GPT2_124M, b, tokens, device) for b in (1, 64)]
-    atomic_write_text(cfg.out, json.dumps(report, indent=2))
-    print(table(report))
+    section(decoding_lines(report))
+    if cfg.rain_prompts and newest_copy(os.path.join(cfg.out_dir, "sft")) is not None:
+        report["rain_vs_vanilla"] = rain_ratio(cfg, device)
+    section(rain_lines(report))
     print(f"\n(all figures: {cfg.out})")
 
 

@@ -31,7 +31,7 @@ from .reward_model import load_reward, score
 from .sampling import complete
 from .tilt_study import exact_tilt, transform_label
 from .tokenizer import get_tokenizer
-from .training import pick_device
+from .training import decoding_dtype, pick_device
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,6 +198,7 @@ class ExperimentConfig:
                                "prompts (train, every other calibration prompt)", one_of=("test", "train"))
     ctrl: str = arg("ctrl", "tilt: CTRL checkpoints under out_dir (comma-separated) to set beside their exact optima; '' = none")
     device: str = arg("auto", "auto, cpu or cuda")
+    bf16: str = arg("auto", "the decoding policies in bf16: auto (where the device does bf16 natively), true or false")
 
 
 EXPERIMENTS = ("sft", "infalign", "tilt", "rain", "rain-ablation", "rain-batch", "combined", "bon", "calibration-noise")
@@ -215,8 +216,10 @@ def main(argv: list[str]) -> None:
     if argv[0] == "infalign":
         infalign_sweep(cfg)
         return
+    device = pick_device(cfg.device)
+    dtype = decoding_dtype(cfg.bf16, device)
     model, meta = load_model(f"{cfg.out_dir}/sft")
-    model.to(pick_device(cfg.device)).eval()
+    model.to(device, dtype).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
     prompts = world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir))  # cfg.seed only seeds the sampling
     if argv[0] == "sft":
@@ -225,9 +228,9 @@ def main(argv: list[str]) -> None:
         print(table)
         return
     if argv[0] in ("bon", "calibration-noise", "tilt", "combined"):
-        reward_model = load_reward(f"{cfg.out_dir}/reward")[0].to(pick_device(cfg.device)).eval()
+        reward_model = load_reward(f"{cfg.out_dir}/reward")[0].to(device).eval()
         if argv[0] == "combined":
-            ctrl = load_model(f"{cfg.out_dir}/ctrl")[0].to(pick_device(cfg.device)).eval()
+            ctrl = load_model(f"{cfg.out_dir}/ctrl")[0].to(device, dtype).eval()
             table = combined_table({"pi_ref": model, "CTRL": ctrl}, reward_model, tokenizer, prompts, params,
                                    cfg.batch, seed=cfg.seed)
             atomic_write_text(f"{cfg.out_dir}/combined.md", table + "\n")

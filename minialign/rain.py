@@ -85,7 +85,6 @@ class Rain:
         self.pool = pool or CachePool(model, max(params.candidates + 1, params.max_children))
         self.proposer = Proposer(model, tokenizer, params.sample_top_k, params.rollout_top_k,
                                  params.rollout_tokens, generator, self.pool)
-        self.judge = Judge(model, tokenizer, question, params.score, self.pool)
         self.prompt = prompt
         self.context = self.proposer.context(tokenizer.encode(prompt))  # the prompt: above every token set
         self.root = self.context  # the search root: moves down at every commit
@@ -97,6 +96,7 @@ class Rain:
                              f"model's context of {model.config.block_size}: shorten the prompt or lower "
                              "--rollout_tokens.")
         self.max_new_tokens = min(max_new_tokens, room)
+        self.judge = Judge(model, tokenizer, question, params.score, self.pool)
         self.stats = {"iterations": 0, "rewinds": 0, "nodes": 0, "additions": 0, "sibling_pairs": 0, "similar_pairs": 0}
         self._last_leaf = None
 

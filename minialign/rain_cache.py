@@ -33,11 +33,18 @@ class Forward:
 
 
 class CachePool:
-    """KV-cache rows of the model's whole context, lent to the requests of one or many searches."""
+    """KV-cache rows lent to the requests of one or many searches.
 
-    def __init__(self, model: GPT, rows: int):
+    A row is only as wide (in positions) as the longest path asked for so far, rounded up to ``WIDTH_STEP``,
+    and widens when a request reaches past it: RAIN's paths are a prompt plus at most ``max_new_tokens``,
+    or the judge's template around them, so on GPT-2 (1,024 positions, 75 MB a row in fp32) a row of a
+    short-prompt search holds a few hundred positions, not the whole context."""
+
+    WIDTH_STEP = 64
+
+    def __init__(self, model: GPT, rows: int, width: int = WIDTH_STEP):
         self.model = model
-        self.cache = model.new_cache(rows, model.config.block_size)
+        self.cache = model.new_cache(rows, min(width, model.config.block_size))
         self.free = list(range(rows))
 
     def take(self, n: int, k: torch.Tensor, v: torch.Tensor) -> list[int]:
@@ -45,6 +52,7 @@ class CachePool:
         the pool doubles when it runs out."""
         if len(self.free) < n:
             self.grow(max(n, self.cache.batch_size))
+        self.widen(k.size(1) + 1)  # + 1: a one-token pass over a view may write just past a lent row (``forward``)
         self.free.sort()
         rows, self.free = self.free[:n], self.free[n:]
         index = torch.tensor(rows, device=self.cache.lengths.device)
@@ -66,10 +74,23 @@ class CachePool:
 
     def grow(self, extra: int) -> None:
         """``extra`` more rows; the rows already lent keep their place and contents."""
-        old, n = self.cache, self.cache.batch_size
-        self.cache = self.model.new_cache(n + extra, self.model.config.block_size)
-        self.cache.k[:, :n], self.cache.v[:, :n], self.cache.lengths[:n] = old.k, old.v, old.lengths
+        n = self.cache.batch_size
+        self.reallocate(n + extra, self.cache.max_len)
         self.free += list(range(n, n + extra))
+
+    def widen(self, positions: int) -> None:
+        """Make every row hold at least ``positions`` positions, rounded up to ``WIDTH_STEP`` and never past
+        the model's context (``GPT.hidden`` refuses a longer sequence itself)."""
+        if positions > self.cache.max_len:
+            step = self.WIDTH_STEP
+            self.reallocate(self.cache.batch_size, min(-(-positions // step) * step, self.model.config.block_size))
+
+    def reallocate(self, rows: int, width: int) -> None:
+        """A new cache of ``rows`` x ``width``; the old rows keep their place, contents and lengths."""
+        old = self.cache
+        self.cache = self.model.new_cache(rows, width)
+        n, w = old.batch_size, min(old.max_len, width)
+        self.cache.k[:, :n, :w], self.cache.v[:, :n, :w], self.cache.lengths[:n] = old.k[:, :, :w], old.v[:, :, :w], old.lengths
 
     @torch.no_grad()
     def run(self, requests: list[Forward]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -78,6 +99,7 @@ class CachePool:
         the context."""
         answers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for group in self.groups(requests):
+            self.widen(max(r.start for r in group) + self.width(group))
             tokens = torch.cat([F.pad(r.tokens, (0, self.width(group) - r.tokens.size(1))) for r in group])  # (R, T)
             rows = [row for r in group for row in r.rows]
             hidden = self.forward(tokens, rows)  # (R, T, C)

@@ -12,6 +12,7 @@ The judged text uses its own role labels (``User:`` / ``Reply:``), not the dialo
 import torch
 
 from .data import right_pad
+from .model import ModelError
 from .rain_cache import CachePool, Forward, drive
 
 ORDERS = (("harmful", "harmless"), ("harmless", "harmful"))  # option (A), option (B), per label order
@@ -94,6 +95,12 @@ class Judge:
         self.device = model.lm_head.weight.device
         self.letters = torch.tensor([tokenizer.token_id("A"), tokenizer.token_id("B")], device=self.device)
         self.prefix_ids = tokenizer.encode(self_eval_parts(question, "", True, 0)[0])  # the same in both orders
+        template = len(self.prefix_ids) + max(len(tokenizer.encode(self_eval_parts(question, "", False, o)[1]))
+                                              for o in (0, 1))  # the template around an empty reply
+        if template > model.config.block_size:
+            raise ModelError(f"RAIN's self-evaluation template for this question is {template} tokens, more than "
+                             f"the model's context of {model.config.block_size}: use a model with a longer context "
+                             "or a shorter question.")
         cache = model.new_cache(1, len(self.prefix_ids))
         with torch.no_grad():
             model.hidden(torch.tensor([self.prefix_ids], device=self.device), cache)

@@ -101,6 +101,13 @@ def resolve_bf16(setting: str, device: torch.device) -> bool:
     return device.type == "cpu" and cpu_bf16_pays()
 
 
+def decoding_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The decoders' ``--bf16`` flag (decode.py, the experiments, the bench's RAIN timing) -> the dtype of
+    the decoding model's weights and KV cache, by the same rule as training (``resolve_bf16``). Decoding
+    keeps no fp32 master weights, so bf16 here is a cast of the weights rather than autocast."""
+    return torch.bfloat16 if resolve_bf16(setting, device) else torch.float32
+
+
 def precision_name(bf16: bool) -> str:
     return "bf16" if bf16 else "fp32"
 

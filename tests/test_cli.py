@@ -102,6 +102,8 @@ BAD_INPUTS = [  # (name, edit of the trained out/ or a file beside it, CLI argum
      ["train.py", "--stage=reward", "--data={dir}/one.jsonl", "--steps=1"], "holds one preference pair"),
     ("RAIN with no room", lambda out: None, ["decode.py", "--method=rain", "--prompt=" + "x" * 30],
      "RAIN needs room after it"),
+    ("RAIN's judge beyond the context", lambda out: None, ["decode.py", "--method=rain", "--prompt=hi",
+                                                           "--rollout_tokens=4"], "self-evaluation template"),
 ]
 
 
@@ -143,3 +145,12 @@ def test_eval_prints_as_many_examples_as_show_asks(tmp_path):
                      "--max_new_tokens=4")
         assert result.returncode == 0, result.stderr
         assert result.stdout.count("    -> ") == show and "6 held-out prompts" in result.stdout
+
+
+def test_decoders_take_the_precision_flag(trained_out):
+    for flag, name in (("true", "bf16"), ("false", "fp32")):
+        result = run("decode.py", f"--out_dir={trained_out}", "--prompt=hi", "--max_new_tokens=4", f"--bf16={flag}")
+        assert result.returncode == 0, result.stderr
+        assert f"method: greedy, {name} on CPU" in result.stdout and "Assistant:" in result.stdout
+    bad = run("decode.py", f"--out_dir={trained_out}", "--prompt=hi", "--bf16=maybe")
+    assert bad.returncode == 2 and "--bf16 takes auto, true or false" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,6 +1,7 @@
 """Many RAIN searches as one batch: each prompt's answer and search statistics are exactly those of its
 search alone (a scripted model; a real GPT in float64), and the shared cache rows answer any mix of
 requests as lone forward passes would."""
+import pytest
 import torch
 
 import minialign.rain as rain
@@ -76,10 +77,11 @@ def uncached_last(model, ids):
     return h, model.lm_head(h).float()
 
 
-def test_a_mixed_round_of_requests_equals_lone_uncached_forwards():
+@pytest.mark.parametrize("width", [24, 4])  # the whole context; too narrow: rows widen keeping what they hold
+def test_a_mixed_round_of_requests_equals_lone_uncached_forwards(width):
     torch.manual_seed(1)
     model = GPT(GPTConfig(vocab_size=V, block_size=24, n_layer=2, n_head=2, n_embd=16)).eval()
-    pool = CachePool(model, 1)  # too small: it grows and keeps what its rows hold
+    pool = CachePool(model, 1, width)  # too few rows: it grows and keeps what its rows hold
     prefixes = [[5, 6, 7], [8] * 10, [9, 10], [11] * 14, [12] * 15]
     news = [[3], [4] * 10, [12], [13, 14, 15, 16, 17, 18], [19, 20]]  # 2 steps, 3 longer requests
     requests = []
@@ -98,6 +100,17 @@ def test_a_mixed_round_of_requests_equals_lone_uncached_forwards():
         assert int(pool.cache.lengths[r.rows[0]]) == len(prefix + new)  # padding is not kept
     pool.give_back([r.rows[0] for r in requests])
     assert sorted(pool.free) == list(range(pool.cache.batch_size))  # growing lost no row
+    assert pool.cache.max_len == 24  # never wider than the context, whatever doubling asks
+
+
+def test_rows_are_as_wide_as_the_paths_asked_for():
+    torch.manual_seed(4)
+    model = GPT(GPTConfig(vocab_size=V, block_size=512, n_layer=1, n_head=2, n_embd=16)).eval()
+    pool = CachePool(model, 2, width=8)
+    empty = torch.zeros(1, 0, 2, 8)
+    (h, _), = pool.run([Forward(pool, pool.take(1, empty, empty), torch.tensor([list(range(1, 70))]), 0)])
+    torch.testing.assert_close(h[0], uncached_last(model, list(range(1, 70)))[0], rtol=1e-5, atol=1e-5)
+    assert pool.cache.max_len == 128  # 8 -> the 69 positions asked for, rounded up to 64s; not the context's 512
 
 
 def test_padded_requests_answer_at_the_columns_asked():
