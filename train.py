@@ -14,7 +14,7 @@ import contextlib
 import os
 import sys
 
-from minialign.calibrate import CalibrateConfig, run_calibration
+from minialign.calibrate import CalibrateConfig, calibration_folder, run_calibration
 from minialign.checkpoint import OutLock, load_meta, newest_copy
 from minialign.config import ConfigError, build, check_known, convert, main_guard, parse_flags, usage
 from minialign.ctrl import CTRLConfig, ctrl_folder, print_summary, train_ctrl
@@ -29,11 +29,13 @@ STAGES = {  # name -> (config class, run function), in pipeline order
     "ctrl": (CTRLConfig, train_ctrl),
 }
 
-FOLDERS = {"calibrate": "calibration"}  # where a stage writes, where that is not its name
 
 
 def stage_folder(name: str, cfg) -> str:
-    return ctrl_folder(cfg) if name == "ctrl" else os.path.join(cfg.out_dir, FOLDERS.get(name, name))
+    """Where a stage writes: out/<stage>/, out/calibration[_gold]/ for calibrate, --name's folder for ctrl."""
+    if name == "calibrate":
+        return calibration_folder(cfg.out_dir, cfg.reward)
+    return ctrl_folder(cfg) if name == "ctrl" else os.path.join(cfg.out_dir, name)
 
 
 def finished(folder: str) -> bool:

@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError, load_model, newest_copy, world_seed, wr
 from .config import arg
 from .data import load_prompts
 from .distributed import setup, wait_for_rank0
-from .reward_model import load_reward, score
+from .reward_model import REWARDS, reward_function
 from .sampling import complete
 from .tokenizer import get_tokenizer
 from .training import pick_device
@@ -44,6 +44,8 @@ def calibrated(sorted_rewards: torch.Tensor, rewards: torch.Tensor, smoothed: bo
 @dataclass
 class CalibrateConfig:
     out_dir: str = arg("out", "checkpoints root (reads sft and reward, writes <out_dir>/calibration)")
+    reward: str = arg("model", "the reward calibrated: model (out/reward) or gold (the world's; writes "
+                               "<out_dir>/calibration_gold)", one_of=REWARDS)
     prompts: str = arg("", "prompt file (.jsonl with a prompt field, or one per line); '' = world train prompts")
     n_prompts: int = arg(192, "training prompts to calibrate (and later train CTRL on)", at_least=3)
     k: int = arg(32, "reference samples per prompt (K)", at_least=1)
@@ -64,6 +66,11 @@ def training_prompts(cfg: CalibrateConfig) -> list[str]:
         pool = [p.text for p in train if p.kind == kind]
         chosen += [pool[i] for i in torch.randperm(len(pool), generator=g)[: cfg.n_prompts // 3]]
     return chosen
+
+
+def calibration_folder(out_dir: str, reward: str) -> str:
+    """Where the calibration of the reward model (``model``) or of the gold reward (``gold``) lives."""
+    return f"{out_dir}/calibration" + ("_gold" if reward == "gold" else "")
 
 
 def load_calibration(folder: str) -> tuple[list[str], torch.Tensor]:
@@ -94,10 +101,9 @@ def run_calibration(cfg: CalibrateConfig) -> dict:
         return {}
     device = d.device
     policy, meta = load_model(f"{cfg.out_dir}/sft")
-    reward_model, _ = load_reward(f"{cfg.out_dir}/reward")
     policy.to(device).eval()
-    reward_model.to(device).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
+    reward = reward_function(cfg.reward, cfg.out_dir, device, tokenizer)
     prompts = training_prompts(cfg)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     rewards = torch.empty(len(prompts), cfg.k)
@@ -106,7 +112,7 @@ def run_calibration(cfg: CalibrateConfig) -> dict:
         group = [p for p in prompts[i: i + per_batch] for _ in range(cfg.k)]
         responses = complete(policy, tokenizer, group, cfg.max_new_tokens, batch_size=len(group),
                              temperature=cfg.temperature, generator=generator)
-        rewards[i: i + per_batch] = score(reward_model, tokenizer, group, responses).view(-1, cfg.k)
+        rewards[i: i + per_batch] = reward(group, responses).view(-1, cfg.k)
     summary = {"prompts": len(prompts), "k": cfg.k, "reward_mean": round(float(rewards.mean()), 4),
                "reward_std": round(float(rewards.std()), 4)}
 
@@ -116,7 +122,7 @@ def run_calibration(cfg: CalibrateConfig) -> dict:
             json.dump(prompts, f)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"stage": "calibrate", "config": asdict(cfg), "precision": "fp32", "metrics": summary}, f, indent=2)
-    write_folder(f"{cfg.out_dir}/calibration", write)
+    write_folder(calibration_folder(cfg.out_dir, cfg.reward), write)
     print(f"calibration: {summary}")
     wait_for_rank0(d)
     return summary

@@ -9,6 +9,10 @@ R = Phi(C_hat(x, y)). So CTRL is ordinary KL-regularised RL with that reward:
     log       R = log C_hat                    with beta = 1/(N-1) its optimum is BoN_N of pi_ref
     exp       R = sign(t) * exp(t * C_hat)     t > 0 aims at best-of-N, t < 0 at worst-of-N
 
+With ``--reward gold`` r is the world's gold reward, calibrated against its own pi_ref samples
+(``--stage calibrate --reward gold``): a perfect reward model, to measure what the RL reaches when the
+reward is one the policy can learn (README, InfAlign verdict (d)).
+
 The RL solver (the choices, stated precisely):
 
 - Samples: for each prompt, G responses from the current policy (temperature 1).
@@ -43,14 +47,14 @@ import torch
 from tqdm import tqdm
 
 from . import world
-from .calibrate import calibrated, load_calibration
+from .calibrate import calibrated, calibration_folder, load_calibration
 from .checkpoint import load_model, load_state, load_weights, save, world_seed
 from .config import ConfigError, arg
 from .data import load_prompts, pad_responses
 from .distributed import setup, shard, wrap
 from .evaluate import compare_policies
 from .model import GPT, length_chunks, sequence_logprobs, token_logprobs
-from .reward_model import load_reward, score
+from .reward_model import REWARDS, reward_function
 from .sampling import generate, stop_ids
 from .tokenizer import get_tokenizer
 from .training import MetricsLog, check_resume, clip_gradients, make_optimizer, pick_device
@@ -133,6 +137,8 @@ def print_summary(metrics: dict, n: int) -> None:
 @dataclass
 class CTRLConfig:
     out_dir: str = arg("out", "checkpoints root (reads sft, reward, calibration; writes <out_dir>/ctrl...)")
+    reward: str = arg("model", "the reward r: model (out/reward) or gold (the world's: a perfect reward model, "
+                               "calibrated by `--stage calibrate --reward gold`)", one_of=REWARDS)
     transform: str = arg("exp", "reward transform: raw | identity | log | exp", one_of=TRANSFORMS)
     t: float = arg(4.0, "exponent of the exp transform (> 0 for best-of-N, < 0 for worst-of-N)")
     beta: float = arg(20.0, "KL penalty coefficient (scale with the transform: exp(4u) spans 1..55)", above=0)
@@ -185,15 +191,16 @@ def rl_update(ddp, policy, reference, optimizer, rows: list[list[int]], response
     return kl
 
 
-def final_evaluation(policy, reference, reward_model, tokenizer, cfg: "CTRLConfig") -> dict:
+def final_evaluation(policy, reference, reward, tokenizer, cfg: "CTRLConfig") -> dict:
     """The policy against pi_ref on held-out prompts: the world's, judged by r and by the gold reward,
-    or ``--eval_data``'s, judged by r alone (real data has no gold reward)."""
+    or ``--eval_data``'s, judged by r alone (real data has no gold reward). ``reward`` is r: the reward
+    model, or the gold reward itself under ``--reward gold`` (then the two judges agree)."""
     if cfg.eval_data:
         eval_prompts = load_prompts(cfg.eval_data)
     else:
         eval_prompts = [p.text for p in world.eval_prompts(cfg.eval_prompts, world_seed(cfg.out_dir))]
     return compare_policies(policy.eval(), reference, tokenizer, eval_prompts, cfg.eval_samples, cfg.eval_n,
-                            lambda ps, rs: score(reward_model, tokenizer, ps, rs), cfg.max_new_tokens, cfg.seed)
+                            reward, cfg.max_new_tokens, cfg.seed)
 
 
 def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
@@ -204,15 +211,14 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
     folder = ctrl_folder(cfg)
     reference, meta = load_model(f"{cfg.out_dir}/sft")
     tokenizer = get_tokenizer(meta["tokenizer"])
-    reward_model, _ = load_reward(f"{cfg.out_dir}/reward")
-    prompts, sorted_reference = load_calibration(f"{cfg.out_dir}/calibration")
+    reward = reward_function(cfg.reward, cfg.out_dir, device, tokenizer)  # r, or the gold reward
+    prompts, sorted_reference = load_calibration(calibration_folder(cfg.out_dir, cfg.reward))
     policy = copy.deepcopy(reference)
     if cfg.resume:
         check_resume(folder, cfg, free=("steps",))  # a constant learning rate: more steps extend the same run
         load_weights(folder, policy)
     state = load_state(folder) if cfg.resume else None
-    for m in (reference, reward_model):
-        m.to(device).eval().requires_grad_(False)
+    reference.to(device).eval().requires_grad_(False)
     policy.to(device).train()
     ddp = wrap(policy, d)
     optimizer = make_optimizer(policy, cfg.lr, 0.0, device)
@@ -246,7 +252,7 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
                                  generator=sample_gen, keep_stop=True)
             policy.train()
             texts = [tokenizer.decode(r) for r in responses]
-            raw = score(reward_model, tokenizer, [prompts[i] for i in picked], texts).view(-1, cfg.group)  # (P, G)
+            raw = reward([prompts[i] for i in picked], texts).view(-1, cfg.group)  # (P, G)
             R = ctrl_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
             kl = rl_update(ddp, policy, reference, optimizer, rows, responses, R.to(device), cfg, device)  # (B,)
             step += 1
@@ -260,7 +266,7 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
                 checkpoint(metrics)
     if not d.is_main:
         return policy, {}
-    summary = final_evaluation(policy, reference, reward_model, tokenizer, cfg)
+    summary = final_evaluation(policy, reference, reward, tokenizer, cfg)
     log.write(step=step, final=summary)
     checkpoint(summary)
     print_summary(summary, cfg.eval_n)

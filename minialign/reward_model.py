@@ -10,7 +10,9 @@ Scoring is decoder-side (best-of-N, calibration, RL rewards); training it is a s
 import torch
 import torch.nn as nn
 
+from . import world
 from .checkpoint import load_meta, load_weights
+from .config import ConfigError
 from .data import right_pad
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer
@@ -71,3 +73,21 @@ def load_reward(folder: str) -> tuple[RewardModel, dict]:
     model = RewardModel(GPTConfig(**meta["model"]))
     load_weights(folder, model)
     return model, meta
+
+
+REWARDS = ("model", "gold")  # what calibration and CTRL optimise: the trained r, or the world's gold reward
+
+
+def reward_function(kind: str, out_dir: str, device, tokenizer: Tokenizer):
+    """(prompts, responses) -> rewards (B,) on the CPU: the reward model of ``out_dir/reward`` (``model``),
+    or the world's gold reward (``gold``: a perfect reward model, for experiments on what the RL can
+    reach when the reward is one the policy can learn; world prompts only)."""
+    if kind == "gold":
+        def gold(prompts: list[str], responses: list[str]) -> torch.Tensor:
+            try:
+                return torch.tensor([world.gold_reward(p, y) for p, y in zip(prompts, responses)])
+            except ValueError as err:
+                raise ConfigError(f"--reward gold grades the world's prompts only ({err}).") from None
+        return gold
+    model = load_reward(f"{out_dir}/reward")[0].to(device).eval().requires_grad_(False)
+    return lambda prompts, responses: score(model, tokenizer, prompts, responses)

@@ -171,17 +171,25 @@ def reward_quality_markdown(rows: list[dict], n: int, kl: float = 0.5) -> str:
     return f"Exact optima at KL {kl:g}, judged by gold:\n\n" + "\n".join(lines)
 
 
+def trained_on(ctrl: dict) -> str:
+    """The reward a CTRL checkpoint was trained on, by its config: "r" or "gold" (older runs: r)."""
+    return "gold" if ctrl.get("reward") == "gold" else "r"
+
+
 def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts: list[world.Prompt], support: dict,
                             ctrl: dict, n: int, seed: int) -> list[dict]:
     """A trained CTRL policy beside the exact optimum of its own (transform, beta) on the held-out support,
     and beside the optimum at the KL it actually reached: KL and win rates against pi_ref, selected by
-    r and judged by r (the paper's view) and by gold. The policy is sampled as often as the support."""
+    r and judged by r (the paper's view) and by gold. The policy is sampled as often as the support. A
+    policy trained on the gold reward (``--reward gold``) is set beside the optima selected by gold."""
     k = support["r"].size(1)
     texts = [p.text for p in prompts for _ in range(k)]
     responses, log_ratio = sample_responses(policy, tokenizer, [p.text for p in prompts], k, 128, seed + 11, reference)
     r = score(reward_model, tokenizer, texts, responses).double().view(len(prompts), k)
     gold = torch.tensor([world.gold_reward(t, y) for t, y in zip(texts, responses)], dtype=torch.float64).view_as(r)
-    phi = phi_of(ctrl["transform"], ctrl["t"], support["r"])
+    selector = trained_on(ctrl)
+    selected = {"r": r, "gold": gold}[selector]
+    phi = phi_of(ctrl["transform"], ctrl["t"], support[selector])
     kl = float(log_ratio.mean())
     points = [("trained", None), (f"optimum at beta {ctrl['beta']:g}", 1 / ctrl["beta"]),
               (f"optimum at KL {kl:.2f}", tilt.inverse_beta_at_kl(phi, kl))]
@@ -189,8 +197,8 @@ def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts:
     for label, lam in points:
         row = {"point": label, "kl": kl if lam is None else float(tilt.kl_to_reference(tilt.tilt(phi, lam)).mean())}
         for judge, judged in (("r", r), ("gold", gold)):
-            exact = (sampled_win_rates((r, judged), (support["r"], support[judge]), n) if lam is None
-                     else tilt.readout(phi, lam, support["r"], support[judge], n))
+            exact = (sampled_win_rates((selected, judged), (support[selector], support[judge]), n) if lam is None
+                     else tilt.readout(phi, lam, support[selector], support[judge], n))
             row.update({f"{key}_{judge}": exact[key] for key in ("win_rate", "bon", "won")})
             row.update({f"{key}_{judge}_se": exact[key + "_se"] for key in ("win_rate", "bon", "won")})
         rows.append(row)
@@ -199,7 +207,8 @@ def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts:
 
 def trained_markdown(rows: list[dict], ctrl: dict, n: int) -> str:
     label = transform_label(ctrl["transform"], ctrl["t"])
-    lines = [f"CTRL {label}, beta {ctrl['beta']:g}, {ctrl['steps']} steps, against its exact optima (selected by r):", "",
+    lines = [f"CTRL {label}, beta {ctrl['beta']:g}, {ctrl['steps']} steps, trained on {trained_on(ctrl)}, against its "
+             f"exact optima (selected by {trained_on(ctrl)}):", "",
              f"| {label} | KL | win rate (r) | BoN_{n} (r) | WoN_{n} (r) | win rate (gold) | BoN_{n} (gold) | WoN_{n} (gold) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:

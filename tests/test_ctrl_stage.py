@@ -2,13 +2,16 @@
 from a checkpoint gives the parameters of an uninterrupted run."""
 import os
 
+import pytest
 import torch
 
-from minialign import experiments
-from minialign.calibrate import CalibrateConfig, run_calibration
+from minialign import experiments, world
+from minialign.calibrate import CalibrateConfig, load_calibration, run_calibration
+from minialign.config import ConfigError
 from minialign.checkpoint import load_model
 from minialign.ctrl import CTRLConfig, train_ctrl
 from minialign.reward import RewardConfig, train_reward
+from minialign.reward_model import reward_function
 from minialign.sft import SFTConfig, train_sft
 
 TINY = dict(device="cpu")
@@ -36,6 +39,23 @@ def test_ctrl_resume_matches_an_uninterrupted_run(tmp_path):
         assert os.path.getsize(f"{out}/{name}") > 0
     trained = open(f"{out}/tilt_trained.md").read()
     assert trained.count("| trained |") == 2 and trained.count("optimum at beta 20") == 2
+    # r := gold, a perfect reward model: its own calibration, and CTRL judged by the reward it was trained on
+    run_calibration(CalibrateConfig(out_dir=out, reward="gold", n_prompts=6, k=4, max_new_tokens=12, **TINY))
+    assert load_calibration(f"{out}/calibration_gold")[0] == load_calibration(f"{out}/calibration")[0]
+    gold = train_ctrl(CTRLConfig(out_dir=out, name="gold", reward="gold", **RL, **TINY))[1]
+    assert all(gold[f"{key}_r"] == gold[f"{key}_gold"] for key in ("win_rate", "bon4", "won4"))
+    assert all(summary[f"{key}_r"] != summary[f"{key}_gold"] for key in ("win_rate",))  # r is not gold
+    experiments.main(["tilt", f"--out_dir={out}", "--n_eval=1", "--k=4", "--ctrl=gold", "--device=cpu"])
+    assert "trained on gold, against its exact optima (selected by gold)" in open(f"{out}/tilt_trained.md").read()
+
+
+def test_the_gold_reward_function_is_the_worlds_gold_reward():
+    prompt = world.eval_prompts(1, 0)[0].text
+    replies = ["Happy to help. It is green.", "I can't help with that.", "zzz"]
+    assert reward_function("gold", "unused", "cpu", None)([prompt] * 3, replies).tolist() == pytest.approx(
+        [world.gold_reward(prompt, y) for y in replies])
+    with pytest.raises(ConfigError, match="--reward gold grades the world's prompts only"):
+        reward_function("gold", "unused", "cpu", None)(["Human: not a world question\nAssistant:"], ["x"])
 
 
 def test_infalign_sweep_runs_and_tabulates_both_judges(tmp_path, monkeypatch):
