@@ -151,3 +151,21 @@ def test_one_token_requests_on_dense_and_on_scattered_rows():
         for row in h:
             torch.testing.assert_close(row, reference, rtol=1e-5, atol=1e-5)
         assert pool.cache.lengths.tolist() == [len(prefix) + 1 if r in lent else 0 for r in range(10)]
+
+
+def test_an_idle_row_as_wide_as_the_pool_survives_a_pass_over_its_range():
+    torch.manual_seed(5)
+    model = GPT(GPTConfig(vocab_size=V, block_size=128, n_layer=1, n_head=2, n_embd=16)).eval()
+    prefixes = [[1, 2, 3], list(range(1, 9)), [4, 5, 6]]  # the middle row fills a pool 8 wide
+    pool = CachePool(model, 3, width=8)
+    rows = []
+    for prefix in prefixes:
+        cache = model.new_cache(1, len(prefix))
+        with torch.no_grad():
+            model.hidden(torch.tensor([prefix]), cache)
+        rows += pool.take(1, cache.k[:, 0], cache.v[:, 0])
+    # a pass over rows 0 and 2 runs over the view of rows 0..2: it writes one key past the idle row 1
+    steps = pool.run([Forward(pool, [rows[0], rows[2]], torch.tensor([[7], [7]]), 3)])[0][0]
+    torch.testing.assert_close(steps[1], uncached_last(model, [4, 5, 6, 7])[0], rtol=1e-5, atol=1e-5)
+    (h, _), = pool.run([Forward(pool, [rows[1]], torch.tensor([[9]]), 8)])  # the idle row's own pass comes next
+    torch.testing.assert_close(h[0], uncached_last(model, list(range(1, 9)) + [9])[0], rtol=1e-5, atol=1e-5)
