@@ -178,13 +178,19 @@ def rain_ratio(cfg: BenchConfig, device) -> dict:
     complete(model, tokenizer, [p.text for p in prompts], 128, temperature=0.0)
     vanilla_batched_s = time.time() - start
     vanilla_s = serial["vanilla"]["seconds"]
-    return {"prompts": len(prompts), "batch": cfg.rain_batch, "precision": precision_name(dtype == torch.bfloat16), "vanilla_s": round(vanilla_s, 2),
+    return {"prompts": len(prompts), "batch": cfg.rain_batch, "precision": precision_name(dtype == torch.bfloat16),
+            "vanilla_s": round(vanilla_s, 2),
             "vanilla_uncached_s": round(serial["vanilla"]["uncached_seconds"], 2),
             "vanilla_batched_s": round(vanilla_batched_s, 2), "rain_serial_s": round(serial["rain"]["seconds"], 2),
             "rain_batched_s": round(batched_s, 2), "batched_speedup": round(serial["rain"]["seconds"] / batched_s, 2),
             "ratio": round(serial["time_ratio"], 2), "ratio_vs_uncached": round(serial["time_ratio_uncached"], 2),
             "batched_ratio": round(batched_s / vanilla_s, 2),
             "batched_ratio_vs_batched": round(batched_s / vanilla_batched_s, 2)}
+
+
+def header_lines(report: dict) -> list[str]:
+    return [f"device: {report['device']}, torch {report['torch']}",
+            f"--bf16 auto picks {report['auto_precision']} here", ""]
 
 
 def training_lines(report: dict) -> list[str]:
@@ -227,10 +233,6 @@ def rain_lines(report: dict) -> list[str]:
             f"{r['batched_ratio_vs_batched']}x against batched greedy"]
 
 
-def header_lines(report: dict) -> list[str]:
-    return [f"device: {report['device']}, torch {report['torch']}", f"--bf16 auto picks {report['auto_precision']} here", ""]
-
-
 def main(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         print(__doc__ + "\n" + usage(BenchConfig))
@@ -239,8 +241,9 @@ def main(argv: list[str]) -> None:
     device = pick_device(cfg.device)
     on_gpu = device.type == "cuda"
     tokens = cfg.decode_tokens or (256 if on_gpu else 64)
+    auto = resolve_bf16("auto", device)
     report = {"device": describe_device(device), "torch": torch.__version__, "config": asdict(cfg),
-              "auto_precision": precision_name(resolve_bf16("auto", device))}
+              "auto_precision": precision_name(auto)}
 
     def section(lines: list[str]) -> None:
         """Each section is printed and saved as soon as it is measured: a run cut short keeps what it did."""
@@ -251,9 +254,10 @@ def main(argv: list[str]) -> None:
     report["train_world"] = [train_throughput(WORLD, 16, WORLD.block_size, cfg, device, bf16) for bf16 in (False, True)]
     if cfg.gpt2:
         report["train_gpt2"] = [train_throughput(GPT2_124M, 16 if on_gpu else 2, 1024 if on_gpu else 256, cfg, device,
-                                                 resolve_bf16("auto", device))]
+                                                 auto)]
     section(training_lines(report))
-    report["decode_world"] = [decode_speed(WORLD, b, min(tokens, WORLD.block_size - PROMPT_LEN), device) for b in (1, 64)]
+    world_tokens = min(tokens, WORLD.block_size - PROMPT_LEN)
+    report["decode_world"] = [decode_speed(WORLD, b, world_tokens, device) for b in (1, 64)]
     if cfg.gpt2:
         report["decode_gpt2"] = [decode_speed(GPT2_124M, b, tokens, device) for b in (1, 64)]
     section(decoding_lines(report))

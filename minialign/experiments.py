@@ -22,7 +22,7 @@ import torch
 from . import world
 from .checkpoint import atomic_write_text, load_model, pyplot, save_figure, world_seed, write_csv
 from .config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
-from .calibrate import calibrated, load_calibration
+from .calibrate import calibrated, calibration_folder, load_calibration
 from .ctrl import CTRLConfig, train_ctrl
 from .evaluate import self_eval_accuracy, world_rates
 from .rain_eval import combined_table, rain_batch_agreement, rain_batch_markdown, rain_markdown, rain_table
@@ -109,7 +109,7 @@ def within_judge_share(model, reward_model, tokenizer, out_dir: str, samples: in
                        seed: int = 5) -> dict:
     """How much of the per-prompt variance of raw r and of C_hat lies among pi_ref samples that the gold
     reward scores the same (rounded to 0.1): signal the judge cannot see."""
-    prompts, reference = load_calibration(f"{out_dir}/calibration")
+    prompts, reference = load_calibration(calibration_folder(out_dir, "model"))
     rows = list(range(0, len(prompts), every))
     texts = [prompts[i] for i in rows for _ in range(samples)]
     responses = complete(model, tokenizer, texts, 128, batch_size=256, temperature=1.0,
@@ -238,7 +238,8 @@ def main(argv: list[str]) -> None:
             return
         if argv[0] == "tilt":
             if cfg.prompts == "train":  # where CTRL was trained: no generalisation between policy and optimum
-                prompts = [world.parse_prompt(p) for p in load_calibration(f"{cfg.out_dir}/calibration")[0][::2]]
+                calibration_prompts = load_calibration(calibration_folder(cfg.out_dir, "model"))[0]
+                prompts = [world.parse_prompt(p) for p in calibration_prompts[::2]]
             exact_tilt(model, reward_model, tokenizer, prompts, cfg)
             return
         if argv[0] == "calibration-noise":

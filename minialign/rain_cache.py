@@ -49,7 +49,7 @@ class CachePool:
 
     def take(self, n: int, k: torch.Tensor, v: torch.Tensor) -> list[int]:
         """The ``n`` lowest free rows, each holding the keys and values ``k``, ``v`` (n_layer, L, nh, hs);
-        the pool doubles when it runs out."""
+        the pool doubles when it runs out of rows and widens when the keys are longer than its rows."""
         if len(self.free) < n:
             self.grow(max(n, self.cache.batch_size))
         self.widen(k.size(1) + 1)  # + 1: a one-token pass over a view may write just past a lent row (``forward``)
@@ -90,7 +90,8 @@ class CachePool:
         old = self.cache
         self.cache = self.model.new_cache(rows, width)
         n, w = old.batch_size, min(old.max_len, width)
-        self.cache.k[:, :n, :w], self.cache.v[:, :n, :w], self.cache.lengths[:n] = old.k[:, :, :w], old.v[:, :, :w], old.lengths
+        self.cache.k[:, :n, :w], self.cache.v[:, :n, :w] = old.k[:, :, :w], old.v[:, :, :w]
+        self.cache.lengths[:n] = old.lengths
 
     @torch.no_grad()
     def run(self, requests: list[Forward]) -> list[tuple[torch.Tensor, torch.Tensor]]:
