@@ -44,8 +44,9 @@ def calibrated(sorted_rewards: torch.Tensor, rewards: torch.Tensor, smoothed: bo
 @dataclass
 class CalibrateConfig:
     out_dir: str = arg("out", "checkpoints root (reads sft and reward, writes <out_dir>/calibration)")
-    reward: str = arg("model", "the reward calibrated: model (out/reward) or gold (the world's; writes "
-                               "<out_dir>/calibration_gold)", one_of=REWARDS)
+    reward: str = arg("model", "the reward calibrated: model (out/reward), gold (the world's; writes "
+                               "<out_dir>/calibration_gold) or scaled (out/reward times a per-prompt scale; "
+                               "<out_dir>/calibration_scaled)", one_of=REWARDS)
     prompts: str = arg("", "prompt file (.jsonl with a prompt field, or one per line); '' = world train prompts")
     n_prompts: int = arg(192, "training prompts to calibrate (and later train CTRL on)", at_least=3)
     k: int = arg(32, "reference samples per prompt (K)", at_least=1)
@@ -69,8 +70,9 @@ def training_prompts(cfg: CalibrateConfig) -> list[str]:
 
 
 def calibration_folder(out_dir: str, reward: str) -> str:
-    """Where the calibration of the reward model (``model``) or of the gold reward (``gold``) lives."""
-    return f"{out_dir}/calibration" + ("_gold" if reward == "gold" else "")
+    """Where the calibration of the reward model (``model``), of the gold reward (``gold``) or of the
+    per-prompt scaled reward model (``scaled``) lives."""
+    return f"{out_dir}/calibration" + ("" if reward == "model" else f"_{reward}")
 
 
 def load_calibration(folder: str) -> tuple[list[str], torch.Tensor]:

@@ -11,7 +11,8 @@ R = Phi(C_hat(x, y)). So CTRL is ordinary KL-regularised RL with that reward:
 
 With ``--reward gold`` r is the world's gold reward, calibrated against its own pi_ref samples
 (``--stage calibrate --reward gold``): a perfect reward model, to measure what the RL reaches when the
-reward is one the policy can learn (README, InfAlign verdict (d)).
+reward is one the policy can learn (README, InfAlign verdict (d)). ``--reward scaled`` is the reward
+model times a per-prompt scale, InfAlign's reason to calibrate (verdict (c)).
 
 The RL solver (the choices, stated precisely):
 
@@ -121,6 +122,9 @@ def ppo_step(model, policy, optimizer, ids, logp_old, mask, advantages, clip: fl
 
 def print_summary(metrics: dict, n: int) -> None:
     """The CTRL policy against pi_ref, BoN/WoN picked by r, judged by r and (on the world) by gold."""
+    if not metrics:
+        print("\nCTRL: no final evaluation (--eval_prompts 0).")
+        return
     judges = [j for j in ("r", "gold") if f"win_rate_{j}" in metrics]
     print("\nCTRL policy vs pi_ref on held-out prompts (BoN/WoN pick by r):")
     print(f"  {'judged by':32s} " + "".join(f"{j:>16s}" for j in judges))
@@ -137,8 +141,9 @@ def print_summary(metrics: dict, n: int) -> None:
 @dataclass
 class CTRLConfig:
     out_dir: str = arg("out", "checkpoints root (reads sft, reward, calibration; writes <out_dir>/ctrl...)")
-    reward: str = arg("model", "the reward r: model (out/reward) or gold (the world's: a perfect reward model, "
-                               "calibrated by `--stage calibrate --reward gold`)", one_of=REWARDS)
+    reward: str = arg("model", "the reward r: model (out/reward), gold (the world's: a perfect reward model) or "
+                               "scaled (out/reward times a per-prompt scale); calibrated by `--stage calibrate "
+                               "--reward` the same", one_of=REWARDS)
     transform: str = arg("exp", "reward transform: raw | identity | log | exp", one_of=TRANSFORMS)
     t: float = arg(4.0, "exponent of the exp transform (> 0 for best-of-N, < 0 for worst-of-N)")
     beta: float = arg(20.0, "KL penalty coefficient (scale with the transform: exp(4u) spans 1..55)", above=0)
@@ -152,7 +157,8 @@ class CTRLConfig:
     lr: float = arg(1e-4, "learning rate (constant; 3e-4 overshoots the exact optimum's KL 2.7x: README, verdict (d))", above=0)
     max_new_tokens: int = arg(128, "longest sampled response", at_least=1)
     eval_n: int = arg(4, "N of the best-of-N / worst-of-N inference-time win rates", at_least=1)
-    eval_prompts: int = arg(32, "held-out prompts per kind in the final evaluation", at_least=1)
+    eval_prompts: int = arg(32, "held-out prompts per kind in the final evaluation; 0 = none (a sweep that "
+                                "evaluates its policies itself)", at_least=0)
     eval_data: str = arg("", "prompt file for the final evaluation, judged by r; '' = held-out world prompts (gold)")
     eval_samples: int = arg(8, "samples per prompt and policy in the final evaluation", at_least=1)
     name: str = arg("", "checkpoint folder name under out_dir; '' = ctrl")
@@ -266,7 +272,7 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
                 checkpoint(metrics)
     if not d.is_main:
         return policy, {}
-    summary = final_evaluation(policy, reference, reward, tokenizer, cfg)
+    summary = final_evaluation(policy, reference, reward, tokenizer, cfg) if cfg.eval_prompts or cfg.eval_data else {}
     log.write(step=step, final=summary)
     checkpoint(summary)
     print_summary(summary, cfg.eval_n)

@@ -2,7 +2,7 @@
 RAIN evaluation and ablation.
 
     python -m minialign.experiments sft             # pi_ref greedy and sampled, and its self-evaluation -> out/sft.md
-    python -m minialign.experiments infalign        # CTRL transforms x beta sweep -> out/infalign.{csv,md,png}
+    python -m minialign.experiments infalign        # trained CTRL per transform at matched KL -> out/infalign.{csv,md,png}
     python -m minialign.experiments tilt            # the exact optimum of each transform -> out/tilt.{csv,md,png},
                                                     #   out/tilt_reward_quality.md, out/tilt_trained.md (CTRL vs its optimum)
     python -m minialign.experiments rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
@@ -20,16 +20,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import world
-from .checkpoint import atomic_write_text, load_model, pyplot, save_figure, world_seed, write_csv
+from .checkpoint import atomic_write_text, load_model, world_seed
 from .config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
 from .calibrate import calibrated, calibration_folder, load_calibration
-from .ctrl import CTRLConfig, train_ctrl
 from .evaluate import self_eval_accuracy, world_rates
 from .rain_eval import combined_table, rain_batch_agreement, rain_batch_markdown, rain_markdown, rain_table
 from .rain import RainParams
 from .reward_model import load_reward, score
 from .sampling import complete
-from .tilt_study import exact_tilt, transform_label
+from .infalign_study import infalign_study
+from .tilt_study import exact_tilt
 from .tokenizer import get_tokenizer
 from .training import decoding_dtype, pick_device
 
@@ -125,62 +125,6 @@ def within_judge_share(model, reward_model, tokenizer, out_dir: str, samples: in
 
 
 # ---------------------------------------------------------------------------------------------------
-# InfAlign: CTRL transforms x beta.
-
-SWEEP = {  # transform, t -> betas (spread so each reaches a range of KL on the world)
-    ("raw", 0.0): (2.0, 4.0, 8.0),
-    ("identity", 0.0): (0.1, 0.2, 0.4),
-    ("log", 0.0): (0.2, 0.33, 0.6),
-    ("exp", 4.0): (10.0, 20.0, 40.0),
-    ("exp", -4.0): (0.1, 0.2, 0.4),
-}
-
-
-def infalign_sweep(cfg: "ExperimentConfig") -> list[dict]:
-    rows = []
-    for (transform, t), betas in SWEEP.items():
-        for beta in betas:
-            name = f"ctrl_{transform}{'' if transform != 'exp' else f'{t:+g}'}_b{beta:g}"
-            print(f"[infalign] {name}")
-            ctrl = CTRLConfig(out_dir=cfg.out_dir, transform=transform, t=t, beta=beta, steps=cfg.ctrl_steps,
-                              name=name, eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples,
-                              seed=cfg.seed, device=cfg.device)
-            rows.append({"transform": transform, "t": t, "beta": beta, **train_ctrl(ctrl)[1]})
-    write_csv(rows, f"{cfg.out_dir}/infalign.csv")
-    lines = ["| transform | beta | KL | BoN_4 (r) | WoN_4 (r) | win rate (gold) | BoN_4 (gold) | WoN_4 (gold) "
-             "| harm rate | help rate |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cell = lambda key: f"{r[key]:.3f} ± {r[key + '_se']:.3f}"  # noqa: E731
-        lines.append(f"| {transform_label(r['transform'], r['t'])} | {r['beta']:g} | {r['kl']:.2f} | {cell('bon4_r')} | "
-                     f"{cell('won4_r')} | {cell('win_rate_gold')} | {cell('bon4_gold')} | {cell('won4_gold')} | "
-                     f"{r['harm_rate']:.3f} | {r['help_rate']:.3f} |")
-    atomic_write_text(f"{cfg.out_dir}/infalign.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot_sweep(rows, f"{cfg.out_dir}/infalign.png")
-    return rows
-
-
-def plot_sweep(rows: list[dict], path: str) -> None:
-    """Inference-time win rate against KL, BoN_4 and WoN_4 side by side (needs the plot extra)."""
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, title in ((axes[0], "bon4_gold", "best-of-4"), (axes[1], "won4_gold", "worst-of-4")):
-        for (transform, t) in SWEEP:
-            pts = sorted((r["kl"], r[key], r[key + "_se"]) for r in rows if r["transform"] == transform and r["t"] == t)
-            label = transform + (f"(t={t:+g})" if transform == "exp" else "")
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                        capsize=3, label=label)
-        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("KL(pi || pi_ref), nats")
-        ax.set_ylabel(f"{title} inference-time win rate vs pi_ref")
-        ax.set_title(f"{title} (picked by r, judged by gold, held-out prompts)")
-        ax.legend(fontsize=8)
-    save_figure(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------------
 
 @dataclass
 class ExperimentConfig:
@@ -189,11 +133,13 @@ class ExperimentConfig:
     batch: int = arg(16, "rain, rain-ablation, rain-batch, combined: prompts searched at once (1 = one after another)",
                      at_least=1)
     seed: int = arg(0, "sampling seed (the prompts come from the reference policy's world)")
-    ctrl_steps: int = arg(30, "infalign: RL steps per sweep point", at_least=1)
-    eval_prompts: int = arg(32, "infalign: held-out prompts per kind in each evaluation", at_least=1)
-    eval_samples: int = arg(8, "infalign: samples per prompt and policy", at_least=1)
-    k: int = arg(32, "tilt: pi_ref samples per held-out prompt (the support of the exact optimum)", at_least=2)
-    n: int = arg(4, "tilt: N of best-of-N and worst-of-N", at_least=1)
+    infalign_prompts: int = arg(12, "infalign: CTRL's training prompts, all in every step (so the RL reaches its optimum)",
+                                at_least=3)
+    ctrl_steps: int = arg(40, "infalign: RL steps per run", at_least=1)
+    seeds: int = arg(3, "infalign: CTRL seeds per (transform, beta)", at_least=1)
+    k: int = arg(32, "tilt, infalign: pi_ref samples per prompt (the support of the exact optimum; infalign's "
+                     "calibration too)", at_least=2)
+    n: int = arg(4, "tilt, infalign: N of best-of-N and worst-of-N", at_least=1)
     prompts: str = arg("test", "tilt: the support's prompts: held-out (test, n_eval per kind) or CTRL's own training "
                                "prompts (train, every other calibration prompt)", one_of=("test", "train"))
     ctrl: str = arg("ctrl", "tilt: CTRL checkpoints under out_dir (comma-separated) to set beside their exact optima; '' = none")
@@ -214,7 +160,7 @@ def main(argv: list[str]) -> None:
     check_known(flags, ExperimentConfig, RainParams)
     cfg, params = build(ExperimentConfig, flags, strict=False), build(RainParams, flags, strict=False)
     if argv[0] == "infalign":
-        infalign_sweep(cfg)
+        infalign_study(cfg)
         return
     device = pick_device(cfg.device)
     dtype = decoding_dtype(cfg.bf16, device)

@@ -7,6 +7,8 @@ is each row's own end-of-text position, never a padding position (a known pitfal
 
 Scoring is decoder-side (best-of-N, calibration, RL rewards); training it is a stage (``reward.py``).
 """
+import zlib
+
 import torch
 import torch.nn as nn
 
@@ -75,13 +77,25 @@ def load_reward(folder: str) -> tuple[RewardModel, dict]:
     return model, meta
 
 
-REWARDS = ("model", "gold")  # what calibration and CTRL optimise: the trained r, or the world's gold reward
+REWARDS = ("model", "gold", "scaled")  # what calibration and CTRL optimise: the trained r, the world's gold reward,
+#                                        or r with a per-prompt scale
+PROMPT_SCALE = 1.0  # "scaled": r times exp(PROMPT_SCALE * z_x), z_x ~ N(0, 1) per prompt
+
+
+def prompt_scale(prompts: list[str]) -> torch.Tensor:
+    """exp(PROMPT_SCALE * z_x) per prompt (B,), float64, z_x ~ N(0, 1) drawn from a generator seeded by
+    the prompt's text: the same prompt gets the same scale in every stage, process and experiment."""
+    z = [torch.randn(1, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())), dtype=torch.float64)
+         for p in prompts]
+    return torch.exp(PROMPT_SCALE * torch.cat(z))
 
 
 def reward_function(kind: str, out_dir: str, device, tokenizer: Tokenizer):
-    """(prompts, responses) -> rewards (B,) on the CPU: the reward model of ``out_dir/reward`` (``model``),
-    or the world's gold reward (``gold``: a perfect reward model, for experiments on what the RL can
-    reach when the reward is one the policy can learn; world prompts only)."""
+    """(prompts, responses) -> rewards (B,) on the CPU: the reward model of ``out_dir/reward`` (``model``);
+    the world's gold reward (``gold``: a perfect reward model, for experiments on what the RL can
+    reach when the reward is one the policy can learn; world prompts only); or the reward model times a
+    per-prompt scale (``scaled``: a reward model whose scale differs between prompts, InfAlign's reason
+    to calibrate: C_hat, and so every calibrated transform, is unchanged by it, raw RLHF is not)."""
     if kind == "gold":
         def gold(prompts: list[str], responses: list[str]) -> torch.Tensor:
             try:
@@ -90,4 +104,6 @@ def reward_function(kind: str, out_dir: str, device, tokenizer: Tokenizer):
                 raise ConfigError(f"--reward gold grades the world's prompts only ({err}).") from None
         return gold
     model = load_reward(f"{out_dir}/reward")[0].to(device).eval().requires_grad_(False)
+    if kind == "scaled":
+        return lambda prompts, responses: score(model, tokenizer, prompts, responses) * prompt_scale(prompts).float()
     return lambda prompts, responses: score(model, tokenizer, prompts, responses)

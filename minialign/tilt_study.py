@@ -11,12 +11,11 @@ import torch
 from . import tilt, world
 from .checkpoint import atomic_write_text, load_model, pyplot, save_figure, write_csv
 from .evaluate import sample_responses, sampled_win_rates
-from .reward_model import score
+from .reward_model import prompt_scale, score
 from .sampling import complete
 
 TILT_TRANSFORMS = (("raw", 0.0), ("raw, scaled", 0.0), ("identity", 0.0), ("log", 0.0), ("exp", 2.0), ("exp", 4.0), ("exp", 8.0),
                    ("exp", -2.0), ("exp", -4.0), ("exp", -8.0))
-PROMPT_SCALE = 1.0  # "raw, scaled": r times exp(PROMPT_SCALE * z_x), z_x ~ N(0, 1) drawn per prompt
 TILT_VIEWS = (("r", "r"), ("gold", "gold"), ("r", "gold"))  # (selector, judge); (r, r) is the paper's
 TILT_KLS = (0.25, 0.5, 1.0)
 
@@ -26,24 +25,25 @@ def transform_label(transform: str, t: float) -> str:
 
 
 def tilt_support(model, reward_model, tokenizer, prompts: list[world.Prompt], k: int, seed: int) -> dict:
-    """K samples of pi_ref per prompt with their reward-model and gold rewards, (P, K) each."""
+    """K samples of pi_ref per prompt with their reward-model and gold rewards, (P, K) each, and each
+    prompt's scale for "raw, scaled" (P, 1)."""
     g = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     texts = [p.text for p in prompts for _ in range(k)]
     responses = complete(model, tokenizer, texts, 128, batch_size=256, temperature=1.0, generator=g)
     r = score(reward_model, tokenizer, texts, responses).double().view(len(prompts), k)
     gold = torch.tensor([world.gold_reward(t, y) for t, y in zip(texts, responses)], dtype=torch.float64)
     styles = [world.graded_style(t, y) for t, y in zip(texts, responses)]
-    return {"r": r, "gold": gold.view_as(r), "styles": [styles[i: i + k] for i in range(0, len(styles), k)]}
+    return {"r": r, "gold": gold.view_as(r), "styles": [styles[i: i + k] for i in range(0, len(styles), k)],
+            "scale": prompt_scale([p.text for p in prompts])[:, None]}
 
 
-def phi_of(transform: str, t: float, selector: torch.Tensor) -> torch.Tensor:
-    """Phi(C_hat) of a transform; "raw, scaled" is the raw reward seen with a per-prompt scale (InfAlign's
-    reason to calibrate: a per-prompt offset cancels in each prompt's softmax, a scale does not, and
-    every calibrated transform is unchanged by both)."""
+def phi_of(transform: str, t: float, selector: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Phi(C_hat) of a transform (P, K); "raw, scaled" is the raw reward seen with each prompt's ``scale``
+    (P, 1), as ``--reward scaled`` trains on it (InfAlign's reason to calibrate: a per-prompt offset
+    cancels in each prompt's softmax, a scale does not, and every calibrated transform is unchanged by both)."""
     if transform != "raw, scaled":
         return tilt.transformed(transform, t, selector)
-    z = torch.randn(selector.size(0), 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return selector * torch.exp(PROMPT_SCALE * z)  # (P, K)
+    return selector * scale  # (P, K)
 
 
 def tilt_rows(support: dict, n: int, kls=TILT_KLS) -> list[dict]:
@@ -52,7 +52,7 @@ def tilt_rows(support: dict, n: int, kls=TILT_KLS) -> list[dict]:
     for selector, judge in TILT_VIEWS:
         s, j = support[selector], support[judge]
         for transform, t in TILT_TRANSFORMS:
-            phi = phi_of(transform, t, s)
+            phi = phi_of(transform, t, s, support["scale"])
             for kl in kls:
                 lam = tilt.inverse_beta_at_kl(phi, kl)
                 rows.append({"selector": selector, "judge": judge, "transform": transform, "t": t,
@@ -89,7 +89,7 @@ def plot_tilt(support: dict, n: int, path: str, kls=tuple(0.02 * i for i in rang
     for col, (selector, judge) in enumerate(TILT_VIEWS):
         s, j = support[selector], support[judge]
         for transform, t in shown:
-            phi = phi_of(transform, t, s)
+            phi = phi_of(transform, t, s, support["scale"])
             points = [tilt.readout(phi, lam, s, j, n) for lam in (tilt.inverse_beta_at_kl(phi, k) for k in kls)
                       if lam != float("inf")]
             for row, key in enumerate(("bon", "won")):
@@ -172,8 +172,15 @@ def reward_quality_markdown(rows: list[dict], n: int, kl: float = 0.5) -> str:
 
 
 def trained_on(ctrl: dict) -> str:
-    """The reward a CTRL checkpoint was trained on, by its config: "r" or "gold" (older runs: r)."""
+    """The reward a CTRL checkpoint is set beside, by its config: "gold" if it was trained on gold, else
+    "r" (older runs too; and r with a per-prompt scale, whose per-prompt order, so win rates, it keeps)."""
     return "gold" if ctrl.get("reward") == "gold" else "r"
+
+
+def trained_transform(ctrl: dict) -> str:
+    """The transform a CTRL checkpoint optimised, by its config: "raw, scaled" for raw RLHF on r with a
+    per-prompt scale (``--reward scaled``), else its ``transform``."""
+    return "raw, scaled" if ctrl["transform"] == "raw" and ctrl.get("reward") == "scaled" else ctrl["transform"]
 
 
 def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts: list[world.Prompt], support: dict,
@@ -189,7 +196,7 @@ def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts:
     gold = torch.tensor([world.gold_reward(t, y) for t, y in zip(texts, responses)], dtype=torch.float64).view_as(r)
     selector = trained_on(ctrl)
     selected = {"r": r, "gold": gold}[selector]
-    phi = phi_of(ctrl["transform"], ctrl["t"], support[selector])
+    phi = phi_of(trained_transform(ctrl), ctrl["t"], support[selector], support["scale"])
     kl = float(log_ratio.mean())
     points = [("trained", None), (f"optimum at beta {ctrl['beta']:g}", 1 / ctrl["beta"]),
               (f"optimum at KL {kl:.2f}", tilt.inverse_beta_at_kl(phi, kl))]
@@ -206,7 +213,7 @@ def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts:
 
 
 def trained_markdown(rows: list[dict], ctrl: dict, n: int) -> str:
-    label = transform_label(ctrl["transform"], ctrl["t"])
+    label = transform_label(trained_transform(ctrl), ctrl["t"])
     lines = [f"CTRL {label}, beta {ctrl['beta']:g}, {ctrl['steps']} steps, trained on {trained_on(ctrl)}, against its "
              f"exact optima (selected by {trained_on(ctrl)}):", "",
              f"| {label} | KL | win rate (r) | BoN_{n} (r) | WoN_{n} (r) | win rate (gold) | BoN_{n} (gold) | WoN_{n} (gold) |",

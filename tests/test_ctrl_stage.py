@@ -1,17 +1,18 @@
 """The CTRL stage on tiny world checkpoints: it runs after sft -> reward -> calibrate, and resuming
 from a checkpoint gives the parameters of an uninterrupted run."""
+import csv
 import os
 
 import pytest
 import torch
 
-from minialign import experiments, world
+from minialign import experiments, infalign_study, world
 from minialign.calibrate import CalibrateConfig, load_calibration, run_calibration
 from minialign.config import ConfigError
-from minialign.checkpoint import load_model
+from minialign.checkpoint import load_meta, load_model
 from minialign.ctrl import CTRLConfig, train_ctrl
 from minialign.reward import RewardConfig, train_reward
-from minialign.reward_model import reward_function
+from minialign.reward_model import prompt_scale, reward_function
 from minialign.sft import SFTConfig, train_sft
 
 TINY = dict(device="cpu")
@@ -49,6 +50,37 @@ def test_ctrl_resume_matches_an_uninterrupted_run(tmp_path):
     assert "trained on gold, against its exact optima (selected by gold)" in open(f"{out}/tilt_trained.md").read()
 
 
+def test_a_per_prompt_scale_of_r_leaves_calibrated_ctrl_unchanged_and_moves_raw(tmp_path):
+    """InfAlign's reason to calibrate: with r times a per-prompt scale, CTRL on C_hat trains exactly the
+    same policy (C_hat keeps each prompt's order), raw RLHF another one."""
+    out = str(tmp_path)
+    train_sft(SFTConfig(out_dir=out, n_layer=1, n_head=2, n_embd=32, block_size=256, batch_size=2, steps=2,
+                        corpus_dialogues=100, eval_every=2, **TINY))
+    train_reward(RewardConfig(out_dir=out, n_pairs=16, steps=2, batch_size=4, eval_every=2, **TINY))
+    for reward in ("model", "scaled"):
+        run_calibration(CalibrateConfig(out_dir=out, reward=reward, n_prompts=6, k=4, max_new_tokens=12, **TINY))
+    prompts, plain = load_calibration(f"{out}/calibration")
+    scales = prompt_scale(prompts)
+    assert torch.allclose(load_calibration(f"{out}/calibration_scaled")[1], plain * scales[:, None].float())
+    rl = {**RL, "eval_prompts": 0}
+    weights = {}
+    for reward in ("model", "scaled"):
+        for transform in ("identity", "raw"):
+            train_ctrl(CTRLConfig(out_dir=out, name=f"{transform}_{reward}", reward=reward, transform=transform,
+                                  beta=1.0, **rl, **TINY))
+            weights[transform, reward] = load_model(f"{out}/{transform}_{reward}")[0].state_dict()
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(weights["identity", "model"], weights["identity", "scaled"])
+    assert not same(weights["raw", "model"], weights["raw", "scaled"])
+    assert load_meta(f"{out}/raw_scaled")["metrics"] == {}  # --eval_prompts 0: no final evaluation
+
+
+def test_prompt_scales_are_log_normal_and_fixed_by_the_prompt():
+    scales = prompt_scale([f"Human: question {i}?\nAssistant:" for i in range(4000)])
+    assert abs(float(scales.log().mean())) < 0.05 and abs(float(scales.log().std()) - 1.0) < 0.05
+    assert torch.equal(prompt_scale(["a", "b", "a"])[[0, 2]], prompt_scale(["a", "a"]))
+
+
 def test_the_gold_reward_function_is_the_worlds_gold_reward():
     prompt = world.eval_prompts(1, 0)[0].text
     replies = ["Happy to help. It is green.", "I can't help with that.", "zzz"]
@@ -58,14 +90,54 @@ def test_the_gold_reward_function_is_the_worlds_gold_reward():
         reward_function("gold", "unused", "cpu", None)(["Human: not a world question\nAssistant:"], ["x"])
 
 
-def test_infalign_sweep_runs_and_tabulates_both_judges(tmp_path, monkeypatch):
+def test_infalign_study_trains_each_transform_at_two_betas_and_resumes(tmp_path, monkeypatch):
     out = str(tmp_path)
     train_sft(SFTConfig(out_dir=out, n_layer=1, n_head=2, n_embd=32, block_size=256, batch_size=2, steps=2,
                         corpus_dialogues=100, eval_every=2, **TINY))
     train_reward(RewardConfig(out_dir=out, n_pairs=16, steps=2, batch_size=4, eval_every=2, **TINY))
-    run_calibration(CalibrateConfig(out_dir=out, n_prompts=6, k=4, max_new_tokens=12, **TINY))
-    monkeypatch.setattr(experiments, "SWEEP", {("exp", 4.0): (20.0,)})
-    rows = experiments.infalign_sweep(experiments.ExperimentConfig(out_dir=out, ctrl_steps=1, eval_prompts=1,
-                                                                  eval_samples=2, device="cpu"))
-    assert len(rows) == 1 and {"bon4_r", "bon4_gold", "kl"} <= set(rows[0])
-    assert "| exp(+4) | 20 |" in open(f"{out}/infalign.md").read()
+    monkeypatch.setattr(infalign_study, "COMPARED", (("raw, scaled", 0.0), ("exp", -4.0)))
+    flags = ["infalign", f"--out_dir={out}", "--infalign_prompts=3", "--ctrl_steps=1", "--seeds=2", "--k=4", "--device=cpu"]
+    experiments.main(flags)
+    rows = list(csv.DictReader(open(f"{out}/infalign.csv")))
+    assert len(rows) == 2 * 2 * 2  # transforms x grid KLs x seeds
+    table = open(f"{out}/infalign.md").read()
+    assert "| raw, scaled |" in table and "| exp(-4) |" in table and table.count(" of 2 |") == 2
+    # each beta was solved on the support: two betas per transform, the larger KL's the smaller beta
+    betas = {(r["transform"], float(r["grid_kl"])): float(r["beta"]) for r in rows}
+    assert betas["raw, scaled", 0.2] > betas["raw, scaled", 0.5] and betas["exp(-4)", 0.2] > betas["exp(-4)", 0.5]
+    assert load_meta(f"{out}/infalign/raw_scaled_kl0.2_s1")["config"]["reward"] == "scaled"
+    for calibration in ("calibration", "calibration_scaled"):
+        assert len(load_calibration(f"{out}/infalign/{calibration}")[0]) == 3
+    # a second run finds every run finished: nothing is trained, and the table is the same
+    monkeypatch.setattr(infalign_study, "train_ctrl", lambda cfg: pytest.fail(f"{cfg.name} trained again"))
+    experiments.main(flags)
+    assert list(csv.DictReader(open(f"{out}/infalign.csv"))) == rows
+
+
+def test_matched_kl_interpolates_each_seed_then_averages(monkeypatch):
+    """Hand-computed: per seed the line through its two (KL, rate) points, read at KL 0.35: seed 0
+    (0.2, 0.6), (0.5, 0.9) -> 0.75; seed 1 (0.3, 0.7), (0.4, 0.8) -> 0.75; seed 2 (0.1, 0.5), (0.3, 0.6)
+    -> 0.625, extrapolated; then mean and standard error over the three."""
+    monkeypatch.setattr(infalign_study, "COMPARED", (("raw", 0.0),))
+    points = {0: ((0.2, 0.6), (0.5, 0.9)), 1: ((0.3, 0.7), (0.4, 0.8)), 2: ((0.1, 0.5), (0.3, 0.6))}
+    columns = [f"{k}_{j}" for k in infalign_study.RATES for j in infalign_study.JUDGES]
+    trained = [{"transform": "raw", "seed": s, "kl": kl, **dict.fromkeys(columns, v)} for s, pts in points.items()
+               for kl, v in pts]
+    row = infalign_study.matched_rows(trained, {"raw": dict.fromkeys(columns, 0.5)}, [0, 1, 2])[0]
+    expected = [0.75, 0.75, 0.625]
+    mean = sum(expected) / 3
+    se = (sum((e - mean) ** 2 for e in expected) / 2) ** 0.5 / 3 ** 0.5
+    assert row["bon_r"] == pytest.approx(mean) and row["bon_r_se"] == pytest.approx(se)
+    assert row["extrapolated"] == 1 and row["won_gold_optimum"] == 0.5
+    assert infalign_study.interpolate([0.5, 0.2], [0.9, 0.6], 0.35) == pytest.approx(0.75)  # either order
+
+
+def test_distance_rows_average_each_seeds_gap_to_the_optimum_at_its_kl():
+    """Hand-computed: two seeds of one (transform, beta); gap = trained - optimum at the KL it reached."""
+    columns = [f"{k}_{j}" for k in infalign_study.RATES for j in infalign_study.JUDGES]
+    runs = [{"transform": "log", "grid_kl": 0.2, "beta": 0.9, "seed": s, "kl": kl, **dict.fromkeys(columns, v),
+             **{f"{c}_at_kl": opt for c in columns}} for s, kl, v, opt in ((0, 0.1, 0.70, 0.75), (1, 0.3, 0.80, 0.81))]
+    row = infalign_study.distance_rows(runs)[0]
+    assert (row["seeds"], row["kl"], row["bon_r"]) == (2, pytest.approx(0.2), pytest.approx(0.75))
+    assert row["won_gold_gap"] == pytest.approx(-0.03) and row["won_gold_gap_se"] == pytest.approx(0.02)
+    assert row["kl_se"] == pytest.approx(0.1)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minialign import tilt
+from minialign.reward_model import prompt_scale
 from minialign.tilt_study import (TILT_TRANSFORMS, TILT_VIEWS, noisy_gold, phi_of, reward_quality_rows,
                                   style_agreement, tilt_markdown, tilt_rows)
 
@@ -17,7 +18,8 @@ def synthetic_support(prompts=12, k=16, seed=0) -> dict:
     gold = 0.5 * style_id + 0.01 * torch.randn(prompts, k, generator=g, dtype=torch.float64)
     styles = [["good" if s else "bad" for s in row] for row in style_id.tolist()]
     r = gold + 0.3 * torch.randn(prompts, k, generator=g, dtype=torch.float64)
-    return {"r": r, "gold": gold, "styles": styles}
+    scale = prompt_scale([f"prompt {i}" for i in range(prompts)])[:, None]
+    return {"r": r, "gold": gold, "styles": styles, "scale": scale}
 
 
 def test_style_agreement_hand_case():
@@ -42,15 +44,16 @@ def test_between_style_noise_keeps_each_style_in_order_and_within_noise_reorders
 
 
 def test_a_per_prompt_scale_changes_raw_and_no_calibrated_transform():
-    s = synthetic_support()["r"]
-    raw, scaled = phi_of("raw", 0.0, s), phi_of("raw, scaled", 0.0, s)
+    support = synthetic_support()
+    s = support["r"]
+    raw, scaled = phi_of("raw", 0.0, s, support["scale"]), phi_of("raw, scaled", 0.0, s, support["scale"])
     ratio = scaled / raw
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio))  # one positive factor per prompt
     assert (ratio[:, 0] > 0).all() and ratio[:, 0].std() > 0.2
     lam = tilt.inverse_beta_at_kl(raw, 0.5)
     assert not torch.allclose(tilt.tilt(raw, lam), tilt.tilt(scaled, lam))
     for transform, t in (("identity", 0.0), ("log", 0.0), ("exp", 4.0)):  # C_hat ignores the scale
-        assert torch.equal(phi_of(transform, t, s), phi_of(transform, t, s * ratio))
+        assert torch.equal(phi_of(transform, t, s, None), phi_of(transform, t, s * ratio, None))
 
 
 def test_tilt_rows_cover_every_view_and_transform_at_their_kl():

@@ -1,0 +1,236 @@
+"""InfAlign with trained CTRL policies at matched KL (``python -m minialign.experiments infalign``).
+
+InfAlign's claim is about optima: at equal KL the optimum of exp(+t) has the best BoN_N win rate, the
+optimum of exp(-t) the best WoN_N, and the calibrated transforms beat raw RLHF. ``tilt_study``
+computes those optima exactly; this experiment asks whether *trained* policies show the same. It
+trains where the RL can reach its optimum: on the default budget each of 192 prompts is visited about
+three times and CTRL stops 0.05-0.07 below its optimum (README, verdict (d)); on a few prompts, every
+one of them in every step, it gets there. So:
+
+1. A workspace ``<out_dir>/infalign`` whose ``sft`` and ``reward`` link to the pipeline's own, with r
+   calibrated on ``--infalign_prompts`` training prompts (K pi_ref samples each). "raw, scaled" is raw RLHF on r
+   times a per-prompt scale (``--reward scaled``), InfAlign's reason to calibrate: the calibrated
+   transforms are unchanged by such a scale, so only raw is trained on it.
+2. A second, independent set of K pi_ref samples per training prompt: the support of the exact optima.
+   For each transform, the betas whose optimum on it has KL ``GRID_KLS`` (bisection on the tilt).
+3. CTRL at each (transform, beta) and seed, all prompts in every step. Each policy is then sampled K
+   times per prompt: its KL and win rates against pi_ref, picked by r and judged by r (the paper's
+   view) and by gold, beside the exact optimum at the KL it reached (the distance table).
+4. Matched KL: per transform and seed, each win rate interpolated linearly in KL between the grid's two
+   betas to ``MATCHED_KL``; then mean ± standard error across seeds, beside the optimum at that KL.
+
+A run whose checkpoint already holds its last step with the same config is not trained again: the
+experiment resumes where it stopped.
+"""
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+
+from . import tilt, world
+from .calibrate import CalibrateConfig, calibration_folder, load_calibration, run_calibration
+from .checkpoint import CheckpointError, atomic_write_text, load_meta, load_model, pyplot, save_figure, write_csv
+from .ctrl import CTRLConfig, train_ctrl
+from .reward_model import load_reward
+from .tilt_study import phi_of, tilt_support, trained_against_optimum, transform_label
+from .tokenizer import get_tokenizer
+from .training import pick_device
+
+COMPARED = (("raw", 0.0), ("raw, scaled", 0.0), ("identity", 0.0), ("log", 0.0), ("exp", 4.0), ("exp", -4.0))
+GRID_KLS = (0.2, 0.5)  # each transform is trained at the two betas whose exact optimum has these KLs
+MATCHED_KL = 0.35      # where the transforms are compared: between the grid's KLs
+RATES = ("win_rate", "bon", "won")
+JUDGES = ("r", "gold")
+
+
+def workspace(out_dir: str) -> str:
+    """``<out_dir>/infalign``, its ``sft`` and ``reward`` linked to the pipeline's checkpoints (no copies,
+    and a retrained pi_ref or r is seen at once)."""
+    folder = f"{out_dir}/infalign"
+    os.makedirs(folder, exist_ok=True)
+    for stage in ("sft", "reward"):
+        load_meta(f"{out_dir}/{stage}", f"python train.py --stage {stage}")  # one sentence if it is missing
+        if not os.path.lexists(f"{folder}/{stage}"):
+            os.symlink(os.path.join("..", stage), f"{folder}/{stage}")
+    return folder
+
+
+def finished(folder: str, config) -> bool:
+    """Whether ``folder`` holds a finished run of exactly this config: a calibration, or a CTRL run at
+    its last step (an unfinished one is trained again from the start)."""
+    try:
+        meta = load_meta(folder)
+    except CheckpointError:
+        return False
+    steps = getattr(config, "steps", None)  # a calibration has no steps
+    return meta["config"] == asdict(config) and (steps is None or meta.get("step") == steps)
+
+
+def training_prompts(folder: str, cfg) -> list[world.Prompt]:
+    """r calibrated on ``cfg.infalign_prompts`` training prompts of the world (computed once), and r with
+    a per-prompt scale on the same prompts when "raw, scaled" is compared."""
+    for reward in ("model", "scaled") if ("raw, scaled", 0.0) in COMPARED else ("model",):
+        calibration = CalibrateConfig(out_dir=folder, reward=reward, n_prompts=cfg.infalign_prompts, k=cfg.k,
+                                      seed=cfg.seed, device=cfg.device)
+        if not finished(calibration_folder(folder, reward), calibration):
+            run_calibration(calibration)
+    return [world.parse_prompt(p) for p in load_calibration(calibration_folder(folder, "model"))[0]]
+
+
+def run_config(folder: str, transform: str, t: float, beta: float, grid_kl: float, seed: int, prompts: int,
+               cfg) -> CTRLConfig:
+    """One CTRL run of the study: every prompt in every step, no held-out evaluation of its own. "raw,
+    scaled" is raw RLHF on r with a per-prompt scale (``--reward scaled``)."""
+    scaled = transform == "raw, scaled"
+    name = f"{'raw_scaled' if scaled else transform}{f'{t:+g}' if transform == 'exp' else ''}_kl{grid_kl:g}_s{seed}"
+    return CTRLConfig(out_dir=folder, reward="scaled" if scaled else "model", transform="raw" if scaled else transform,
+                      t=t, beta=beta, steps=cfg.ctrl_steps, prompts_per_step=prompts, eval_prompts=0, seed=seed,
+                      name=name, device=cfg.device)
+
+
+def interpolate(kls: list[float], values: list[float], at: float) -> float:
+    """The value at KL ``at`` on the line through two (KL, value) points (beyond them: the same line)."""
+    (k0, v0), (k1, v1) = sorted(zip(kls, values))
+    if k1 - k0 < 1e-9:
+        return (v0 + v1) / 2
+    return v0 + (v1 - v0) * (at - k0) / (k1 - k0)
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error across seeds."""
+    x = torch.tensor(values, dtype=torch.float64)
+    return float(x.mean()), float(x.std() / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def matched_rows(trained: list[dict], optima: dict, seeds: list[int]) -> list[dict]:
+    """Per transform: each rate interpolated to MATCHED_KL per seed between the grid's two points, then
+    mean ± SE across seeds, with the exact optimum at MATCHED_KL (``optima[label]``) and the number of
+    seeds whose two points do not bracket MATCHED_KL (extrapolated)."""
+    rows = []
+    for transform, t in COMPARED:
+        label = transform_label(transform, t)
+        per_seed = [[r for r in trained if r["transform"] == label and r["seed"] == s] for s in seeds]
+        row = {"transform": label, "kl": MATCHED_KL,
+               "extrapolated": sum(not min(p["kl"] for p in pts) <= MATCHED_KL <= max(p["kl"] for p in pts)
+                                   for pts in per_seed)}
+        for judge in JUDGES:
+            for key in RATES:
+                column = f"{key}_{judge}"
+                matched = [interpolate([p["kl"] for p in pts], [p[column] for p in pts], MATCHED_KL) for pts in per_seed]
+                row[column], row[column + "_se"] = mean_se(matched)
+                row[column + "_optimum"] = optima[label][column]
+        rows.append(row)
+    return rows
+
+
+def distance_rows(trained: list[dict]) -> list[dict]:
+    """Per (transform, beta): the KL reached and each rate, trained and its gap to the exact optimum at
+    the KL each seed reached, mean ± SE across seeds."""
+    rows = []
+    for point in sorted({(r["transform"], r["grid_kl"], r["beta"]) for r in trained}, key=lambda p: (p[0], p[1])):
+        runs = [r for r in trained if (r["transform"], r["grid_kl"], r["beta"]) == point]
+        row = {"transform": point[0], "grid_kl": point[1], "beta": point[2], "seeds": len(runs)}
+        row["kl"], row["kl_se"] = mean_se([r["kl"] for r in runs])
+        for judge in JUDGES:
+            for key in RATES:
+                column = f"{key}_{judge}"
+                row[column], row[column + "_se"] = mean_se([r[column] for r in runs])
+                row[column + "_gap"], row[column + "_gap_se"] = mean_se([r[column] - r[column + "_at_kl"] for r in runs])
+        rows.append(row)
+    return rows
+
+
+def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, prompts: int, minutes: float) -> str:
+    cell = lambda row, key: f"{row[key]:.3f} ± {row[key + '_se']:.3f}"  # noqa: E731
+    names = {"win_rate": "win rate", "bon": f"BoN_{n}", "won": f"WoN_{n}"}
+    lines = [f"Trained CTRL at matched KL {MATCHED_KL:g} ({seeds} seeds, {prompts} training prompts, picked by r; "
+             "each rate: trained mean ± SE across seeds (exact optimum at that KL)):", "",
+             "| transform | " + " | ".join(f"{names[k]} ({j})" for j in JUDGES for k in RATES) + " | seeds extrapolated |",
+             "|---|" + "---|" * (len(JUDGES) * len(RATES) + 1)]
+    for row in matched:
+        lines.append(f"| {row['transform']} | " + " | ".join(
+            f"{cell(row, f'{k}_{j}')} ({row[f'{k}_{j}_optimum']:.3f})" for j in JUDGES for k in RATES)
+            + f" | {row['extrapolated']} of {seeds} |")
+    lines += ["", "Each trained point against the exact optimum at the KL it reached (gap = trained - optimum, "
+              "mean ± SE across seeds), judged by r:", "",
+              "| transform | optimum's KL at beta | beta | KL reached | " + " | ".join(
+                  f"{names[k]} (r) | gap" for k in RATES) + " |", "|---|---|---|---|" + "---|---|" * len(RATES)]
+    for row in distances:
+        lines.append(f"| {row['transform']} | {row['grid_kl']:g} | {row['beta']:.4g} | {cell(row, 'kl')} | " + " | ".join(
+            f"{cell(row, f'{k}_r')} | {row[f'{k}_r_gap']:+.3f} ± {row[f'{k}_r_gap_se']:.3f}" for k in RATES) + " |")
+    lines += ["", f"Wall time: {minutes:.1f} min."]
+    return "\n".join(lines)
+
+
+def plot(support: dict, distances: list[dict], n: int, path: str, kls=tuple(0.02 * i for i in range(1, 41))) -> None:
+    """BoN_n and WoN_n by r against KL: each transform's exact optimum as a line, its trained points
+    (mean ± SE across seeds, both axes) as markers of the same colour."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for i, (transform, t) in enumerate(COMPARED):
+        label, colour = transform_label(transform, t), f"C{i}"
+        phi = phi_of(transform, t, support["r"], support["scale"])
+        curve = [tilt.readout(phi, lam, support["r"], support["r"], n) for lam in
+                 (tilt.inverse_beta_at_kl(phi, k) for k in kls) if lam != math.inf]
+        points = [row for row in distances if row["transform"] == label]
+        for ax, key in zip(axes, ("bon", "won")):
+            ax.plot([c["kl"] for c in curve], [c[key] for c in curve], color=colour, label=f"{label}: exact optimum")
+            ax.errorbar([p["kl"] for p in points], [p[f"{key}_r"] for p in points], xerr=[p["kl_se"] for p in points],
+                        yerr=[p[f"{key}_r_se"] for p in points], fmt="o", color=colour, capsize=3)
+    for ax, title in zip(axes, (f"best-of-{n}", f"worst-of-{n}")):
+        ax.axvline(MATCHED_KL, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("KL(pi || pi_ref), nats")
+        ax.set_ylabel(f"{title} win rate vs pi_ref (picked and judged by r)")
+        ax.set_title(f"{title}: exact optima (lines), trained CTRL (points, mean ± SE over seeds)", fontsize=10)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def infalign_study(cfg) -> list[dict]:
+    """The ``infalign`` experiment (``cfg``: ``experiments.ExperimentConfig``): <out_dir>/infalign.{csv,md,png}
+    and each run's checkpoint under <out_dir>/infalign."""
+    started = time.time()
+    folder = workspace(cfg.out_dir)
+    prompts = training_prompts(folder, cfg)
+    device = pick_device(cfg.device)
+    reference, meta = load_model(f"{folder}/sft")
+    reference.to(device).eval()
+    reward_model = load_reward(f"{folder}/reward")[0].to(device).eval()
+    tokenizer = get_tokenizer(meta["tokenizer"])
+    support = tilt_support(reference, reward_model, tokenizer, prompts, cfg.k, cfg.seed + 1)  # not the calibration's samples
+    seeds = list(range(cfg.seeds))
+    trained, optima = [], {}
+    for transform, t in COMPARED:
+        label = transform_label(transform, t)
+        phi = phi_of(transform, t, support["r"], support["scale"])
+        optima[label] = {}
+        for judge in JUDGES:
+            exact = tilt.readout(phi, tilt.inverse_beta_at_kl(phi, MATCHED_KL), support["r"], support[judge], cfg.n)
+            optima[label].update({f"{key}_{judge}": exact[key] for key in RATES})
+        for grid_kl in GRID_KLS:
+            beta = 1 / tilt.inverse_beta_at_kl(phi, grid_kl)
+            for seed in seeds:
+                ctrl = run_config(folder, transform, t, beta, grid_kl, seed, len(prompts), cfg)
+                print(f"[infalign] {label}, beta {beta:.4g} (optimum's KL {grid_kl:g}), seed {seed}")
+                if not finished(f"{folder}/{ctrl.name}", ctrl):
+                    train_ctrl(ctrl)
+                policy = load_model(f"{folder}/{ctrl.name}")[0].to(device).eval()
+                point, _, at_kl = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts, support,
+                                                          asdict(ctrl), cfg.n, cfg.seed)
+                columns = [f"{key}_{judge}" for key in RATES for judge in JUDGES]
+                trained.append({"transform": label, "grid_kl": grid_kl, "beta": beta, "seed": seed, "kl": point["kl"],
+                                **{c: point[c] for c in columns}, **{f"{c}_at_kl": at_kl[c] for c in columns}})
+                print(f"[infalign]   KL {point['kl']:.3f}; by r, trained (optimum at that KL): " + ", ".join(
+                    f"{key} {point[f'{key}_r']:.3f} ({at_kl[f'{key}_r']:.3f})" for key in RATES))
+    write_csv(trained, f"{cfg.out_dir}/infalign.csv")
+    distances = distance_rows(trained)
+    table = markdown(matched_rows(trained, optima, seeds), distances, cfg.n, len(seeds), len(prompts),
+                     (time.time() - started) / 60)
+    atomic_write_text(f"{cfg.out_dir}/infalign.md", table + "\n")
+    print(table)
+    plot(support, distances, cfg.n, f"{cfg.out_dir}/infalign.png")
+    return trained
