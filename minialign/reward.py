@@ -61,6 +61,8 @@ class RewardConfig:
     data: str = arg("", "HH-format JSONL of preference pairs; '' = world pairs")
     n_pairs: int = arg(8000, "world training pairs", at_least=2)
     label_temperature: float = arg(0.25, "Bradley-Terry temperature of the world's labels", above=0)
+    same_style: float = arg(0.0, "share of world training pairs whose two responses share one style (their label "
+                                 "rests on the gold reward's small within-style terms)", at_least=0, at_most=1)
     steps: int = arg(150, "optimizer steps (on the world, held-out accuracy is flat from about step 150)", at_least=1)
     batch_size: int = arg(32, "pairs per step", at_least=1)
     micro_batch: int = arg(8, "pairs per forward/backward, pairs of similar length together (gradients add up "
@@ -125,7 +127,8 @@ def train_reward(cfg: RewardConfig) -> dict:
         train_pairs, test_pairs = pairs[n_test:], pairs[:n_test]
     else:
         seed = world_seed(cfg.out_dir)  # the reference policy's world
-        train_pairs = world_pair_tuples(world.preference_pairs(cfg.n_pairs, seed, cfg.label_temperature))
+        train_pairs = world_pair_tuples(world.preference_pairs(cfg.n_pairs, seed, cfg.label_temperature,
+                                                               same_style=cfg.same_style))
         test_pairs = world_pair_tuples(world.preference_pairs(1000, seed, cfg.label_temperature, split="test"))
     if cfg.resume:
         check_resume(folder, cfg)

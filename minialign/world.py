@@ -315,15 +315,22 @@ def corpus(n_dialogues: int, seed: int = 0, self_eval_share: float = 0.25) -> li
     return docs
 
 
-def preference_pairs(n_pairs: int, seed: int = 0, temperature: float = 0.25, split: str = "train") -> list[dict]:
+def preference_pairs(n_pairs: int, seed: int = 0, temperature: float = 0.25, split: str = "train",
+                     same_style: float = 0.0) -> list[dict]:
     """Pairs of responses to one prompt, labelled by Bradley-Terry on the gold reward:
-    P(a preferred over b) = sigmoid((r(a) - r(b)) / temperature). Returned in HH format."""
+    P(a preferred over b) = sigmoid((r(a) - r(b)) / temperature). Returned in HH format.
+
+    ``same_style``: the share of pairs whose second response takes the first one's style, so that their
+    label is decided by the gold reward's small within-style terms (politeness, length, form). At 0
+    the pairs are the default ones, draw for draw."""
     rng = random.Random(seed + 3 + (split == "test"))
     pool = prompts(split, seed)
     pairs = []
     while len(pairs) < n_pairs:
         p = rng.choice(pool)
-        a, b = (make_response(p, sample_style(p, rng), rng) for _ in range(2))
+        style = sample_style(p, rng)
+        a = make_response(p, style, rng)
+        b = make_response(p, style if same_style and rng.random() < same_style else sample_style(p, rng), rng)
         if a == b:
             continue
         ra, rb = gold_reward(p.text, a), gold_reward(p.text, b)

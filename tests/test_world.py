@@ -87,3 +87,14 @@ def test_preference_labels_follow_bradley_terry():
 def _split(transcript):
     cut = transcript.rfind("Assistant:") + len("Assistant:")
     return transcript[:cut], transcript[cut:]
+
+
+def test_same_style_pairs_share_a_graded_style_and_leave_the_default_pairs_alone():
+    styles = lambda pairs: [(world.graded_style(*_split(r["chosen"])), world.graded_style(*_split(r["rejected"])))  # noqa: E731
+                            for r in pairs]
+    default = world.preference_pairs(400)
+    assert world.preference_pairs(400, same_style=0.0) == default
+    assert sum(a != b for a, b in styles(default)) > 100  # most default pairs differ in style
+    assert all(a == b for a, b in styles(world.preference_pairs(400, same_style=1.0)))
+    half = styles(world.preference_pairs(2000, same_style=0.5))
+    assert 0.5 < sum(a == b for a, b in half) / len(half) < 0.85  # 0.5 by construction, plus chance matches
