@@ -8,9 +8,9 @@ three times and CTRL stops 0.05-0.07 below its optimum (README, verdict (d)); on
 one of them in every step, it gets there. So:
 
 1. A workspace ``<out_dir>/infalign`` whose ``sft`` and ``reward`` link to the pipeline's own, with r
-   calibrated on ``--infalign_prompts`` training prompts (K pi_ref samples each). "raw, scaled" is raw RLHF on r
-   times a per-prompt scale (``--reward scaled``), InfAlign's reason to calibrate: the calibrated
-   transforms are unchanged by such a scale, so only raw is trained on it.
+   calibrated on ``--infalign_prompts`` training prompts (K pi_ref samples each). "raw, scaled" is raw
+   RLHF on r times a per-prompt scale (``--reward scaled``), InfAlign's reason to calibrate: the
+   calibrated transforms are unchanged by such a scale, so only raw is trained on it.
 2. A second, independent set of K pi_ref samples per training prompt: the support of the exact optima.
    For each transform, the betas whose optimum on it has KL ``GRID_KLS`` (bisection on the tilt).
 3. CTRL at each (transform, beta) and seed, all prompts in every step. Each policy is then sampled K
@@ -118,7 +118,8 @@ def matched_rows(trained: list[dict], optima: dict, seeds: list[int]) -> list[di
         for judge in JUDGES:
             for key in RATES:
                 column = f"{key}_{judge}"
-                matched = [interpolate([p["kl"] for p in pts], [p[column] for p in pts], MATCHED_KL) for pts in per_seed]
+                matched = [interpolate([p["kl"] for p in pts], [p[column] for p in pts], MATCHED_KL)
+                           for pts in per_seed]
                 row[column], row[column + "_se"] = mean_se(matched)
                 row[column + "_optimum"] = optima[label][column]
         rows.append(row)
@@ -128,8 +129,10 @@ def matched_rows(trained: list[dict], optima: dict, seeds: list[int]) -> list[di
 def distance_rows(trained: list[dict]) -> list[dict]:
     """Per (transform, beta): the KL reached and each rate, trained and its gap to the exact optimum at
     the KL each seed reached, mean ± SE across seeds."""
+    order = [transform_label(transform, t) for transform, t in COMPARED]
     rows = []
-    for point in sorted({(r["transform"], r["grid_kl"], r["beta"]) for r in trained}, key=lambda p: (p[0], p[1])):
+    points = {(r["transform"], r["grid_kl"], r["beta"]) for r in trained}
+    for point in sorted(points, key=lambda p: (order.index(p[0]), p[1])):
         runs = [r for r in trained if (r["transform"], r["grid_kl"], r["beta"]) == point]
         row = {"transform": point[0], "grid_kl": point[1], "beta": point[2], "seeds": len(runs)}
         row["kl"], row["kl_se"] = mean_se([r["kl"] for r in runs])
@@ -137,7 +140,8 @@ def distance_rows(trained: list[dict]) -> list[dict]:
             for key in RATES:
                 column = f"{key}_{judge}"
                 row[column], row[column + "_se"] = mean_se([r[column] for r in runs])
-                row[column + "_gap"], row[column + "_gap_se"] = mean_se([r[column] - r[column + "_at_kl"] for r in runs])
+                gaps = [r[column] - r[column + "_at_kl"] for r in runs]
+                row[column + "_gap"], row[column + "_gap_se"] = mean_se(gaps)
         rows.append(row)
     return rows
 
@@ -201,7 +205,8 @@ def infalign_study(cfg) -> list[dict]:
     reference.to(device).eval()
     reward_model = load_reward(f"{folder}/reward")[0].to(device).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
-    support = tilt_support(reference, reward_model, tokenizer, prompts, cfg.k, cfg.seed + 1)  # not the calibration's samples
+    # an independent support: seed + 1, not the calibration's samples
+    support = tilt_support(reference, reward_model, tokenizer, prompts, cfg.k, cfg.seed + 1)
     seeds = list(range(cfg.seeds))
     trained, optima = [], {}
     for transform, t in COMPARED:
