@@ -32,7 +32,7 @@ STAGES = {  # name -> (config class, run function), in pipeline order
 
 
 def stage_folder(name: str, cfg) -> str:
-    """Where a stage writes: out/<stage>/, out/calibration[_gold]/ for calibrate, --name's folder for ctrl."""
+    """Where a stage writes: out/<stage>/, out/calibration[_gold|_scaled]/ for calibrate, --name's folder for ctrl."""
     if name == "calibrate":
         return calibration_folder(cfg.out_dir, cfg.reward)
     return ctrl_folder(cfg) if name == "ctrl" else os.path.join(cfg.out_dir, name)

@@ -24,11 +24,11 @@ from .checkpoint import atomic_write_text, load_model, world_seed
 from .config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
 from .calibrate import calibrated, calibration_folder, load_calibration
 from .evaluate import self_eval_accuracy, world_rates
+from .infalign_study import infalign_study
 from .rain_eval import combined_table, rain_batch_agreement, rain_batch_markdown, rain_markdown, rain_table
 from .rain import RainParams
 from .reward_model import load_reward, score
 from .sampling import complete
-from .infalign_study import infalign_study
 from .tilt_study import exact_tilt
 from .tokenizer import get_tokenizer
 from .training import decoding_dtype, pick_device

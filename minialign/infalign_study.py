@@ -33,6 +33,7 @@ from . import tilt, world
 from .calibrate import CalibrateConfig, calibration_folder, load_calibration, run_calibration
 from .checkpoint import CheckpointError, atomic_write_text, load_meta, load_model, pyplot, save_figure, write_csv
 from .ctrl import CTRLConfig, train_ctrl
+from .evaluate import mean_and_se
 from .reward_model import load_reward
 from .tilt_study import phi_of, tilt_support, trained_against_optimum, transform_label
 from .tokenizer import get_tokenizer
@@ -99,9 +100,9 @@ def interpolate(kls: list[float], values: list[float], at: float) -> float:
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error across seeds."""
-    x = torch.tensor(values, dtype=torch.float64)
-    return float(x.mean()), float(x.std() / math.sqrt(len(x))) if len(x) > 1 else 0.0
+    """Mean and standard error across seeds (``evaluate.mean_and_se`` on one list)."""
+    summary = mean_and_se({"x": torch.tensor(values, dtype=torch.float64)})
+    return summary["x"], summary["x_se"]
 
 
 def matched_rows(trained: list[dict], optima: dict, seeds: list[int]) -> list[dict]:
@@ -212,9 +213,10 @@ def infalign_study(cfg) -> list[dict]:
     for transform, t in COMPARED:
         label = transform_label(transform, t)
         phi = phi_of(transform, t, support["r"], support["scale"])
+        lam = tilt.inverse_beta_at_kl(phi, MATCHED_KL)  # the optimum at the matched KL, read by each judge
         optima[label] = {}
         for judge in JUDGES:
-            exact = tilt.readout(phi, tilt.inverse_beta_at_kl(phi, MATCHED_KL), support["r"], support[judge], cfg.n)
+            exact = tilt.readout(phi, lam, support["r"], support[judge], cfg.n)
             optima[label].update({f"{key}_{judge}": exact[key] for key in RATES})
         for grid_kl in GRID_KLS:
             beta = 1 / tilt.inverse_beta_at_kl(phi, grid_kl)

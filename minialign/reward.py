@@ -112,24 +112,29 @@ def world_pair_tuples(rows: list[dict]) -> list[tuple[str, str, str]]:
     return [(*split_transcript(r["chosen"]), split_transcript(r["rejected"])[1]) for r in rows]
 
 
-def train_reward(cfg: RewardConfig) -> dict:
-    """Train r by Bradley-Terry (one process, or one rank under torchrun); returns held-out metrics."""
-    d = setup(pick_device(cfg.device))
-    device = d.device
-    bf16 = resolve_bf16(cfg.bf16, device)
-    folder = f"{cfg.out_dir}/reward"
+def preference_data(cfg: RewardConfig) -> tuple[list, list]:
+    """(train, held-out) pairs as (prompt, chosen, rejected): ``--data``'s, a tenth held out, or the
+    world's (its train prompts for training, 1,000 pairs on held-out prompts for the accuracy)."""
     if cfg.data:
         pairs = load_pairs(cfg.data)
         if len(pairs) < 2:
             raise DataError(f"{cfg.data} holds one preference pair; the reward stage needs at least two "
                             "(a tenth, at least one, is held out to measure accuracy).")
         n_test = max(1, len(pairs) // 10)
-        train_pairs, test_pairs = pairs[n_test:], pairs[:n_test]
-    else:
-        seed = world_seed(cfg.out_dir)  # the reference policy's world
-        train_pairs = world_pair_tuples(world.preference_pairs(cfg.n_pairs, seed, cfg.label_temperature,
-                                                               same_style=cfg.same_style))
-        test_pairs = world_pair_tuples(world.preference_pairs(1000, seed, cfg.label_temperature, split="test"))
+        return pairs[n_test:], pairs[:n_test]
+    seed = world_seed(cfg.out_dir)  # the reference policy's world
+    train = world.preference_pairs(cfg.n_pairs, seed, cfg.label_temperature, same_style=cfg.same_style)
+    test = world.preference_pairs(1000, seed, cfg.label_temperature, split="test")
+    return world_pair_tuples(train), world_pair_tuples(test)
+
+
+def train_reward(cfg: RewardConfig) -> dict:
+    """Train r by Bradley-Terry (one process, or one rank under torchrun); returns held-out metrics."""
+    d = setup(pick_device(cfg.device))
+    device = d.device
+    bf16 = resolve_bf16(cfg.bf16, device)
+    folder = f"{cfg.out_dir}/reward"
+    train_pairs, test_pairs = preference_data(cfg)
     if cfg.resume:
         check_resume(folder, cfg)
         model, _ = load_reward(folder)

@@ -77,8 +77,8 @@ def load_reward(folder: str) -> tuple[RewardModel, dict]:
     return model, meta
 
 
-REWARDS = ("model", "gold", "scaled")  # what calibration and CTRL optimise: the trained r, the world's gold reward,
-#                                        or r with a per-prompt scale
+# what calibration and CTRL optimise: the trained r, the world's gold reward, or r with a per-prompt scale
+REWARDS = ("model", "gold", "scaled")
 PROMPT_SCALE = 1.0  # "scaled": r times exp(PROMPT_SCALE * z_x), z_x ~ N(0, 1) per prompt
 
 
