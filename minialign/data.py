@@ -1,7 +1,8 @@
-"""Data: packing documents into a token stream, random training windows, and the JSONL loaders.
+"""Data: packing documents into training rows, random batches of rows, and the JSONL loaders.
 
-- Language-model data is a stream of documents joined by end-of-text tokens, with a loss weight per
-  target token; a batch is random windows of ``block_size + 1`` tokens (as in nanoGPT).
+- Language-model data is packed rows of whole documents, each ended by end-of-text, with a loss
+  weight per target token; a batch is random rows, and each document in a row sees only itself, from
+  position 0 (document masking), so training sees prompts exactly where inference puts them.
 - Preference pairs use the Anthropic HH format: one JSON object per line,
   ``{"chosen": transcript, "rejected": transcript}``; the shared prompt is everything up to and
   including the last ``Assistant:``, and the response is what follows.
@@ -10,49 +11,83 @@
 import gzip
 import json
 import os
+import re
 
 import torch
 
 from .tokenizer import Tokenizer
 
-ANSWER_CUE = "The answer is: ("  # self-evaluation documents: the letter after this cue is up-weighted
+ANSWER_RE = re.compile(rb"(?:The answer is: \(|It is )([^.)\n]*)")  # group 1: an answer, up-weighted
+# (a self-evaluation verdict, or a world task's answer: a few tokens among the dozens of a document)
 
 
 class DataError(ValueError):
     """Input data that cannot be used, with the file and line at fault."""
 
 
-def pack(docs: list[str], tokenizer: Tokenizer, answer_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Documents -> (tokens (N,), weights (N,)): each document followed by end-of-text.
+def document_ids(doc: str, tokenizer: Tokenizer, answer_weight: float) -> tuple[list[int], list[float]]:
+    """One document's tokens, followed by end-of-text, and the loss weight of predicting each one: a
+    token that overlaps an answer (group 1 of ``ANSWER_RE``) gets ``answer_weight``, the rest 1."""
+    ids, text = tokenizer.encode(doc), doc.encode()
+    in_answer = bytearray(len(text))  # (bytes,) 1 inside an answer
+    for m in ANSWER_RE.finditer(text):
+        in_answer[m.start(1): m.end(1)] = b"\1" * (m.end(1) - m.start(1))
+    weights, start = [], 0
+    for token in ids:
+        end = start + tokenizer.byte_length(token)
+        weights.append(answer_weight if any(in_answer[start:end]) else 1.0)
+        start = end
+    return ids + [tokenizer.eot], weights + [1.0]
 
-    ``weights[i]`` is the loss weight for predicting ``tokens[i]``; the token right after
-    ``ANSWER_CUE`` gets ``answer_weight`` (the self-evaluation verdict is one token among hundreds).
+
+def pack_rows(docs: list[str], tokenizer: Tokenizer, row_len: int,
+              answer_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Documents -> rows of ``row_len`` tokens that hold whole documents: tokens (R, L), loss weights
+    (R, L) and the document index of each token within its row (R, L).
+
+    Each document goes to the open row it fills most tightly (best fit), so few rows are left part
+    empty; a document longer than a row is cut into row-long pieces. The rest of a row is padding
+    (end-of-text, weight 0, a document index of its own). With ``GPT.forward(..., documents=)`` every
+    document then starts at position 0 and sees only itself, exactly as a prompt does at inference.
     """
-    tokens, weights = [], []
-    cue = tokenizer.encode(ANSWER_CUE)
+    rows, open_rows = [], [[] for _ in range(row_len + 1)]  # open_rows[r]: rows with r tokens of room
     for doc in docs:
-        ids = tokenizer.encode(doc) + [tokenizer.eot]
-        w = [1.0] * len(ids)
-        for i in range(len(cue), len(ids)):
-            if ids[i - len(cue):i] == cue:
-                w[i] = answer_weight
-        tokens += ids
-        weights += w
-    return torch.tensor(tokens, dtype=torch.long), torch.tensor(weights)
+        ids, weights = document_ids(doc, tokenizer, answer_weight)
+        for i in range(0, len(ids), row_len):
+            piece = (ids[i: i + row_len], weights[i: i + row_len])
+            room = next((r for r in range(len(piece[0]), row_len + 1) if open_rows[r]), None)
+            if room is None:
+                rows.append([])
+                row, room = len(rows) - 1, row_len
+            else:
+                row = open_rows[room].pop()
+            rows[row].append(piece)
+            open_rows[room - len(piece[0])].append(row)
+    if not rows:
+        raise DataError("the corpus has no documents; give it at least one.")
+    tokens = torch.full((len(rows), row_len), tokenizer.eot, dtype=torch.long)
+    weights = torch.zeros(len(rows), row_len)
+    documents = torch.empty(len(rows), row_len, dtype=torch.long)
+    for r, pieces in enumerate(rows):
+        start = 0
+        documents[r] = len(pieces)  # the padding's own index
+        for d, (ids, w) in enumerate(pieces):
+            tokens[r, start: start + len(ids)] = torch.tensor(ids)
+            weights[r, start: start + len(ids)] = torch.tensor(w)
+            documents[r, start: start + len(ids)] = d
+            start += len(ids)
+    return tokens, weights, documents
 
 
-def random_windows(tokens: torch.Tensor, weights: torch.Tensor, batch_size: int, block_size: int,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch of random windows: inputs x (B, T), targets y (B, T), target weights w (B, T).
-
-    A corpus shorter than one window gives windows as long as it allows."""
-    block_size = min(block_size, len(tokens) - 2)
-    if block_size < 1:
-        raise DataError(f"the corpus has only {len(tokens)} tokens; give it at least one real document.")
-    starts = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator)
-    offsets = starts[:, None] + torch.arange(block_size + 1)  # (B, T+1)
-    chunk, wchunk = tokens[offsets], weights[offsets]
-    return chunk[:, :-1], chunk[:, 1:], wchunk[:, 1:]
+def random_rows(tokens: torch.Tensor, weights: torch.Tensor, documents: torch.Tensor, batch_size: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """A batch of random packed rows: inputs x (B, T), targets y (B, T), target weights w (B, T) and the
+    inputs' document indices (B, T), with T = row_len - 1. A target that starts a new document gets
+    weight 0: at inference a document (a prompt) is never predicted from the one before it."""
+    chosen = torch.randint(len(tokens), (batch_size,), generator=generator)
+    chunk, wchunk, dchunk = tokens[chosen], weights[chosen], documents[chosen]  # (B, T+1)
+    same_document = dchunk[:, 1:] == dchunk[:, :-1]
+    return chunk[:, :-1], chunk[:, 1:], wchunk[:, 1:] * same_document, dchunk[:, :-1]
 
 
 def read_lines(path: str) -> list[str]:

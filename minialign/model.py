@@ -100,6 +100,16 @@ class CachedStep:
     subset: torch.Tensor | None  # (B,) the cache rows this forward continues, or None for all of them
 
 
+def document_layout(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) and attention mask (B, 1, T, T) of packed documents, from the document index of
+    each token (B, T): a token sees the earlier tokens of its own document, and its position counts them,
+    so every document starts at position 0 (document masking, as if each had a row of its own)."""
+    T = documents.shape[1]
+    same = documents[:, :, None] == documents[:, None, :]  # (B, T, T)
+    mask = same & torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()  # (B, T, T)
+    return mask.sum(-1) - 1, mask[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -107,13 +117,13 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, layer: int, cached: CachedStep | None):
+    def forward(self, x, layer: int, cached: CachedStep | None, mask: torch.Tensor | None = None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))  # (B, T, nh, hs)
-        if cached is None:
+        if cached is None:  # causal, or the packed documents' own mask (B, 1, T, T)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True)  # (B, nh, T, hs)
+                                               attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
         else:
             cache, span = cached.cache, cached.span
             cache.k[layer][cached.rows, cached.positions] = k.to(cache.k.dtype)  # write at each row's positions
@@ -143,8 +153,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer, cached):
-        x = x + self.attn(self.ln_1(x), layer, cached)  # pre-LN residual blocks
+    def forward(self, x, layer, cached, mask=None):
+        x = x + self.attn(self.ln_1(x), layer, cached, mask)  # pre-LN residual blocks
         return x + self.mlp(self.ln_2(x))
 
 
@@ -176,18 +186,23 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, static_shapes: bool = False,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
+               rows: torch.Tensor | None = None, documents: torch.Tensor | None = None) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, C) for tokens ``idx`` (B, T).
 
         With a cache, ``idx`` continues each row at its own length and the cache advances by T;
         ``rows`` (B,) continues only those cache rows (a batch whose finished rows stopped decoding).
         ``static_shapes`` attends over the whole preallocated cache instead of the longest row, so every
         shape is fixed and nothing waits on the GPU: the form a CUDA graph can capture (see
-        ``graphs.py``).
+        ``graphs.py``). ``documents`` (B, T), for training on packed rows (``data.pack_rows``): the
+        document index of each token; each document then starts at position 0 and sees only itself.
         """
         B, T = idx.shape
         steps = torch.arange(T, device=idx.device)
-        if cache is None:
+        mask = None  # plain causal attention
+        if documents is not None:
+            pos, mask = document_layout(documents)
+            span = T
+        elif cache is None:
             pos = steps[None]  # (1, T)
             span = T  # known on the host: training never waits on the GPU here (nor breaks a compiled graph)
         else:
@@ -198,12 +213,12 @@ class GPT(nn.Module):
                              f"{self.config.block_size} tokens; shorten the prompt or max_new_tokens.")
         cached = None
         if cache is not None:
-            mask = torch.arange(span, device=idx.device)[None, None, :] <= pos[:, :, None]  # (B, T, span)
+            visible = torch.arange(span, device=idx.device)[None, None, :] <= pos[:, :, None]  # (B, T, span)
             index = torch.arange(B, device=idx.device) if rows is None else rows
-            cached = CachedStep(cache, index[:, None], pos, span, mask[:, None], rows)
+            cached = CachedStep(cache, index[:, None], pos, span, visible[:, None], rows)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, cached)
+            x = block(x, layer, cached, mask)
         if cache is not None:
             if rows is None:
                 cache.lengths += T
@@ -211,9 +226,10 @@ class GPT(nn.Module):
                 cache.lengths[rows] += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, static_shapes: bool = False) -> torch.Tensor:
-        """Next-token logits (B, T, vocab) for tokens ``idx`` (B, T)."""
-        return self.lm_head(self.hidden(idx, cache, static_shapes))
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, static_shapes: bool = False,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, vocab) for tokens ``idx`` (B, T); ``documents`` as in ``hidden``."""
+        return self.lm_head(self.hidden(idx, cache, static_shapes, documents=documents))
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.lm_head.weight

@@ -3,7 +3,8 @@
 The default corpus is the embedded world's unaligned mixture (``world.corpus``): dialogues in every
 response style plus self-evaluation documents. ``--data`` trains on a text or JSONL corpus instead,
 and ``--init gpt2`` (or a local GPT-2 folder) starts from pretrained weights instead of random ones.
-Batches are random windows of the packed corpus; 5% of the documents are held out for the loss.
+Batches are random rows of whole documents (``data.pack_rows``), each document seen from position 0
+and only by itself, as prompts are at inference; 5% of the documents are held out for the loss.
 
 Resume is exact: the checkpoint holds the optimizer and the data generator's state, so N steps, a
 stop, and N more steps give the same parameters as 2N steps in one go.
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from . import world
 from .checkpoint import load_model, load_state, save
 from .config import ConfigError, arg
-from .data import load_documents, pack, random_windows
+from .data import load_documents, pack_rows, random_rows
 from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import check_pairing, get_tokenizer
@@ -40,7 +41,7 @@ class SFTConfig:
     lr: float = arg(6e-3, "peak learning rate (cosine schedule)", above=0)
     warmup: int = arg(50, "linear warm-up steps", at_least=0)
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices", at_least=0)
-    answer_weight: float = arg(3.0, "loss weight of the self-evaluation verdict letter", at_least=0)
+    answer_weight: float = arg(3.0, "loss weight of an answer: the self-evaluation verdict letter, a world task's answer", at_least=0)
     corpus_dialogues: int = arg(20000, "world dialogues in the corpus", at_least=20)
     seed: int = arg(0, "seed of the world, the model init and the data order")
     eval_every: int = arg(250, "steps between held-out loss evaluations and checkpoints", at_least=1)
@@ -62,20 +63,21 @@ def build_model(cfg: SFTConfig, vocab_size: int) -> GPT:
                          n_head=cfg.n_head, n_embd=cfg.n_embd))
 
 
-def lm_loss(model: GPT, x, y, w, device, bf16: bool, total_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Weighted next-token cross-entropy, divided by ``total_weight`` (default: the weights of this batch)."""
+def lm_loss(model: GPT, x, y, w, documents, device, bf16: bool,
+            total_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted next-token cross-entropy of packed rows, divided by ``total_weight`` (default: the
+    weights of this batch)."""
     with autocast(device, bf16):
-        logits = model(x)  # (B, T, V)
+        logits = model(x, documents=documents)  # (B, T, V)
     nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
     return (nll * w.flatten()).sum() / (w.sum() if total_weight is None else total_weight)
 
 
 @torch.no_grad()
-def heldout_loss(model, tokens, weights, cfg, device, bf16: bool, batches: int = 8) -> float:
-    g = torch.Generator().manual_seed(1234)  # the same windows at every evaluation
+def heldout_loss(model, rows, cfg, device, bf16: bool, batches: int = 8) -> float:
+    g = torch.Generator().manual_seed(1234)  # the same rows at every evaluation
     model.eval()
-    losses = [lm_loss(model, *(t.to(device) for t in random_windows(tokens, weights, cfg.batch_size,
-                                                                    model.config.block_size, g)), device, bf16)
+    losses = [lm_loss(model, *(t.to(device) for t in random_rows(*rows, cfg.batch_size, g)), device, bf16)
               for _ in range(batches)]
     model.train()
     return float(torch.stack(losses).mean())
@@ -90,8 +92,6 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
     folder = f"{cfg.out_dir}/sft"
     docs = load_documents(cfg.data) if cfg.data else world.corpus(cfg.corpus_dialogues, cfg.seed)
     n_val = max(1, len(docs) // 20)
-    train_tokens, train_w = pack(docs[n_val:], tokenizer, cfg.answer_weight)
-    val_tokens, val_w = pack(docs[:n_val], tokenizer, cfg.answer_weight)
 
     if cfg.resume:
         check_resume(folder, cfg)
@@ -100,6 +100,9 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
     else:
         model, state = build_model(cfg, tokenizer.vocab_size), None
     check_pairing(tokenizer, model.config.vocab_size, cfg.init or folder)
+    row_len = model.config.block_size + 1  # inputs and targets of block_size tokens
+    train_rows = pack_rows(docs[n_val:], tokenizer, row_len, cfg.answer_weight)
+    val_rows = pack_rows(docs[:n_val], tokenizer, row_len, cfg.answer_weight)
     model.to(device).train()
     ddp = wrap(model, d)
     if cfg.compile:
@@ -127,10 +130,9 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
     with tqdm(total=last, initial=step, desc="sft", dynamic_ncols=True, disable=not d.is_main) as bar:
         while step < last:
             set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
-            x, y, w = (t.to(device) for t in random_windows(train_tokens, train_w, cfg.batch_size,
-                                                             model.config.block_size, generator))  # the global batch
+            batch = [t.to(device) for t in random_rows(*train_rows, cfg.batch_size, generator)]  # the global batch
             # this rank's rows; scaled so that DDP's gradient average is the gradient of the global mean
-            loss = lm_loss(ddp, shard(x, d), shard(y, d), shard(w, d), device, bf16, w.sum() / d.world_size)
+            loss = lm_loss(ddp, *(shard(t, d) for t in batch), device, bf16, batch[2].sum() / d.world_size)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip_gradients(model.parameters(), f"sft step {step + 1}", f"try a lower --lr (now {cfg.lr:g})")
@@ -140,7 +142,7 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % cfg.eval_every == 0 or step == last:
                 metrics = {"step": step, "train_loss": round(loss.item(), 4),
-                           "heldout_loss": round(heldout_loss(model, val_tokens, val_w, cfg, device, bf16), 4)}
+                           "heldout_loss": round(heldout_loss(model, val_rows, cfg, device, bf16), 4)}
                 log.write(**metrics)
                 if d.is_main:
                     bar.write(f"step {step}: train loss {metrics['train_loss']:.3f}, held-out loss {metrics['heldout_loss']:.3f}")

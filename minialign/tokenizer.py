@@ -32,10 +32,17 @@ class Tokenizer:
         self.encoding = encoding
         self.eot = encoding.encode_single_token(EOT)
         self.vocab_size = encoding.n_vocab
+        self._byte_lengths = {}
 
     def encode(self, text: str) -> list[int]:
         """Text to ids; the literal string ``<|endoftext|>`` in user text stays plain text."""
         return self.encoding.encode_ordinary(text)
+
+    def byte_length(self, token: int) -> int:
+        """How many bytes of text one token stands for (cached: a vocabulary is fixed)."""
+        if token not in self._byte_lengths:
+            self._byte_lengths[token] = len(self.encoding.decode_single_token_bytes(token))
+        return self._byte_lengths[token]
 
     def decode(self, ids) -> str:
         """Ids to text; a byte sequence cut mid-character decodes with replacement characters."""

@@ -97,3 +97,13 @@ def test_finished_rows_leave_the_batch_without_changing_any_row(tiny_model):
         assert len({len(row) for row in compacted}) > 1  # rows did stop at different steps
     greedy = generate(tiny_model, prompts, 30, stop, temperature=0)
     assert greedy == [generate_uncached(tiny_model, [p], 30, stop)[0] for p in prompts]
+
+
+def test_packed_documents_each_see_only_themselves_from_position_zero(tiny_model):
+    docs = [[3, 4, 5], [9, 8, 7, 6, 5], [11, 12]]
+    row = torch.tensor([sum(docs, [])])  # (1, 10): three documents in one training row
+    documents = torch.tensor([[i for i, d in enumerate(docs) for _ in d]])
+    packed = tiny_model(row, documents=documents)[0]  # (10, V)
+    alone = torch.cat([tiny_model(torch.tensor([d]))[0] for d in docs])  # each document in a row of its own
+    assert torch.allclose(packed, alone, atol=1e-5)
+    assert not torch.allclose(tiny_model(row)[0], alone, atol=1e-3)  # the check can fail: plain causal differs
