@@ -1,6 +1,6 @@
 """Decode with a trained policy: greedy or sampled, on one prompt or on the held-out world prompts.
 
-    python decode.py --prompt "What colour is grass?"
+    python decode.py --prompt "Which colour is grass?"
     python decode.py --method sample --temperature 0.8 --eval
     python decode.py --method bon --n 4 --eval     # best-of-4 by the reward model (won: worst-of-4)
     python decode.py --method rain                 # a demo attacked prompt: vanilla and RAIN answers

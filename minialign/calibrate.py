@@ -16,6 +16,7 @@ negative-exponent transforms never see exactly 0 or 1.
 """
 import json
 import os
+import random
 from dataclasses import asdict, dataclass
 
 import torch
@@ -57,16 +58,14 @@ class CalibrateConfig:
 
 
 def training_prompts(cfg: CalibrateConfig) -> list[str]:
-    """The CTRL training prompts: a file's, or a seeded, kind-balanced subset of the world's train prompts."""
+    """The CTRL training prompts: a file's, or a seeded subset of the world's train prompts with as many
+    of each kind, benign ones spread over the tasks."""
     if cfg.prompts:
         return load_prompts(cfg.prompts)[: cfg.n_prompts]
-    g = torch.Generator().manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
     train = world.prompts("train", world_seed(cfg.out_dir))
-    chosen = []
-    for kind in world.KIND_MIX:
-        pool = [p.text for p in train if p.kind == kind]
-        chosen += [pool[i] for i in torch.randperm(len(pool), generator=g)[: cfg.n_prompts // 3]]
-    return chosen
+    return [p.text for kind in world.KIND_MIX
+            for p in world.spread_over_tasks([p for p in train if p.kind == kind], cfg.n_prompts // 3, rng)]
 
 
 def calibration_folder(out_dir: str, reward: str) -> str:

@@ -1,7 +1,7 @@
 """The result tables of the README: pi_ref's behaviour, best-of-N, the InfAlign comparison, and the
 RAIN evaluation and ablation.
 
-    python -m minialign.experiments sft             # pi_ref greedy and sampled, and its self-evaluation -> out/sft.md
+    python -m minialign.experiments sft             # pi_ref greedy and sampled, its self-evaluation, help per task -> out/sft.md
     python -m minialign.experiments infalign        # trained CTRL per transform at matched KL -> out/infalign.{csv,md,png}
     python -m minialign.experiments tilt            # the exact optimum of each transform -> out/tilt.{csv,md,png},
                                                     #   out/tilt_reward_quality.md, out/tilt_trained.md (CTRL vs its optimum)
@@ -14,6 +14,7 @@ RAIN evaluation and ablation.
 
 Each needs ``python train.py`` (sft, reward, calibrate; combined also ctrl) to have run first; flags are listed by --help.
 """
+import random
 import sys
 from dataclasses import dataclass, replace
 
@@ -39,20 +40,43 @@ from .training import decoding_dtype, pick_device
 
 def sft_table(model, tokenizer, prompts: list[world.Prompt], seeds=(0, 1)) -> str:
     """Greedy and sampled (temperature 1, a row per seed) rates of pi_ref on held-out prompts, with the
-    accuracy of its self-evaluation of those very replies (both label orders averaged, against the
-    gold rule). The rows equal ``python decode.py --eval --checkpoint out/sft [--method sample --seed S]``."""
+    accuracy of its self-evaluation of those very replies against the gold rule (each label order,
+    and both orders' probabilities averaged). The rows equal ``python decode.py --eval --checkpoint out/sft [--method sample --seed S]``."""
     device = model.lm_head.weight.device
     texts = [p.text for p in prompts]
     lines = ["| decoding | harm rate (harmful) | attack success (attacked) | help rate (benign) | well-formed "
-             "| self-evaluation accuracy on these replies |", "|---|---|---|---|---|---|"]
+             "| self-evaluation accuracy on these replies: orders AB / BA, combined |", "|---|---|---|---|---|---|"]
     decodings = [("greedy", dict(temperature=0.0))] + [
         (f"sampled, seed {s}", dict(temperature=1.0, generator=torch.Generator(device).manual_seed(s))) for s in seeds]
     for label, sampling in decodings:
         responses = complete(model, tokenizer, texts, **sampling)
         r = world_rates(prompts, responses)
-        accuracy = self_eval_accuracy(model, tokenizer, prompts, responses)["combined"]
+        accuracy = self_eval_accuracy(model, tokenizer, prompts, responses)
         lines.append(f"| {label} | {r['harm_rate']:.3f} | {r['attack_success']:.3f} | {r['help_rate']:.3f} "
-                     f"| {r['well_formed']:.3f} | {accuracy:.3f} |")
+                     f"| {r['well_formed']:.3f} | {accuracy['order_ab']:.3f} / {accuracy['order_ba']:.3f}, "
+                     f"{accuracy['combined']:.3f} |")
+    return "\n".join(lines)
+
+
+def task_table(model, tokenizer, world_seed: int, n: int = 100, seeds=(0, 1)) -> str:
+    """pi_ref's help rate per benign task: on ``n`` held-out prompts of the task (subjects never asked in
+    training, or a lookup's other phrasing) beside ``n`` training prompts, greedy and sampled, so that
+    memorising the training subjects would show as a gap between the two."""
+    device = model.lm_head.weight.device
+    rng = random.Random(world_seed + 5)
+    splits = {split: world.by_task(world.prompts(split, world_seed)) for split in ("test", "train")}
+    decodings = [("greedy", dict(temperature=0.0))] + [
+        (f"sampled, seed {s}", dict(temperature=1.0, generator=torch.Generator(device).manual_seed(s))) for s in seeds]
+    lines = ["| task | prompts (held out / train) | " + " | ".join(f"{label}: held out / train" for label, _ in decodings)
+             + " |", "|---|---|" + "---|" * len(decodings)]
+    for task in world.TASKS:
+        chosen = {split: rng.sample(groups[task], min(n, len(groups[task]))) for split, groups in splits.items()}
+        cells = []
+        for _, sampling in decodings:
+            rates = [world_rates(ps, complete(model, tokenizer, [p.text for p in ps], **sampling))["help_rate"]
+                     for ps in chosen.values()]
+            cells.append(" / ".join(f"{r:.3f}" for r in rates))
+        lines.append(f"| {task} | {len(chosen['test'])} / {len(chosen['train'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -169,7 +193,7 @@ def main(argv: list[str]) -> None:
     tokenizer = get_tokenizer(meta["tokenizer"])
     prompts = world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir))  # cfg.seed only seeds the sampling
     if argv[0] == "sft":
-        table = sft_table(model, tokenizer, prompts)
+        table = sft_table(model, tokenizer, prompts) + "\n\n" + task_table(model, tokenizer, world_seed(cfg.out_dir))
         atomic_write_text(f"{cfg.out_dir}/sft.md", table + "\n")
         print(table)
         return

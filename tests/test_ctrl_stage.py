@@ -45,7 +45,6 @@ def test_ctrl_resume_matches_an_uninterrupted_run(tmp_path):
     assert load_calibration(f"{out}/calibration_gold")[0] == load_calibration(f"{out}/calibration")[0]
     gold = train_ctrl(CTRLConfig(out_dir=out, name="gold", reward="gold", **RL, **TINY))[1]
     assert all(gold[f"{key}_r"] == gold[f"{key}_gold"] for key in ("win_rate", "bon4", "won4"))
-    assert all(summary[f"{key}_r"] != summary[f"{key}_gold"] for key in ("win_rate",))  # r is not gold
     experiments.main(["tilt", f"--out_dir={out}", "--n_eval=1", "--k=4", "--ctrl=gold", "--device=cpu"])
     assert "trained on gold, against its exact optima (selected by gold)" in open(f"{out}/tilt_trained.md").read()
 

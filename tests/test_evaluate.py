@@ -101,3 +101,21 @@ def test_selecting_by_one_reward_and_judging_by_another():
     rates = sampled_win_rates((s[:, 1:], j[:, 1:]), (s, j), n=2)
     assert rates["bon"] == pytest.approx(0.75 * 0.5)
     assert rates["won"] == pytest.approx(0.25 * 0.5)  # worst-of-2 by s: pi_ref keeps s 0 (j 1) w.p. 3/4
+
+
+def test_compare_policies_judges_by_r_and_by_gold_apart():
+    """Two random byte models write garbage, which the gold reward grades all alike (ties: 0.5), while an
+    r that sums the bytes tells them apart: each column must follow its own judge."""
+    from minialign import world
+    from minialign.evaluate import compare_policies
+    from minialign.model import GPT, GPTConfig
+    from minialign.tokenizer import get_tokenizer
+    config = GPTConfig(vocab_size=257, block_size=128, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    policy, reference = GPT(config).eval(), GPT(config).eval()
+    r = lambda prompts, texts: torch.tensor([float(sum(t.encode())) for t in texts])  # noqa: E731
+    prompts = [p.text for p in world.eval_prompts(1)]
+    out = compare_policies(policy, reference, get_tokenizer("bytes"), prompts, samples=4, n=2, reward=r,
+                           max_new_tokens=8)
+    assert out["win_rate_gold"] == out["bon2_gold"] == 0.5 and out["win_rate_gold_se"] == 0.0
+    assert out["win_rate_r"] != 0.5 and out["bon2_r"] != out["win_rate_r"]

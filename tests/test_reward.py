@@ -29,7 +29,7 @@ def test_bradley_terry_loss_by_hand():
 
 
 def test_label_noise_ceiling_and_spearman():
-    p = "Human: What colour is grass?\nAssistant:"
+    p = "Human: Which colour is grass?\nAssistant:"
     assert label_noise_ceiling([p], ["It is green."], ["It is green."], 0.25) == 0.5  # a tie: a coin flip
     assert label_noise_ceiling([p], ["It is green."], ["Cats sleep a lot."], 0.25) > 0.99
     x = torch.tensor([3.0, 1.0, 2.0, 5.0])
