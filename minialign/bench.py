@@ -50,6 +50,8 @@ class BenchConfig:
     out_dir: str = arg("out", "checkpoints root: with a trained sft model, RAIN is timed too")
     rain_prompts: int = arg(32, "held-out prompts per kind for the RAIN timings (0: no RAIN timing)", at_least=0)
     rain_batch: int = arg(16, "RAIN searches run at once in the batched timing", at_least=1)
+    bf16: str = arg("auto", "the RAIN timing's decoding in bf16: auto (where the device does bf16 natively), true or false",
+                    one_of=("auto", "true", "false"))
     out: str = arg("out/bench.json", "where to write the results")
     device: str = arg("auto", "auto, cpu or cuda")
 
@@ -166,7 +168,7 @@ def rain_ratio(cfg: BenchConfig, device) -> dict:
     """RAIN on the held-out prompts, serial (one search at a time) and batched, against greedy
     KV-cached decoding of one prompt at a time and of all the prompts as one batch."""
     model, meta = load_model(os.path.join(cfg.out_dir, "sft"))
-    dtype = decoding_dtype("auto", device)  # the decoders' --bf16 default
+    dtype = decoding_dtype(cfg.bf16, device)
     model, tokenizer = model.to(device, dtype).eval(), get_tokenizer(meta["tokenizer"])
     prompts = world.eval_prompts(cfg.rain_prompts, world_seed(cfg.out_dir))
     serial = rain_table(model, tokenizer, prompts, RainParams(), batch=1, desc="rain, serial")

@@ -2,7 +2,8 @@
 
 Architecture (Radford et al. 2019, as in nanoGPT): token + learned position embeddings, pre-LayerNorm
 blocks (attention, then a tanh-GELU MLP of width 4C), a final LayerNorm, and an output head tied to
-the token embedding. Attention runs through ``scaled_dot_product_attention`` (flash kernels on GPU).
+the token embedding. Attention runs through ``scaled_dot_product_attention`` (flash kernels on GPU;
+cuDNN's attention is switched off, see below).
 
 ``KVCache`` holds preallocated keys/values and one length per row. Rewinding a row (RAIN's "rewind")
 is lowering its length; forking copies a row's prefix into other rows, so a search can branch without
@@ -18,6 +19,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# cuDNN's attention backend (eligible in bf16 on CUDA) builds an execution plan for every new (batch,
+# heads, length) shape, and decoding, RAIN's search, the judge's batches and CTRL's samples all bring new
+# shapes at every step. Measured on an H100 (bf16, the world model; README, "On a GPU"):
+# 43.7 ms a forward at new shapes with it, 2.3 ms without; batched RAIN on 12 prompts 38.5 s -> 9.0 s.
+# Flash and memory-efficient attention take its place. Process-wide (the per-call
+# `sdpa_kernel` context would cost 16 us a forward on a CPU).
+torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 @dataclass
