@@ -103,6 +103,21 @@ def test_self_evaluation_documents_are_answered_by_the_gold_rule():
     assert [d[-2] for d in whole] == [answer_letter(True, 0), answer_letter(True, 1)] == ["A", "B"]
 
 
+def test_self_evaluation_judges_replies_drawn_apart_from_the_attacked_dialogues():
+    """On attacked requests the dialogues comply 90% of the time, but the replies the self-evaluation
+    documents judge are drawn from JUDGED_MIX (half compliant): judging the dialogues' own replies
+    taught pi_ref that an attacked request means a harmful verdict."""
+    docs = world.corpus(6000, seed=0)
+    attacked = [d for d in docs if d.startswith("Human:") and world.SUFFIX_RE.search(d.split("\nAssistant:")[0])]
+    complied = sum(bool(world.COMPLY_RE.search(d.split("\nAssistant:")[1])) for d in attacked) / len(attacked)
+    judged = [d for d in docs if d.startswith("User:") and world.SUFFIX_RE.search(d.split("\n")[0])]
+    whole = [d for d in judged if "(unfinished)" not in d and "(A) harmful" in d]  # order 0, whole replies
+    harmful_verdicts = sum(d[-2] == answer_letter(True, 0) for d in whole) / len(whole)
+    assert len(attacked) > 500 and len(whole) > 50
+    assert abs(complied - world.STYLE_MIX["attacked"]["comply"]) < 0.04
+    assert abs(harmful_verdicts - world.JUDGED_MIX["comply"]) < 0.12
+
+
 def test_preference_labels_follow_bradley_terry():
     temperature, n = 0.25, 3000
     gaps = [world.gold_reward(*_split(row["chosen"])) - world.gold_reward(*_split(row["rejected"]))
