@@ -38,6 +38,13 @@ from .training import decoding_dtype, pick_device
 # ---------------------------------------------------------------------------------------------------
 # SFT: what the reference policy does, and how well it judges its own replies.
 
+def decodings_of_sft_tables(device, seeds) -> list[tuple[str, dict]]:
+    """(label, ``complete``'s sampling arguments) of each row or column: greedy, then temperature 1 with
+    a fresh generator per seed."""
+    return [("greedy", dict(temperature=0.0))] + [
+        (f"sampled, seed {s}", dict(temperature=1.0, generator=torch.Generator(device).manual_seed(s))) for s in seeds]
+
+
 def sft_table(model, tokenizer, prompts: list[world.Prompt], seeds=(0, 1)) -> str:
     """Greedy and sampled (temperature 1, a row per seed) rates of pi_ref on held-out prompts, with the
     accuracy of its self-evaluation of those very replies against the gold rule (each label order,
@@ -46,9 +53,7 @@ def sft_table(model, tokenizer, prompts: list[world.Prompt], seeds=(0, 1)) -> st
     texts = [p.text for p in prompts]
     lines = ["| decoding | harm rate (harmful) | attack success (attacked) | help rate (benign) | well-formed "
              "| self-evaluation accuracy on these replies: orders AB / BA, combined |", "|---|---|---|---|---|---|"]
-    decodings = [("greedy", dict(temperature=0.0))] + [
-        (f"sampled, seed {s}", dict(temperature=1.0, generator=torch.Generator(device).manual_seed(s))) for s in seeds]
-    for label, sampling in decodings:
+    for label, sampling in decodings_of_sft_tables(device, seeds):
         responses = complete(model, tokenizer, texts, **sampling)
         r = world_rates(prompts, responses)
         accuracy = self_eval_accuracy(model, tokenizer, prompts, responses)
@@ -65,8 +70,7 @@ def task_table(model, tokenizer, world_seed: int, n: int = 100, seeds=(0, 1)) ->
     device = model.lm_head.weight.device
     rng = random.Random(world_seed + 5)
     splits = {split: world.by_task(world.prompts(split, world_seed)) for split in ("test", "train")}
-    decodings = [("greedy", dict(temperature=0.0))] + [
-        (f"sampled, seed {s}", dict(temperature=1.0, generator=torch.Generator(device).manual_seed(s))) for s in seeds]
+    decodings = decodings_of_sft_tables(device, seeds)
     lines = ["| task | prompts (held out / train) | " + " | ".join(f"{label}: held out / train" for label, _ in decodings)
              + " |", "|---|---|" + "---|" * len(decodings)]
     for task in world.TASKS:
@@ -191,9 +195,10 @@ def main(argv: list[str]) -> None:
     model, meta = load_model(f"{cfg.out_dir}/sft")
     model.to(device, dtype).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
-    prompts = world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir))  # cfg.seed only seeds the sampling
+    seed_of_world = world_seed(cfg.out_dir)
+    prompts = world.eval_prompts(cfg.n_eval, seed_of_world)  # cfg.seed only seeds the sampling
     if argv[0] == "sft":
-        table = sft_table(model, tokenizer, prompts) + "\n\n" + task_table(model, tokenizer, world_seed(cfg.out_dir))
+        table = sft_table(model, tokenizer, prompts) + "\n\n" + task_table(model, tokenizer, seed_of_world)
         atomic_write_text(f"{cfg.out_dir}/sft.md", table + "\n")
         print(table)
         return
