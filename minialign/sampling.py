@@ -163,7 +163,6 @@ def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_token
     return texts
 
 
-
 @torch.no_grad()
 def best_of_n(model: GPT, reward_model, tokenizer: Tokenizer, prompts: list[str], n: int, worst: bool = False,
               max_new_tokens: int = 128, batch_size: int = 256, **sampling) -> tuple[list[str], torch.Tensor]:
