@@ -17,7 +17,9 @@ one of them in every step, it gets there. So:
    times per prompt: its KL and win rates against pi_ref, picked by r and judged by r (the paper's
    view) and by gold, beside the exact optimum at the KL it reached (the distance table).
 4. Matched KL: per transform and seed, each win rate interpolated linearly in KL between the grid's two
-   betas to ``MATCHED_KL``; then mean ± standard error across seeds, beside the optimum at that KL.
+   betas to ``MATCHED_KL``; then mean ± standard error across the seeds whose two runs bracket it, beside
+   the optimum at that KL. A seed whose runs both land on one side is left out: a line extrapolated from
+   two noisy points can leave [0, 1] (measured: KLs 1.38 and 0.76 for a target of 0.2 and 0.5).
 
 A run whose checkpoint already holds its last step with the same config is not trained again: the
 experiment resumes where it stopped.
@@ -107,21 +109,20 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def matched_rows(trained: list[dict], optima: dict, seeds: list[int]) -> list[dict]:
     """Per transform: each rate interpolated to MATCHED_KL per seed between the grid's two points, then
-    mean ± SE across seeds, with the exact optimum at MATCHED_KL (``optima[label]``) and the number of
-    seeds whose two points do not bracket MATCHED_KL (extrapolated)."""
+    mean ± SE across the seeds whose two points bracket MATCHED_KL (``bracketing``; None where none
+    does), with the exact optimum at MATCHED_KL (``optima[label]``)."""
     rows = []
     for transform, t in COMPARED:
         label = transform_label(transform, t)
         per_seed = [[r for r in trained if r["transform"] == label and r["seed"] == s] for s in seeds]
-        row = {"transform": label, "kl": MATCHED_KL,
-               "extrapolated": sum(not min(p["kl"] for p in pts) <= MATCHED_KL <= max(p["kl"] for p in pts)
-                                   for pts in per_seed)}
+        bracketing = [pts for pts in per_seed if min(p["kl"] for p in pts) <= MATCHED_KL <= max(p["kl"] for p in pts)]
+        row = {"transform": label, "kl": MATCHED_KL, "bracketing": len(bracketing)}
         for judge in JUDGES:
             for key in RATES:
                 column = f"{key}_{judge}"
                 matched = [interpolate([p["kl"] for p in pts], [p[column] for p in pts], MATCHED_KL)
-                           for pts in per_seed]
-                row[column], row[column + "_se"] = mean_se(matched)
+                           for pts in bracketing]
+                row[column], row[column + "_se"] = mean_se(matched) if matched else (None, None)
                 row[column + "_optimum"] = optima[label][column]
         rows.append(row)
     return rows
@@ -137,6 +138,9 @@ def distance_rows(trained: list[dict]) -> list[dict]:
         runs = [r for r in trained if (r["transform"], r["grid_kl"], r["beta"]) == point]
         row = {"transform": point[0], "grid_kl": point[1], "beta": point[2], "seeds": len(runs)}
         row["kl"], row["kl_se"] = mean_se([r["kl"] for r in runs])
+        for kind in world.KIND_MIX:  # where the KL goes: trained, and the optimum at the same mean KL
+            row[f"kl_{kind}"] = mean_se([r[f"kl_{kind}"] for r in runs])[0]
+            row[f"kl_{kind}_at_kl"] = mean_se([r[f"kl_{kind}_at_kl"] for r in runs])[0]
         for judge in JUDGES:
             for key in RATES:
                 column = f"{key}_{judge}"
@@ -151,13 +155,13 @@ def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, pro
     cell = lambda row, key: f"{row[key]:.3f} ± {row[key + '_se']:.3f}"  # noqa: E731
     names = {"win_rate": "win rate", "bon": f"BoN_{n}", "won": f"WoN_{n}"}
     lines = [f"Trained CTRL at matched KL {MATCHED_KL:g} ({seeds} seeds, {prompts} training prompts, picked by r; "
-             "each rate: trained mean ± SE across seeds (exact optimum at that KL)):", "",
-             "| transform | " + " | ".join(f"{names[k]} ({j})" for j in JUDGES for k in RATES) + " | seeds extrapolated |",
+             "each rate: trained mean ± SE across the seeds whose two runs bracket that KL (exact optimum at that KL)):",
+             "", "| transform | " + " | ".join(f"{names[k]} ({j})" for j in JUDGES for k in RATES) + " | seeds bracketing |",
              "|---|" + "---|" * (len(JUDGES) * len(RATES) + 1)]
     for row in matched:
         lines.append(f"| {row['transform']} | " + " | ".join(
-            f"{cell(row, f'{k}_{j}')} ({row[f'{k}_{j}_optimum']:.3f})" for j in JUDGES for k in RATES)
-            + f" | {row['extrapolated']} of {seeds} |")
+            f"{cell(row, f'{k}_{j}') if row['bracketing'] else 'n/a'} ({row[f'{k}_{j}_optimum']:.3f})"
+            for j in JUDGES for k in RATES) + f" | {row['bracketing']} of {seeds} |")
     lines += ["", "Each trained point against the exact optimum at the KL it reached (gap = trained - optimum, "
               "mean ± SE across seeds), judged by r:", "",
               "| transform | optimum's KL at beta | beta | KL reached | " + " | ".join(
@@ -165,6 +169,13 @@ def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, pro
     for row in distances:
         lines.append(f"| {row['transform']} | {row['grid_kl']:g} | {row['beta']:.4g} | {cell(row, 'kl')} | " + " | ".join(
             f"{cell(row, f'{k}_r')} | {row[f'{k}_r_gap']:+.3f} ± {row[f'{k}_r_gap_se']:.3f}" for k in RATES) + " |")
+    lines += ["", "Where each point spends its KL: the mean KL over each kind's prompts, trained (the optimum at the "
+              "same mean KL), mean across seeds:", "",
+              "| transform | optimum's KL at beta | " + " | ".join(f"KL, {kind}" for kind in world.KIND_MIX) + " |",
+              "|---|---|" + "---|" * len(world.KIND_MIX)]
+    for row in distances:
+        lines.append(f"| {row['transform']} | {row['grid_kl']:g} | " + " | ".join(
+            f"{row[f'kl_{kind}']:.2f} ({row[f'kl_{kind}_at_kl']:.2f})" for kind in world.KIND_MIX) + " |")
     lines += ["", f"Wall time: {minutes:.1f} min."]
     return "\n".join(lines)
 
@@ -228,7 +239,7 @@ def infalign_study(cfg) -> list[dict]:
                 policy = load_model(f"{folder}/{ctrl.name}")[0].to(device).eval()
                 point, _, at_kl = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts, support,
                                                           asdict(ctrl), cfg.n, cfg.seed)
-                columns = [f"{key}_{judge}" for key in RATES for judge in JUDGES]
+                columns = [f"{key}_{judge}" for key in RATES for judge in JUDGES] + [f"kl_{kind}" for kind in world.KIND_MIX]
                 trained.append({"transform": label, "grid_kl": grid_kl, "beta": beta, "seed": seed, "kl": point["kl"],
                                 **{c: point[c] for c in columns}, **{f"{c}_at_kl": at_kl[c] for c in columns}})
                 print(f"[infalign]   KL {point['kl']:.3f}; by r, trained (optimum at that KL): " + ", ".join(

@@ -183,6 +183,14 @@ def trained_transform(ctrl: dict) -> str:
     return "raw, scaled" if ctrl["transform"] == "raw" and ctrl.get("reward") == "scaled" else ctrl["transform"]
 
 
+def kl_by_kind(per_prompt: torch.Tensor, prompts: list[world.Prompt]) -> dict:
+    """Where a policy spends its KL: the mean of the per-prompt KLs (P,) over each kind of prompt, as
+    ``kl_benign``, ``kl_harmful``, ``kl_attacked`` (nan for a kind without prompts). A calibrated transform's optimum spends the same KL on
+    every prompt (C_hat is uniform on each), so a trained policy that spends it unevenly is off its optimum."""
+    return {f"kl_{kind}": float(per_prompt[[i for i, p in enumerate(prompts) if p.kind == kind]].mean())  # nan: none
+            for kind in world.KIND_MIX}
+
+
 def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts: list[world.Prompt], support: dict,
                             ctrl: dict, n: int, seed: int) -> list[dict]:
     """A trained CTRL policy beside the exact optimum of its own (transform, beta) on the held-out support,
@@ -202,7 +210,8 @@ def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts:
               (f"optimum at KL {kl:.2f}", tilt.inverse_beta_at_kl(phi, kl))]
     rows = []
     for label, lam in points:
-        row = {"point": label, "kl": kl if lam is None else float(tilt.kl_to_reference(tilt.tilt(phi, lam)).mean())}
+        per_prompt = log_ratio.view(len(prompts), k).mean(1) if lam is None else tilt.kl_to_reference(tilt.tilt(phi, lam))
+        row = {"point": label, "kl": float(per_prompt.mean()), **kl_by_kind(per_prompt, prompts)}
         for judge, judged in (("r", r), ("gold", gold)):
             exact = (sampled_win_rates((selected, judged), (support[selector], support[judge]), n) if lam is None
                      else tilt.readout(phi, lam, support[selector], support[judge], n))

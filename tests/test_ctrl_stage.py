@@ -113,30 +113,36 @@ def test_infalign_study_trains_each_transform_at_two_betas_and_resumes(tmp_path,
     assert list(csv.DictReader(open(f"{out}/infalign.csv"))) == rows
 
 
-def test_matched_kl_interpolates_each_seed_then_averages(monkeypatch):
+def test_matched_kl_interpolates_each_seed_then_averages_those_that_bracket_it(monkeypatch):
     """Hand-computed: per seed the line through its two (KL, rate) points, read at KL 0.35: seed 0
-    (0.2, 0.6), (0.5, 0.9) -> 0.75; seed 1 (0.3, 0.7), (0.4, 0.8) -> 0.75; seed 2 (0.1, 0.5), (0.3, 0.6)
-    -> 0.625, extrapolated; then mean and standard error over the three."""
-    monkeypatch.setattr(infalign_study, "COMPARED", (("raw", 0.0),))
-    points = {0: ((0.2, 0.6), (0.5, 0.9)), 1: ((0.3, 0.7), (0.4, 0.8)), 2: ((0.1, 0.5), (0.3, 0.6))}
+    (0.2, 0.6), (0.5, 0.9) -> 0.75; seed 1 (0.3, 0.7), (0.4, 0.9) -> 0.8; seed 2 (0.1, 0.5), (0.3, 0.6)
+    does not bracket 0.35 and is left out; then mean and standard error over seeds 0 and 1. A transform
+    whose seeds all miss it (KLs 0.7 and 1.4, rates 0.95 and 0.75: extrapolated, 1.05) gets none."""
+    monkeypatch.setattr(infalign_study, "COMPARED", (("raw", 0.0), ("identity", 0.0)))
+    points = {0: ((0.2, 0.6), (0.5, 0.9)), 1: ((0.3, 0.7), (0.4, 0.9)), 2: ((0.1, 0.5), (0.3, 0.6))}
     columns = [f"{k}_{j}" for k in infalign_study.RATES for j in infalign_study.JUDGES]
     trained = [{"transform": "raw", "seed": s, "kl": kl, **dict.fromkeys(columns, v)} for s, pts in points.items()
                for kl, v in pts]
-    row = infalign_study.matched_rows(trained, {"raw": dict.fromkeys(columns, 0.5)}, [0, 1, 2])[0]
-    expected = [0.75, 0.75, 0.625]
-    mean = sum(expected) / 3
-    se = (sum((e - mean) ** 2 for e in expected) / 2) ** 0.5 / 3 ** 0.5
-    assert row["bon_r"] == pytest.approx(mean) and row["bon_r_se"] == pytest.approx(se)
-    assert row["extrapolated"] == 1 and row["won_gold_optimum"] == 0.5
+    trained += [{"transform": "identity", "seed": s, "kl": kl, **dict.fromkeys(columns, v)} for s in points
+                for kl, v in ((0.7, 0.95), (1.4, 0.75))]
+    optima = {label: dict.fromkeys(columns, 0.5) for label in ("raw", "identity")}
+    raw, identity = infalign_study.matched_rows(trained, optima, [0, 1, 2])
+    assert raw["bon_r"] == pytest.approx(0.775) and raw["bon_r_se"] == pytest.approx(0.025)  # SE: |0.8 - 0.75| / 2
+    assert raw["bracketing"] == 2 and raw["won_gold_optimum"] == 0.5
+    assert identity["bracketing"] == 0 and identity["bon_r"] is None
+    table = infalign_study.markdown([raw, identity], [], 4, 3, 12, 1.0)
+    assert "| identity | n/a (0.500) |" in table and "| 0 of 3 |" in table and "| 2 of 3 |" in table
     assert infalign_study.interpolate([0.5, 0.2], [0.9, 0.6], 0.35) == pytest.approx(0.75)  # either order
 
 
 def test_distance_rows_average_each_seeds_gap_to_the_optimum_at_its_kl():
     """Hand-computed: two seeds of one (transform, beta); gap = trained - optimum at the KL it reached."""
     columns = [f"{k}_{j}" for k in infalign_study.RATES for j in infalign_study.JUDGES]
+    columns += ["kl_benign", "kl_harmful", "kl_attacked"]
     runs = [{"transform": "log", "grid_kl": 0.2, "beta": 0.9, "seed": s, "kl": kl, **dict.fromkeys(columns, v),
              **{f"{c}_at_kl": opt for c in columns}} for s, kl, v, opt in ((0, 0.1, 0.70, 0.75), (1, 0.3, 0.80, 0.81))]
     row = infalign_study.distance_rows(runs)[0]
     assert (row["seeds"], row["kl"], row["bon_r"]) == (2, pytest.approx(0.2), pytest.approx(0.75))
     assert row["won_gold_gap"] == pytest.approx(-0.03) and row["won_gold_gap_se"] == pytest.approx(0.02)
     assert row["kl_se"] == pytest.approx(0.1)
+    assert row["kl_harmful"] == pytest.approx(0.75) and row["kl_harmful_at_kl"] == pytest.approx(0.78)

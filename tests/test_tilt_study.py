@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from minialign import tilt
+from minialign import tilt, world
 from minialign.reward_model import prompt_scale
-from minialign.tilt_study import (TILT_TRANSFORMS, TILT_VIEWS, noisy_gold, phi_of, reward_quality_rows,
+from minialign.tilt_study import (TILT_TRANSFORMS, TILT_VIEWS, kl_by_kind, noisy_gold, phi_of, reward_quality_rows,
                                   style_agreement, tilt_markdown, tilt_rows)
 
 
@@ -73,3 +73,11 @@ def test_reward_quality_rows_start_from_the_perfect_reward():
     assert perfect["within"] == 1.0 and perfect["between"] == 1.0
     # with r = gold, the calibrated exp(+4) optimum beats raw at best-of-4 (the paper's ordering)
     assert perfect["bon_exp(+4)"] > perfect["bon_raw"] and not math.isnan(rows[0]["bon_raw"])
+
+
+def test_kl_by_kind_averages_the_per_prompt_kl_over_each_kind():
+    """Hand-computed: KLs 0.1, 0.3 (benign), 0.5 (harmful), 0.7 (attacked) -> 0.2 / 0.5 / 0.7."""
+    prompts = [world.Prompt(kind, "q", task=kind) for kind in ("benign", "benign", "harmful", "attacked")]
+    out = kl_by_kind(torch.tensor([0.1, 0.3, 0.5, 0.7]), prompts)
+    assert out == {"kl_benign": pytest.approx(0.2), "kl_harmful": pytest.approx(0.5), "kl_attacked": pytest.approx(0.7)}
+    assert math.isnan(kl_by_kind(torch.tensor([0.1]), prompts[:1])["kl_harmful"])  # no harmful prompt
