@@ -15,7 +15,9 @@ one of them in every step, it gets there. So:
    For each transform, the betas whose optimum on it has KL ``GRID_KLS`` (bisection on the tilt).
 3. CTRL at each (transform, beta) and seed, all prompts in every step. Each policy is then sampled K
    times per prompt: its KL and win rates against pi_ref, picked by r and judged by r (the paper's
-   view) and by gold, beside the exact optimum at the KL it reached (the distance table).
+   view) and by gold, beside the exact optimum at the KL it reached (the distance table), and its KL
+   on each kind of prompt beside the optimum's (a calibrated optimum spends the same KL on every
+   prompt; README, verdict (d) on the final world).
 4. Matched KL: per transform and seed, each win rate interpolated linearly in KL between the grid's two
    betas to ``MATCHED_KL``; then mean ± standard error across the seeds whose two runs bracket it, beside
    the optimum at that KL. A seed whose runs both land on one side is left out: a line extrapolated from
