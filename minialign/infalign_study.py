@@ -141,8 +141,8 @@ def distance_rows(trained: list[dict]) -> list[dict]:
         row = {"transform": point[0], "grid_kl": point[1], "beta": point[2], "seeds": len(runs)}
         row["kl"], row["kl_se"] = mean_se([r["kl"] for r in runs])
         for kind in world.KIND_MIX:  # where the KL goes: trained, and the optimum at the same mean KL
-            row[f"kl_{kind}"] = mean_se([r[f"kl_{kind}"] for r in runs])[0]
-            row[f"kl_{kind}_at_kl"] = mean_se([r[f"kl_{kind}_at_kl"] for r in runs])[0]
+            row[f"kl_{kind}"] = sum(r[f"kl_{kind}"] for r in runs) / len(runs)
+            row[f"kl_{kind}_at_kl"] = sum(r[f"kl_{kind}_at_kl"] for r in runs) / len(runs)
         for judge in JUDGES:
             for key in RATES:
                 column = f"{key}_{judge}"

@@ -185,9 +185,10 @@ def trained_transform(ctrl: dict) -> str:
 
 def kl_by_kind(per_prompt: torch.Tensor, prompts: list[world.Prompt]) -> dict:
     """Where a policy spends its KL: the mean of the per-prompt KLs (P,) over each kind of prompt, as
-    ``kl_benign``, ``kl_harmful``, ``kl_attacked`` (nan for a kind without prompts). A calibrated transform's optimum spends the same KL on
-    every prompt (C_hat is uniform on each), so a trained policy that spends it unevenly is off its optimum."""
-    return {f"kl_{kind}": float(per_prompt[[i for i, p in enumerate(prompts) if p.kind == kind]].mean())  # nan: none
+    ``kl_benign``, ``kl_harmful``, ``kl_attacked`` (nan for a kind without prompts). A calibrated
+    transform's optimum spends the same KL on every prompt (C_hat is uniform on each), so a trained
+    policy that spends it unevenly is off its optimum."""
+    return {f"kl_{kind}": float(per_prompt[[i for i, p in enumerate(prompts) if p.kind == kind]].mean())
             for kind in world.KIND_MIX}
 
 
