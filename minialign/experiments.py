@@ -3,6 +3,7 @@ RAIN evaluation and ablation.
 
     python -m minialign.experiments sft             # pi_ref greedy and sampled, its self-evaluation, help per task -> out/sft.md
     python -m minialign.experiments infalign        # trained CTRL per transform at matched KL -> out/infalign.{csv,md,png}
+    python -m minialign.experiments infalign --reward gold  # the same on the gold reward -> out/infalign_gold.{csv,md,png}
     python -m minialign.experiments tilt            # the exact optimum of each transform -> out/tilt.{csv,md,png},
                                                     #   out/tilt_reward_quality.md, out/tilt_trained.md (CTRL vs its optimum)
     python -m minialign.experiments rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
@@ -165,6 +166,9 @@ class ExperimentConfig:
                                 at_least=3)
     ctrl_steps: int = arg(40, "infalign: RL steps per run", at_least=1)
     seeds: int = arg(3, "infalign: CTRL seeds per (transform, beta)", at_least=1)
+    reward: str = arg("model", "infalign: the reward CTRL trains on and BoN/WoN pick by: model (r, the paper's setting) "
+                               "or gold (the world's gold reward, a perfect reward model; writes infalign_gold.*)",
+                      one_of=("model", "gold"))
     k: int = arg(32, "tilt, infalign: pi_ref samples per prompt (the support of the exact optimum; infalign's "
                      "calibration too)", at_least=2)
     n: int = arg(4, "tilt, infalign: N of best-of-N and worst-of-N", at_least=1)

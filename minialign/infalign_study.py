@@ -23,6 +23,11 @@ one of them in every step, it gets there. So:
    the optimum at that KL. A seed whose runs both land on one side is left out: a line extrapolated from
    two noisy points can leave [0, 1] (measured: KLs 1.38 and 0.76 for a target of 0.2 and 0.5).
 
+``--reward gold`` runs the same study on the world's gold reward in r's place (a perfect reward model:
+CTRL trains on it, BoN/WoN pick by it, and the paper's judge is then gold itself), writing
+``<out_dir>/infalign_gold.*``: whether the RL reaches the calibrated optima when the reward's order is
+one the policy can learn (README, verdict (d)). "raw, scaled" is left out there (its scale is r's).
+
 A run whose checkpoint already holds its last step with the same config is not trained again: the
 experiment resumes where it stopped.
 """
@@ -50,6 +55,17 @@ RATES = ("win_rate", "bon", "won")
 JUDGES = ("r", "gold")
 
 
+def compared(reward: str) -> list[tuple[str, float]]:
+    """The transforms of a study on ``reward`` (model or gold): every one of ``COMPARED`` on r; on gold
+    all but "raw, scaled", which scales r."""
+    return [c for c in COMPARED if reward == "model" or c[0] != "raw, scaled"]
+
+
+def selector_of(reward: str) -> str:
+    """The support column a study on ``reward`` trains, picks and is judged by in the paper's view."""
+    return "gold" if reward == "gold" else "r"
+
+
 def workspace(out_dir: str) -> str:
     """``<out_dir>/infalign``, its ``sft`` and ``reward`` linked to the pipeline's checkpoints (no copies,
     and a retrained pi_ref or r is seen at once)."""
@@ -74,23 +90,25 @@ def finished(folder: str, config) -> bool:
 
 
 def training_prompts(folder: str, cfg) -> list[world.Prompt]:
-    """r calibrated on ``cfg.infalign_prompts`` training prompts of the world (computed once), and r with
-    a per-prompt scale on the same prompts when "raw, scaled" is compared."""
-    for reward in ("model", "scaled") if ("raw, scaled", 0.0) in COMPARED else ("model",):
+    """The study's reward (``cfg.reward``: r, or gold) calibrated on ``cfg.infalign_prompts`` training
+    prompts of the world (computed once), and r with a per-prompt scale on the same prompts when "raw,
+    scaled" is compared."""
+    for reward in (cfg.reward,) + (("scaled",) if ("raw, scaled", 0.0) in compared(cfg.reward) else ()):
         calibration = CalibrateConfig(out_dir=folder, reward=reward, n_prompts=cfg.infalign_prompts, k=cfg.k,
                                       seed=cfg.seed, device=cfg.device)
         if not finished(calibration_folder(folder, reward), calibration):
             run_calibration(calibration)
-    return [world.parse_prompt(p) for p in load_calibration(calibration_folder(folder, "model"))[0]]
+    return [world.parse_prompt(p) for p in load_calibration(calibration_folder(folder, cfg.reward))[0]]
 
 
 def run_config(folder: str, transform: str, t: float, beta: float, grid_kl: float, seed: int, prompts: int,
                cfg) -> CTRLConfig:
-    """One CTRL run of the study: every prompt in every step, no held-out evaluation of its own. "raw,
-    scaled" is raw RLHF on r with a per-prompt scale (``--reward scaled``)."""
+    """One CTRL run of the study on ``cfg.reward``: every prompt in every step, no held-out evaluation of
+    its own. "raw, scaled" is raw RLHF on r with a per-prompt scale (``--reward scaled``)."""
     scaled = transform == "raw, scaled"
-    name = f"{'raw_scaled' if scaled else transform}{f'{t:+g}' if transform == 'exp' else ''}_kl{grid_kl:g}_s{seed}"
-    return CTRLConfig(out_dir=folder, reward="scaled" if scaled else "model", transform="raw" if scaled else transform,
+    name = (f"{'gold_' if cfg.reward == 'gold' else ''}{'raw_scaled' if scaled else transform}"
+            f"{f'{t:+g}' if transform == 'exp' else ''}_kl{grid_kl:g}_s{seed}")
+    return CTRLConfig(out_dir=folder, reward="scaled" if scaled else cfg.reward, transform="raw" if scaled else transform,
                       t=t, beta=beta, steps=cfg.ctrl_steps, prompts_per_step=prompts, eval_prompts=0, seed=seed,
                       name=name, device=cfg.device)
 
@@ -110,12 +128,12 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def matched_rows(trained: list[dict], optima: dict, seeds: list[int]) -> list[dict]:
-    """Per transform: each rate interpolated to MATCHED_KL per seed between the grid's two points, then
-    mean ± SE across the seeds whose two points bracket MATCHED_KL (``bracketing``; None where none
-    does), with the exact optimum at MATCHED_KL (``optima[label]``)."""
+    """Per transform (each label of ``optima``, in its order): each rate interpolated to MATCHED_KL per
+    seed between the grid's two points, then mean ± SE across the seeds whose two points bracket
+    MATCHED_KL (``bracketing``; None where none does), with the exact optimum at MATCHED_KL
+    (``optima[label]``)."""
     rows = []
-    for transform, t in COMPARED:
-        label = transform_label(transform, t)
+    for label in optima:
         per_seed = [[r for r in trained if r["transform"] == label and r["seed"] == s] for s in seeds]
         bracketing = [pts for pts in per_seed if min(p["kl"] for p in pts) <= MATCHED_KL <= max(p["kl"] for p in pts)]
         row = {"transform": label, "kl": MATCHED_KL, "bracketing": len(bracketing)}
@@ -153,10 +171,13 @@ def distance_rows(trained: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, prompts: int, minutes: float) -> str:
+def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, prompts: int, minutes: float,
+             selector: str = "r") -> str:
+    """The study's tables; ``selector`` ("r" or "gold") is what CTRL trained on and BoN/WoN picked by."""
     cell = lambda row, key: f"{row[key]:.3f} ± {row[key + '_se']:.3f}"  # noqa: E731
     names = {"win_rate": "win rate", "bon": f"BoN_{n}", "won": f"WoN_{n}"}
-    lines = [f"Trained CTRL at matched KL {MATCHED_KL:g} ({seeds} seeds, {prompts} training prompts, picked by r; "
+    lines = [f"Trained CTRL at matched KL {MATCHED_KL:g} ({seeds} seeds, {prompts} training prompts, trained on and "
+             f"picked by {selector}; "
              "each rate: trained mean ± SE across the seeds whose two runs bracket that KL (exact optimum at that KL)):",
              "", "| transform | " + " | ".join(f"{names[k]} ({j})" for j in JUDGES for k in RATES) + " | seeds bracketing |",
              "|---|" + "---|" * (len(JUDGES) * len(RATES) + 1)]
@@ -165,12 +186,13 @@ def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, pro
             f"{cell(row, f'{k}_{j}') if row['bracketing'] else 'n/a'} ({row[f'{k}_{j}_optimum']:.3f})"
             for j in JUDGES for k in RATES) + f" | {row['bracketing']} of {seeds} |")
     lines += ["", "Each trained point against the exact optimum at the KL it reached (gap = trained - optimum, "
-              "mean ± SE across seeds), judged by r:", "",
+              f"mean ± SE across seeds), judged by {selector}:", "",
               "| transform | optimum's KL at beta | beta | KL reached | " + " | ".join(
-                  f"{names[k]} (r) | gap" for k in RATES) + " |", "|---|---|---|---|" + "---|---|" * len(RATES)]
+                  f"{names[k]} ({selector}) | gap" for k in RATES) + " |", "|---|---|---|---|" + "---|---|" * len(RATES)]
     for row in distances:
         lines.append(f"| {row['transform']} | {row['grid_kl']:g} | {row['beta']:.4g} | {cell(row, 'kl')} | " + " | ".join(
-            f"{cell(row, f'{k}_r')} | {row[f'{k}_r_gap']:+.3f} ± {row[f'{k}_r_gap_se']:.3f}" for k in RATES) + " |")
+            f"{cell(row, f'{k}_{selector}')} | {row[f'{k}_{selector}_gap']:+.3f} ± {row[f'{k}_{selector}_gap_se']:.3f}"
+            for k in RATES) + " |")
     lines += ["", "Where each point spends its KL: the mean KL over each kind's prompts, trained (the optimum at the "
               "same mean KL), mean across seeds:", "",
               "| transform | optimum's KL at beta | " + " | ".join(f"KL, {kind}" for kind in world.KIND_MIX) + " |",
@@ -182,27 +204,30 @@ def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, pro
     return "\n".join(lines)
 
 
-def plot(support: dict, distances: list[dict], n: int, path: str, kls=tuple(0.02 * i for i in range(1, 41))) -> None:
-    """BoN_n and WoN_n by r against KL: each transform's exact optimum as a line, its trained points
-    (mean ± SE across seeds, both axes) as markers of the same colour."""
+def plot(support: dict, distances: list[dict], n: int, path: str, reward: str = "model",
+         kls=tuple(0.02 * i for i in range(1, 41))) -> None:
+    """BoN_n and WoN_n picked and judged by the study's reward (r, or gold) against KL: each
+    transform's exact optimum as a line, its trained points (mean ± SE across seeds, both axes) as
+    markers of the same colour."""
     plt = pyplot()
     if plt is None:
         return
+    s = selector_of(reward)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for i, (transform, t) in enumerate(COMPARED):
-        label, colour = transform_label(transform, t), f"C{i}"
-        phi = phi_of(transform, t, support["r"], support["scale"])
-        curve = [tilt.readout(phi, lam, support["r"], support["r"], n) for lam in
+    for transform, t in compared(reward):
+        label, colour = transform_label(transform, t), f"C{COMPARED.index((transform, t))}"  # one colour per transform
+        phi = phi_of(transform, t, support[s], support["scale"])
+        curve = [tilt.readout(phi, lam, support[s], support[s], n) for lam in
                  (tilt.inverse_beta_at_kl(phi, k) for k in kls) if lam != math.inf]
         points = [row for row in distances if row["transform"] == label]
         for ax, key in zip(axes, ("bon", "won")):
             ax.plot([c["kl"] for c in curve], [c[key] for c in curve], color=colour, label=f"{label}: exact optimum")
-            ax.errorbar([p["kl"] for p in points], [p[f"{key}_r"] for p in points], xerr=[p["kl_se"] for p in points],
-                        yerr=[p[f"{key}_r_se"] for p in points], fmt="o", color=colour, capsize=3)
+            ax.errorbar([p["kl"] for p in points], [p[f"{key}_{s}"] for p in points], xerr=[p["kl_se"] for p in points],
+                        yerr=[p[f"{key}_{s}_se"] for p in points], fmt="o", color=colour, capsize=3)
     for ax, title in zip(axes, (f"best-of-{n}", f"worst-of-{n}")):
         ax.axvline(MATCHED_KL, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("KL(pi || pi_ref), nats")
-        ax.set_ylabel(f"{title} win rate vs pi_ref (picked and judged by r)")
+        ax.set_ylabel(f"{title} win rate vs pi_ref (picked and judged by {s})")
         ax.set_title(f"{title}: exact optima (lines), trained CTRL (points, mean ± SE over seeds)", fontsize=10)
         ax.legend(fontsize=7)
     save_figure(fig, path)
@@ -210,8 +235,9 @@ def plot(support: dict, distances: list[dict], n: int, path: str, kls=tuple(0.02
 
 def infalign_study(cfg) -> list[dict]:
     """The ``infalign`` experiment (``cfg``: ``experiments.ExperimentConfig``): <out_dir>/infalign.{csv,md,png}
-    and each run's checkpoint under <out_dir>/infalign."""
+    (``infalign_gold`` on ``--reward gold``) and each run's checkpoint under <out_dir>/infalign."""
     started = time.time()
+    selector = selector_of(cfg.reward)
     folder = workspace(cfg.out_dir)
     prompts = training_prompts(folder, cfg)
     device = pick_device(cfg.device)
@@ -223,13 +249,13 @@ def infalign_study(cfg) -> list[dict]:
     support = tilt_support(reference, reward_model, tokenizer, prompts, cfg.k, cfg.seed + 1)
     seeds = list(range(cfg.seeds))
     trained, optima = [], {}
-    for transform, t in COMPARED:
+    for transform, t in compared(cfg.reward):
         label = transform_label(transform, t)
-        phi = phi_of(transform, t, support["r"], support["scale"])
+        phi = phi_of(transform, t, support[selector], support["scale"])
         lam = tilt.inverse_beta_at_kl(phi, MATCHED_KL)  # the optimum at the matched KL, read by each judge
         optima[label] = {}
         for judge in JUDGES:
-            exact = tilt.readout(phi, lam, support["r"], support[judge], cfg.n)
+            exact = tilt.readout(phi, lam, support[selector], support[judge], cfg.n)
             optima[label].update({f"{key}_{judge}": exact[key] for key in RATES})
         for grid_kl in GRID_KLS:
             beta = 1 / tilt.inverse_beta_at_kl(phi, grid_kl)
@@ -244,13 +270,14 @@ def infalign_study(cfg) -> list[dict]:
                 columns = [f"{key}_{judge}" for key in RATES for judge in JUDGES] + [f"kl_{kind}" for kind in world.KIND_MIX]
                 trained.append({"transform": label, "grid_kl": grid_kl, "beta": beta, "seed": seed, "kl": point["kl"],
                                 **{c: point[c] for c in columns}, **{f"{c}_at_kl": at_kl[c] for c in columns}})
-                print(f"[infalign]   KL {point['kl']:.3f}; by r, trained (optimum at that KL): " + ", ".join(
-                    f"{key} {point[f'{key}_r']:.3f} ({at_kl[f'{key}_r']:.3f})" for key in RATES))
-    write_csv(trained, f"{cfg.out_dir}/infalign.csv")
+                print(f"[infalign]   KL {point['kl']:.3f}; by {selector}, trained (optimum at that KL): " + ", ".join(
+                    f"{key} {point[f'{key}_{selector}']:.3f} ({at_kl[f'{key}_{selector}']:.3f})" for key in RATES))
+    name = f"{cfg.out_dir}/infalign{'_gold' if cfg.reward == 'gold' else ''}"
+    write_csv(trained, f"{name}.csv")
     distances = distance_rows(trained)
     table = markdown(matched_rows(trained, optima, seeds), distances, cfg.n, len(seeds), len(prompts),
-                     (time.time() - started) / 60)
-    atomic_write_text(f"{cfg.out_dir}/infalign.md", table + "\n")
+                     (time.time() - started) / 60, selector)
+    atomic_write_text(f"{name}.md", table + "\n")
     print(table)
-    plot(support, distances, cfg.n, f"{cfg.out_dir}/infalign.png")
+    plot(support, distances, cfg.n, f"{name}.png", cfg.reward)
     return trained

@@ -113,6 +113,23 @@ def test_infalign_study_trains_each_transform_at_two_betas_and_resumes(tmp_path,
     assert list(csv.DictReader(open(f"{out}/infalign.csv"))) == rows
 
 
+def test_infalign_study_on_the_gold_reward_trains_picks_and_judges_by_gold(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    train_sft(SFTConfig(out_dir=out, n_layer=1, n_head=2, n_embd=32, block_size=256, batch_size=2, steps=2,
+                        corpus_dialogues=100, eval_every=2, **TINY))
+    train_reward(RewardConfig(out_dir=out, n_pairs=16, steps=2, batch_size=4, eval_every=2, **TINY))
+    monkeypatch.setattr(infalign_study, "COMPARED", (("raw, scaled", 0.0), ("identity", 0.0)))
+    experiments.main(["infalign", f"--out_dir={out}", "--reward=gold", "--infalign_prompts=3", "--ctrl_steps=1",
+                      "--seeds=1", "--k=4", "--device=cpu"])
+    rows = list(csv.DictReader(open(f"{out}/infalign_gold.csv")))
+    assert [(r["transform"], r["grid_kl"]) for r in rows] == [("identity", "0.2"), ("identity", "0.5")]  # no "raw, scaled"
+    assert load_meta(f"{out}/infalign/gold_identity_kl0.5_s0")["config"]["reward"] == "gold"
+    assert len(load_calibration(f"{out}/infalign/calibration_gold")[0]) == 3
+    assert not os.path.exists(f"{out}/infalign/calibration") and not os.path.exists(f"{out}/infalign.md")
+    table = open(f"{out}/infalign_gold.md").read()
+    assert "trained on and picked by gold" in table and "| BoN_4 (gold) | gap |" in table
+
+
 def test_matched_kl_interpolates_each_seed_then_averages_those_that_bracket_it(monkeypatch):
     """Hand-computed: per seed the line through its two (KL, rate) points, read at KL 0.35: seed 0
     (0.2, 0.6), (0.5, 0.9) -> 0.75; seed 1 (0.3, 0.7), (0.4, 0.9) -> 0.8; seed 2 (0.1, 0.5), (0.3, 0.6)
