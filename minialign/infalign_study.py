@@ -44,7 +44,7 @@ from .checkpoint import CheckpointError, atomic_write_text, load_meta, load_mode
 from .ctrl import CTRLConfig, train_ctrl
 from .evaluate import mean_and_se
 from .reward_model import load_reward
-from .tilt_study import phi_of, tilt_support, trained_against_optimum, transform_label
+from .tilt_study import phi_of, selector_of, tilt_support, trained_against_optimum, transform_label
 from .tokenizer import get_tokenizer
 from .training import pick_device
 
@@ -59,11 +59,6 @@ def compared(reward: str) -> list[tuple[str, float]]:
     """The transforms of a study on ``reward`` (model or gold): every one of ``COMPARED`` on r; on gold
     all but "raw, scaled", which scales r."""
     return [c for c in COMPARED if reward == "model" or c[0] != "raw, scaled"]
-
-
-def selector_of(reward: str) -> str:
-    """The support column a study on ``reward`` trains, picks and is judged by in the paper's view."""
-    return "gold" if reward == "gold" else "r"
 
 
 def workspace(out_dir: str) -> str:

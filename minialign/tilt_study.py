@@ -171,10 +171,16 @@ def reward_quality_markdown(rows: list[dict], n: int, kl: float = 0.5) -> str:
     return f"Exact optima at KL {kl:g}, judged by gold:\n\n" + "\n".join(lines)
 
 
+def selector_of(reward: str | None) -> str:
+    """The support column (``"r"`` or ``"gold"``) that CTRL on ``reward`` (``--reward``: model, gold or
+    scaled) trains and picks by: r with a per-prompt scale keeps r's per-prompt order, so its win rates."""
+    return "gold" if reward == "gold" else "r"
+
+
 def trained_on(ctrl: dict) -> str:
-    """The reward a CTRL checkpoint is set beside, by its config: "gold" if it was trained on gold, else
-    "r" (older runs too; and r with a per-prompt scale, whose per-prompt order, so win rates, it keeps)."""
-    return "gold" if ctrl.get("reward") == "gold" else "r"
+    """The reward a CTRL checkpoint is set beside, by its config (``selector_of`` its ``reward``; older
+    runs without one were trained on r)."""
+    return selector_of(ctrl.get("reward"))
 
 
 def trained_transform(ctrl: dict) -> str:
