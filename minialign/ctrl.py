@@ -19,7 +19,8 @@ The RL solver (the choices, stated precisely):
 - Samples: for each prompt, G responses from the current policy (temperature 1).
 - KL estimator: the single-sample (k1) estimate of the *sequence* KL,
   ``kl(y) = sum_t [log pi_old(y_t | ...) - log pi_ref(y_t | ...)]`` over the response tokens (the
-  end-of-turn token included), computed once when the samples are drawn. It enters as a penalty in
+  end-of-turn token included), computed once when the samples are drawn; log pi_old is what the
+  sampler drew each token with (no second forward pass of the policy). It enters as a penalty in
   the reward, ``R_total = R - beta * kl(y)``: the score-function gradient of E[R_total] is then the
   gradient of the regularised objective E[R] - beta * KL(pi || pi_ref).
 - Baseline: leave-one-out (RLOO), ``A_i = R_total_i - mean_{j != i} R_total_j`` within a prompt's group.
@@ -34,8 +35,8 @@ sample i, so E[grad log pi(y_i) * mean_{j != i} R_j] = 0 and subtracting it chan
 the policy gradient, not its expectation. A critic's value baseline is likewise a function of what
 precedes the sampled tokens, so it too leaves the expectation unchanged: the two differ in variance
 (and in what they cost: G samples per prompt here, a value network there), not in the objective.
-Both take the same PPO-clipped steps; on the first pass the ratio is exactly 1 and the clipped and
-plain gradients agree.
+Both take the same PPO-clipped steps; on the first pass the ratio is 1 (up to the rounding between the
+sampler's cached forward and the update's full one) and the clipped and plain gradients agree.
 
 The same three functions (``ctrl_reward``, ``rloo_advantages``, ``ppo_loss``) drive the exact finite
 check in the tests, where a categorical policy over a fixed response set must converge to
@@ -173,17 +174,19 @@ def ctrl_folder(cfg: CTRLConfig) -> str:
 
 
 def rl_update(ddp, policy, reference, optimizer, rows: list[list[int]], responses: list[list[int]],
-              R: torch.Tensor, cfg: "CTRLConfig", device) -> torch.Tensor:
+              drawn_with: list[torch.Tensor], R: torch.Tensor, cfg: "CTRLConfig", device) -> torch.Tensor:
     """The KL-penalised RLOO advantages of one batch of samples and ``ppo_epochs`` PPO steps on them.
-    R: (P, G) transformed rewards; rows/responses: B = P * G token lists grouped by prompt. Returns the
-    k1 sequence KL per sample (B,), in the same order."""
+    R: (P, G) transformed rewards; rows/responses: B = P * G token lists grouped by prompt, and
+    ``drawn_with`` each response token's sampling log-probability (pi_old). Returns the k1 sequence KL
+    per sample (B,), in the same order."""
     # rows sorted by length (shortest first), so each micro-batch is cut to its own longest row
     lengths = torch.tensor([len(p) + len(r) for p, r in zip(rows, responses)])
     order = lengths.argsort()
     ids, mask = pad_responses([rows[i] for i in order], [responses[i] for i in order], device=device)  # (B, T), (B, T-1)
     lengths = lengths[order]
     try:
-        logp_old = sequence_logprobs(policy, ids, cfg.micro_batch, lengths)
+        logp_old = torch.zeros_like(mask)  # (B, T-1), filled where mask is 1, row by row in order
+        logp_old[mask.bool()] = torch.cat([drawn_with[i] for i in order]).to(device)
         logp_ref = sequence_logprobs(reference, ids, cfg.micro_batch, lengths)
         kl = torch.empty(len(order), device=device)
         kl[order.to(device)] = ((logp_old - logp_ref) * mask).sum(1)  # (B,) k1 sequence KL, in prompt order
@@ -254,13 +257,13 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
             picked = [i for i in pick.tolist() for _ in range(cfg.group)]  # each prompt G times
             rows = [prompt_ids[i] for i in picked]
             policy.eval()
-            responses = generate(policy, rows, cfg.max_new_tokens, stop_ids(tokenizer), temperature=1.0,
-                                 generator=sample_gen, keep_stop=True)
+            responses, drawn_with = generate(policy, rows, cfg.max_new_tokens, stop_ids(tokenizer), temperature=1.0,
+                                             generator=sample_gen, keep_stop=True, logprobs=True)
             policy.train()
             texts = [tokenizer.decode(r) for r in responses]
             raw = reward([prompts[i] for i in picked], texts).view(-1, cfg.group)  # (P, G)
             R = ctrl_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
-            kl = rl_update(ddp, policy, reference, optimizer, rows, responses, R.to(device), cfg, device)  # (B,)
+            kl = rl_update(ddp, policy, reference, optimizer, rows, responses, drawn_with, R.to(device), cfg, device)  # (B,)
             step += 1
             win = calibrated(sorted_reference[pick], raw).mean()  # mean C_hat = win rate vs pi_ref under r
             metrics = {"step": step, "reward": round(float(raw.mean()), 4), "kl": round(float(kl.mean()), 4),

@@ -145,17 +145,16 @@ def sample_responses(model, tokenizer, prompts: list[str], samples: int, max_new
     stop = stop_ids(tokenizer)
     rows = [tokenizer.encode(p) for p in prompts for _ in range(samples)]
     g = torch.Generator(device).manual_seed(seed)
-    responses = []
+    responses, log_ratio = [], []
     for i in range(0, len(rows), 256):
-        responses += generate(model, rows[i: i + 256], max_new_tokens, stop, temperature=1.0, generator=g, keep_stop=True)
-    log_ratio = None
-    if reference is not None:
-        parts = []
-        for i in range(0, len(rows), 256):
-            ids, mask = pad_responses(rows[i: i + 256], responses[i: i + 256], device=device)
-            logp = sequence_logprobs(model, ids, 32) - sequence_logprobs(reference, ids, 32)  # (rows, T-1)
-            parts.append((logp * mask).sum(1).cpu())
-        log_ratio = torch.cat(parts)
+        batch, drawn_with = generate(model, rows[i: i + 256], max_new_tokens, stop, temperature=1.0, generator=g,
+                                     keep_stop=True, logprobs=True)
+        responses += batch
+        if reference is not None:  # log pi(y|x) as sampled, minus log pi_ref(y|x)
+            ids, mask = pad_responses(rows[i: i + 256], batch, device=device)
+            logp_ref = (sequence_logprobs(reference, ids, 32) * mask).sum(1)  # (rows,)
+            log_ratio.append(torch.stack([d.sum() for d in drawn_with]).cpu() - logp_ref.cpu())
+    log_ratio = torch.cat(log_ratio) if reference is not None else None
     return [tokenizer.decode(r).strip() for r in responses], log_ratio
 
 

@@ -55,7 +55,7 @@ def encode_batch(tokenizer: Tokenizer, prompts: list[str], responses: list[str],
 
 @torch.no_grad()
 def score(model: RewardModel, tokenizer: Tokenizer, prompts: list[str], responses: list[str],
-          batch_size: int = 128, bf16: bool = False) -> torch.Tensor:
+          batch_size: int = 32, bf16: bool = False) -> torch.Tensor:
     """Rewards (N,) for N (prompt, response) pairs, in batches of texts of similar length (less padding)."""
     device = model.head.weight.device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))

@@ -1,4 +1,5 @@
 """The GPT and its KV cache: cached decoding equals uncached decoding; rewind and fork are exact."""
+import pytest
 import torch
 
 from minialign.sampling import generate, generate_uncached
@@ -77,10 +78,13 @@ def test_uncached_reference_batches_prompts_of_one_length(tiny_model):
         generate_uncached(tiny_model, [[1], [1, 2]], 5, set())
 
 
-def test_finished_rows_leave_the_batch_without_changing_any_row(tiny_model):
-    """generate drops stopped rows from the forward pass; every row, greedy or sampled with a seed,
-    comes out as if the whole batch had been decoded to the end."""
+@pytest.mark.parametrize("shrink", [0.0, 0.75, 1.0])  # never copy the cache down, the default, at every stop
+def test_finished_rows_leave_the_batch_without_changing_any_row(tiny_model, monkeypatch, shrink):
+    """generate drops stopped rows from the forward pass (at once, later or never); every row, greedy or
+    sampled with a seed, comes out as if the whole batch had been decoded to the end."""
+    from minialign import sampling
     from minialign.sampling import decode, prefill
+    monkeypatch.setattr(sampling, "SHRINK", shrink)
     prompts = [[1, 2, 3], [40, 41, 42, 43, 44, 45], [7], [100, 5, 9, 200, 30], [8, 8]]
     stop = {int(t) for t in range(0, 257, 3)}  # many stop tokens: rows end at different steps
 
@@ -97,6 +101,25 @@ def test_finished_rows_leave_the_batch_without_changing_any_row(tiny_model):
         assert len({len(row) for row in compacted}) > 1  # rows did stop at different steps
     greedy = generate(tiny_model, prompts, 30, stop, temperature=0)
     assert greedy == [generate_uncached(tiny_model, [p], 30, stop)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 20)])
+def test_sampled_logprobs_are_the_full_forward_of_the_sampling_distribution(tiny_model, temperature, top_k):
+    """generate(..., logprobs=True) returns, per response token, the log-probability it was drawn with:
+    the full (uncached) forward's log_softmax of logits / temperature, top-k filtered (PPO's pi_old)."""
+    from minialign.data import pad_responses
+    from minialign.sampling import filter_logits
+    prompts = [[1, 2, 3], [40, 41, 42, 43, 44, 45], [7], [100, 5, 9, 200, 30]]
+    stop = {int(t) for t in range(0, 257, 5)}  # rows end at different steps
+    responses, drawn = generate(tiny_model, prompts, 25, stop, temperature=temperature, top_k=top_k,
+                                generator=torch.Generator().manual_seed(3), keep_stop=True, logprobs=True)
+    assert [len(d) for d in drawn] == [len(r) for r in responses] and len({len(r) for r in responses}) > 1
+    ids, mask = pad_responses(prompts, responses)  # (B, T), (B, T-1)
+    with torch.no_grad():
+        logits = filter_logits(tiny_model(ids)[:, :-1].flatten(0, 1) / temperature, top_k)  # (B * (T-1), V)
+    full = torch.log_softmax(logits, -1).gather(1, ids[:, 1:].reshape(-1, 1)).view(mask.shape)  # (B, T-1)
+    torch.testing.assert_close(torch.cat(drawn), full[mask.bool()], rtol=0, atol=1e-5)
+    assert torch.cat(drawn).max() < 0 and (torch.cat(drawn) > -1e9).all()  # real draws: never a filtered token
 
 
 def test_packed_documents_each_see_only_themselves_from_position_zero(tiny_model):
