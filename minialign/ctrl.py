@@ -52,7 +52,7 @@ from . import world
 from .calibrate import calibrated, calibration_folder, load_calibration
 from .checkpoint import load_model, load_state, load_weights, save, world_seed
 from .config import ConfigError, arg
-from .data import load_prompts, pad_responses
+from .data import load_prompts, pad_by_length
 from .distributed import setup, shard, wrap
 from .evaluate import compare_policies
 from .model import GPT, length_chunks, sequence_logprobs, token_logprobs
@@ -179,11 +179,7 @@ def rl_update(ddp, policy, reference, optimizer, rows: list[list[int]], response
     R: (P, G) transformed rewards; rows/responses: B = P * G token lists grouped by prompt, and
     ``drawn_with`` each response token's sampling log-probability (pi_old). Returns the k1 sequence KL
     per sample (B,), in the same order."""
-    # rows sorted by length (shortest first), so each micro-batch is cut to its own longest row
-    lengths = torch.tensor([len(p) + len(r) for p, r in zip(rows, responses)])
-    order = lengths.argsort()
-    ids, mask = pad_responses([rows[i] for i in order], [responses[i] for i in order], device=device)  # (B, T), (B, T-1)
-    lengths = lengths[order]
+    order, ids, mask, lengths = pad_by_length(rows, responses, device)  # (B,), (B, T), (B, T-1), (B,)
     try:
         logp_old = torch.zeros_like(mask)  # (B, T-1), filled where mask is 1, row by row in order
         logp_old[mask.bool()] = torch.cat([drawn_with[i] for i in order]).to(device)

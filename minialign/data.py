@@ -195,3 +195,14 @@ def pad_responses(prompts: list[list[int]], responses: list[list[int]], pad: int
     for b, (p, r) in enumerate(zip(prompts, responses)):
         mask[b, len(p) - 1: len(p) + len(r) - 1] = 1.0
     return ids.to(device), mask.to(device)
+
+
+def pad_by_length(prompts: list[list[int]], responses: list[list[int]],
+                  device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pad_responses`` with the rows sorted by length, shortest first, so that ``model.length_chunks``
+    cuts each micro-batch to its own longest row: order (B,) (block row i is input row order[i]), ids
+    (B, T), mask (B, T-1) and each block row's length (B,)."""
+    lengths = torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)])
+    order = lengths.argsort()
+    ids, mask = pad_responses([prompts[i] for i in order], [responses[i] for i in order], device=device)
+    return order, ids, mask, lengths[order]

@@ -153,9 +153,10 @@ def distance_rows(trained: list[dict]) -> list[dict]:
         runs = [r for r in trained if (r["transform"], r["grid_kl"], r["beta"]) == point]
         row = {"transform": point[0], "grid_kl": point[1], "beta": point[2], "seeds": len(runs)}
         row["kl"], row["kl_se"] = mean_se([r["kl"] for r in runs])
-        for kind in world.KIND_MIX:  # where the KL goes: trained, and the optimum at the same mean KL
-            row[f"kl_{kind}"] = sum(r[f"kl_{kind}"] for r in runs) / len(runs)
-            row[f"kl_{kind}_at_kl"] = sum(r[f"kl_{kind}_at_kl"] for r in runs) / len(runs)
+        # where the KL and the bottom tenth's mass go: trained, and the optimum at the same mean KL
+        for column in [f"kl_{kind}" for kind in world.KIND_MIX] + ["bottom", "bottom_worst"]:
+            row[column] = sum(r[column] for r in runs) / len(runs)
+            row[f"{column}_at_kl"] = sum(r[f"{column}_at_kl"] for r in runs) / len(runs)
         for judge in JUDGES:
             for key in RATES:
                 column = f"{key}_{judge}"
@@ -188,13 +189,15 @@ def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, pro
         lines.append(f"| {row['transform']} | {row['grid_kl']:g} | {row['beta']:.4g} | {cell(row, 'kl')} | " + " | ".join(
             f"{cell(row, f'{k}_{selector}')} | {row[f'{k}_{selector}_gap']:+.3f} ± {row[f'{k}_{selector}_gap_se']:.3f}"
             for k in RATES) + " |")
-    lines += ["", "Where each point spends its KL: the mean KL over each kind's prompts, trained (the optimum at the "
-              "same mean KL), mean across seeds:", "",
-              "| transform | optimum's KL at beta | " + " | ".join(f"KL, {kind}" for kind in world.KIND_MIX) + " |",
-              "|---|---|" + "---|" * len(world.KIND_MIX)]
+    lines += ["", "Where each point spends its KL: the mean KL over each kind's prompts; and its share of responses in "
+              f"the support's bottom tenth by {selector} (WoN's picks; pi_ref: a tenth or more), mean over prompts and on "
+              "the prompt with the most; trained (the optimum at the same mean KL), mean across seeds:", "",
+              "| transform | optimum's KL at beta | " + " | ".join(f"KL, {kind}" for kind in world.KIND_MIX)
+              + " | bottom tenth, mean | bottom tenth, worst prompt |", "|---|---|" + "---|" * (len(world.KIND_MIX) + 2)]
     for row in distances:
         lines.append(f"| {row['transform']} | {row['grid_kl']:g} | " + " | ".join(
-            f"{row[f'kl_{kind}']:.2f} ({row[f'kl_{kind}_at_kl']:.2f})" for kind in world.KIND_MIX) + " |")
+            f"{row[c]:.2f} ({row[f'{c}_at_kl']:.2f})" for c in [f"kl_{kind}" for kind in world.KIND_MIX]
+            + ["bottom", "bottom_worst"]) + " |")
     lines += ["", f"Wall time: {minutes:.1f} min."]
     return "\n".join(lines)
 
@@ -262,7 +265,8 @@ def infalign_study(cfg) -> list[dict]:
                 policy = load_model(f"{folder}/{ctrl.name}")[0].to(device).eval()
                 point, _, at_kl = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts, support,
                                                           asdict(ctrl), cfg.n, cfg.seed)
-                columns = [f"{key}_{judge}" for key in RATES for judge in JUDGES] + [f"kl_{kind}" for kind in world.KIND_MIX]
+                columns = ([f"{key}_{judge}" for key in RATES for judge in JUDGES] + [f"kl_{kind}" for kind in world.KIND_MIX]
+                           + ["bottom", "bottom_worst"])
                 trained.append({"transform": label, "grid_kl": grid_kl, "beta": beta, "seed": seed, "kl": point["kl"],
                                 **{c: point[c] for c in columns}, **{f"{c}_at_kl": at_kl[c] for c in columns}})
                 print(f"[infalign]   KL {point['kl']:.3f}; by {selector}, trained (optimum at that KL): " + ", ".join(

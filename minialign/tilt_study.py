@@ -6,6 +6,8 @@ under three (selector, judge) views, rewards of controlled quality (how good mus
 CTRL checkpoints beside their own optima. Its tables and figure are in the README's "The InfAlign
 comparison at the exact optimum".
 """
+import math
+
 import torch
 
 from . import tilt, world
@@ -198,12 +200,26 @@ def kl_by_kind(per_prompt: torch.Tensor, prompts: list[world.Prompt]) -> dict:
             for kind in world.KIND_MIX}
 
 
+BOTTOM = 0.1  # the bottom tenth of the support: where a worst-of-N's picks come from
+
+
+def bottom_share(weights: torch.Tensor, values: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Per prompt (P,): the probability ``weights`` (P, M) puts on responses whose ``values`` (P, M) are at
+    or below the support's (P, K) bottom tenth (its ceil(K / 10)-th lowest reward; pi_ref, uniform on the
+    support, puts at least a tenth there). A policy that keeps mass there loses WoN_N (README, verdict (d))."""
+    rank = math.ceil(BOTTOM * support.size(1))
+    cut = support.sort(1).values[:, rank - 1: rank]  # (P, 1)
+    return (weights * (values <= cut)).sum(1)
+
+
 def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts: list[world.Prompt], support: dict,
                             ctrl: dict, n: int, seed: int) -> list[dict]:
     """A trained CTRL policy beside the exact optimum of its own (transform, beta) on the held-out support,
     and beside the optimum at the KL it actually reached: KL and win rates against pi_ref, selected by
-    r and judged by r (the paper's view) and by gold. The policy is sampled as often as the support. A
-    policy trained on the gold reward (``--reward gold``) is set beside the optima selected by gold."""
+    r and judged by r (the paper's view) and by gold, and the share of each in the support's bottom tenth
+    by the selector (``bottom``: mean over prompts; ``bottom_worst``: the largest prompt's). The policy is
+    sampled as often as the support. A policy trained on the gold reward (``--reward gold``) is set beside
+    the optima selected by gold."""
     k = support["r"].size(1)
     texts = [p.text for p in prompts for _ in range(k)]
     responses, log_ratio = sample_responses(policy, tokenizer, [p.text for p in prompts], k, 128, seed + 11, reference)
@@ -217,8 +233,15 @@ def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts:
               (f"optimum at KL {kl:.2f}", tilt.inverse_beta_at_kl(phi, kl))]
     rows = []
     for label, lam in points:
-        per_prompt = log_ratio.view(len(prompts), k).mean(1) if lam is None else tilt.kl_to_reference(tilt.tilt(phi, lam))
-        row = {"point": label, "kl": float(per_prompt.mean()), **kl_by_kind(per_prompt, prompts)}
+        if lam is None:  # the policy's own samples, each 1/k
+            per_prompt = log_ratio.view(len(prompts), k).mean(1)
+            bottom = bottom_share(torch.full_like(selected, 1 / k), selected, support[selector])
+        else:
+            weights = tilt.tilt(phi, lam)  # (P, K) the optimum on the support
+            per_prompt = tilt.kl_to_reference(weights)
+            bottom = bottom_share(weights, support[selector], support[selector])
+        row = {"point": label, "kl": float(per_prompt.mean()), **kl_by_kind(per_prompt, prompts),
+               "bottom": float(bottom.mean()), "bottom_worst": float(bottom.max())}
         for judge, judged in (("r", r), ("gold", gold)):
             exact = (sampled_win_rates((selected, judged), (support[selector], support[judge]), n) if lam is None
                      else tilt.readout(phi, lam, support[selector], support[judge], n))

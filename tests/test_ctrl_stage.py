@@ -155,7 +155,7 @@ def test_matched_kl_interpolates_each_seed_then_averages_those_that_bracket_it(m
 def test_distance_rows_average_each_seeds_gap_to_the_optimum_at_its_kl():
     """Hand-computed: two seeds of one (transform, beta); gap = trained - optimum at the KL it reached."""
     columns = [f"{k}_{j}" for k in infalign_study.RATES for j in infalign_study.JUDGES]
-    columns += ["kl_benign", "kl_harmful", "kl_attacked"]
+    columns += ["kl_benign", "kl_harmful", "kl_attacked", "bottom", "bottom_worst"]
     runs = [{"transform": "log", "grid_kl": 0.2, "beta": 0.9, "seed": s, "kl": kl, **dict.fromkeys(columns, v),
              **{f"{c}_at_kl": opt for c in columns}} for s, kl, v, opt in ((0, 0.1, 0.70, 0.75), (1, 0.3, 0.80, 0.81))]
     row = infalign_study.distance_rows(runs)[0]
@@ -163,3 +163,4 @@ def test_distance_rows_average_each_seeds_gap_to_the_optimum_at_its_kl():
     assert row["won_gold_gap"] == pytest.approx(-0.03) and row["won_gold_gap_se"] == pytest.approx(0.02)
     assert row["kl_se"] == pytest.approx(0.1)
     assert row["kl_harmful"] == pytest.approx(0.75) and row["kl_harmful_at_kl"] == pytest.approx(0.78)
+    assert row["bottom_worst"] == pytest.approx(0.75) and row["bottom_at_kl"] == pytest.approx(0.78)

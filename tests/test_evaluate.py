@@ -119,3 +119,32 @@ def test_compare_policies_judges_by_r_and_by_gold_apart():
                            max_new_tokens=8)
     assert out["win_rate_gold"] == out["bon2_gold"] == 0.5 and out["win_rate_gold_se"] == 0.0
     assert out["win_rate_r"] != 0.5 and out["bon2_r"] != out["win_rate_r"]
+
+
+def test_sample_responses_log_ratio_is_the_full_forwards_difference():
+    """Each sample's log pi(y|x) - log pi_ref(y|x), from the sampler's log-probabilities and the
+    reference's length-sorted forward, equals the two models' full forwards on the same tokens (rows of
+    different lengths, more than one 256-row batch); and is 0 against the policy itself."""
+    from minialign.data import pad_responses
+    from minialign.evaluate import sample_responses
+    from minialign.model import GPT, GPTConfig, token_logprobs
+    from minialign.sampling import generate, stop_ids
+    from minialign.tokenizer import get_tokenizer
+    config = GPTConfig(vocab_size=257, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    policy, reference = GPT(config).eval(), GPT(config).eval()
+    tok = get_tokenizer("bytes")
+    prompts = ["Hi", "What is two and two?", "Say a word"]
+    _, log_ratio = sample_responses(policy, tok, prompts, 90, 12, seed=1, reference=reference)  # 270 rows
+    rows = [tok.encode(p) for p in prompts for _ in range(90)]
+    g = torch.Generator().manual_seed(1)  # the same draws, to know each sample's tokens
+    responses = [y for i in (0, 256) for y in generate(policy, rows[i: i + 256], 12, stop_ids(tok), temperature=1.0,
+                                                         generator=g, keep_stop=True)]
+    assert len({len(y) for y in responses}) > 1
+    ids, mask = pad_responses(rows, responses)
+    with torch.no_grad():
+        full = ((token_logprobs(policy, ids) - token_logprobs(reference, ids)) * mask).sum(1)  # (270,)
+    torch.testing.assert_close(log_ratio, full, rtol=0, atol=1e-4)
+    assert full.abs().mean() > 0.1  # two different models: the check can fail
+    _, itself = sample_responses(policy, tok, prompts, 4, 12, seed=1, reference=policy)
+    torch.testing.assert_close(itself, torch.zeros(12), rtol=0, atol=1e-4)

@@ -7,7 +7,7 @@ import torch
 
 from minialign import tilt, world
 from minialign.reward_model import prompt_scale
-from minialign.tilt_study import (TILT_TRANSFORMS, TILT_VIEWS, kl_by_kind, noisy_gold, phi_of, reward_quality_rows,
+from minialign.tilt_study import (TILT_TRANSFORMS, TILT_VIEWS, bottom_share, kl_by_kind, noisy_gold, phi_of, reward_quality_rows,
                                   style_agreement, tilt_markdown, tilt_rows)
 
 
@@ -81,3 +81,19 @@ def test_kl_by_kind_averages_the_per_prompt_kl_over_each_kind():
     out = kl_by_kind(torch.tensor([0.1, 0.3, 0.5, 0.7]), prompts)
     assert out == {"kl_benign": pytest.approx(0.2), "kl_harmful": pytest.approx(0.5), "kl_attacked": pytest.approx(0.7)}
     assert math.isnan(kl_by_kind(torch.tensor([0.1]), prompts[:1])["kl_harmful"])  # no harmful prompt
+
+
+def test_bottom_share_hand_case_and_pi_ref_and_a_strong_tilt():
+    """Support 1..12 (shuffled): its bottom tenth is the 2 lowest (ceil(12 / 10)), cut at 2. Responses
+    valued 1, 2, 2.5 with weights 0.2, 0.3, 0.5 put 0.5 there (the tie at the cut counts); pi_ref,
+    uniform on the support, 2/12; a policy tilted hard towards high rewards nearly none, and a
+    worst-of-N transform's optimum less than an identity's at the same KL."""
+    support = torch.tensor([[5.0, 1, 3, 2, 4, 6, 7, 8, 9, 10, 11, 12]], dtype=torch.float64)
+    share = bottom_share(torch.tensor([[0.2, 0.3, 0.5]]), torch.tensor([[1.0, 2.0, 2.5]]), support)
+    assert share.tolist() == [pytest.approx(0.5)]
+    assert bottom_share(torch.full_like(support, 1 / 12), support, support).tolist() == [pytest.approx(2 / 12)]
+    sharp = tilt.tilt(tilt.transformed("identity", 0.0, support), 50.0)
+    assert float(bottom_share(sharp, support, support)) < 1e-6
+    at_half = {t: tilt.tilt(phi, tilt.inverse_beta_at_kl(phi, 0.5)) for t, phi in
+               (("identity", tilt.transformed("identity", 0.0, support)), ("exp-4", tilt.transformed("exp", -4.0, support)))}
+    assert bottom_share(at_half["exp-4"], support, support) < bottom_share(at_half["identity"], support, support)
