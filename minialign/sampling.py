@@ -45,12 +45,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """Pick one token per row from logits (B, V): argmax at temperature 0, else a filtered sample."""
+               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pick one token per row from logits (B, V): argmax at temperature 0, else a filtered sample.
+    Returns the tokens (B,) and the tempered, filtered logits they were sampled from (B, V; None when greedy)."""
     if temperature == 0:
-        return logits.argmax(-1)
-    probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return logits.argmax(-1), None
+    sampled_from = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(F.softmax(sampled_from, dim=-1), 1, generator=generator).squeeze(-1), sampled_from
 
 
 def _check_room(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
@@ -87,17 +88,19 @@ def decode(step, logits: torch.Tensor, max_new_tokens: int, stop: set[int], temp
     host sync stalls a CUDA-graph decoder, so it checks rarely and decodes a few discarded tokens).
     Returns each row's new tokens up to its first stop token (included only with ``keep_stop``); with
     ``logprobs`` also the log-probability each of them was drawn with (a float tensor per row): the
-    sampling policy's own log pi(y_t | ...), which PPO needs as pi_old and a KL estimate as log pi.
+    sampling policy's own log pi(y_t | ...), which PPO needs as pi_old and a KL estimate as log pi
+    (sampling only: greedy decoding draws from no distribution).
     """
+    if logprobs and temperature == 0:
+        raise ValueError("decode: logprobs needs a sampled decoding (temperature > 0).")
     stop_tensor = torch.tensor(sorted(stop), dtype=torch.long, device=logits.device)
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
     tokens, drawn_with = [], []
     for i in range(max_new_tokens):
-        token = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        token, sampled_from = next_token(logits, temperature, top_k, top_p, generator)  # (B,), (B, V)
         tokens.append(token)
-        if logprobs:  # log of the probability next_token sampled from (temperature and filters applied)
-            logp = F.log_softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)  # (B, V)
-            drawn_with.append(logp.gather(1, token[:, None]).squeeze(1))  # (B,)
+        if logprobs:  # log of the probability each token was drawn with (temperature and filters applied)
+            drawn_with.append(F.log_softmax(sampled_from, dim=-1).gather(1, token[:, None]).squeeze(1))  # (B,)
         done |= torch.isin(token, stop_tensor)
         if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and done.all()):
             break
@@ -144,9 +147,9 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop: se
 
     def step(token: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # (B',), (B',) -> (B', V)
         nonlocal cache, held
-        if len(rows) <= SHRINK * len(held):  # enough rows stopped: one copy into a cache of the others
-            cache, held = cache.select(torch.searchsorted(held, rows)), rows
         where = torch.searchsorted(held, rows)  # (B',) cache row of each unfinished row
+        if len(rows) <= SHRINK * len(held):  # enough rows stopped: one copy into a cache of the others
+            cache, held, where = cache.select(where), rows, torch.arange(len(rows), device=rows.device)
         fed = torch.zeros(len(held), dtype=token.dtype, device=token.device)  # (H,) stopped rows still held:
         fed[where] = token                                                    # a dummy token, logits dropped
         return model.lm_head(model.hidden(fed[:, None], cache)[where, -1])
