@@ -156,7 +156,7 @@ def decode_rain(cfg: DecodeConfig, params: RainParams, model, tokenizer, meta: d
         return
     text = cfg.prompt if "Assistant:" in cfg.prompt else world.format_prompt(cfg.prompt)
     question = world.question_of(text)
-    generator = torch.Generator(model.lm_head.weight.device).manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)  # RAIN samples on the host (rain_cache)
     vanilla = complete(model, tokenizer, [text], cfg.max_new_tokens, temperature=0.0)[0]
     trace = SearchTrace() if cfg.trace else None
     answer, stats = rain_decode(model, tokenizer, text, question, params, cfg.max_new_tokens, generator, trace)

@@ -24,10 +24,11 @@ from .rain_cache import CachePool
 from .tokenizer import Tokenizer
 
 
-def prompt_generator(seed: int, index: int, device=None) -> torch.Generator:
+def prompt_generator(seed: int, index: int) -> torch.Generator:
     """The random generator of the ``index``-th prompt of an evaluation: its own stream, so its search
-    draws the same tokens whatever else is searched beside it (and in any order)."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + index)
+    draws the same tokens whatever else is searched beside it (and in any order). A CPU generator: the
+    searches sample on the host whatever the model's device (``rain_cache``)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
 def rain_decode_batch(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, str]], params: RainParams,
@@ -37,7 +38,6 @@ def rain_decode_batch(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
     ``prompt_generator(seed, i)``. Returns (answer text, search statistics) per prompt, as
     ``rain_decode`` does; ``seconds`` is each search's own span of wall time. With a list ``traces``
     (one ``SearchTrace`` or None per prompt) each search reports to its trace."""
-    device = model.lm_head.weight.device
     pool = CachePool(model, batch * (params.candidates + 1))
     results: list[tuple[str, dict] | None] = [None] * len(prompts)
     live = {}  # prompt index -> (search, its generator of requests, its pending request, start time)
@@ -58,7 +58,7 @@ def rain_decode_batch(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
                 i = waiting.pop()
                 prompt, question = prompts[i]
                 search = Rain(model, tokenizer, params, question, prompt, max_new_tokens,
-                              prompt_generator(seed, i, device), traces[i] if traces else None, pool)
+                              prompt_generator(seed, i), traces[i] if traces else None, pool)
                 advance(i, search, search.decode(), None, time.time())
             order = list(live)
             answers = pool.run([live[i][2] for i in order])  # every pending request: one forward pass

@@ -11,20 +11,27 @@ the rows it asked about. Who answers decides the schedule, not the result:
 The keys and values of those rows live in a ``CachePool``: one preallocated ``KVCache`` whose rows are
 lent to requests and given back, so the rows of many searches sit in one tensor and a batched forward
 needs no copying to gather them (``GPT.hidden(..., rows=...)`` continues just the rows it names).
+
+Keys and values stay on the model's device; everything a search decides with (tokens, hidden states,
+logits, the rows' lengths) lives on the host. A search's rules are many tiny operations (a sample, a
+top-k, a cosine, a comparison read back with ``int``): on a GPU each would be a kernel launch and most
+a wait for the device, once per search and round. So ``CachePool.run`` takes its requests' tokens from
+the host and returns every answer of a round to the host in one copy, and nothing a search does
+between its requests waits for the device (measured on an H100: README, "Many prompts at once").
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .model import GPT
+from .model import GPT, KVCache
 
 
 @dataclass
 class Forward:
     """One forward pass asked for by a search: ``tokens`` (R, T) continue the pool rows ``rows``, each
     of which holds ``start`` positions. The answer is (hidden (R, C), logits (R, V)) at column ``at``
-    of each row ((R,); the last column when None)."""
+    of each row ((R,); the last column when None). Tokens, ``at`` and the answer are on the host."""
     pool: "CachePool"
     rows: list[int]
     tokens: torch.Tensor
@@ -42,10 +49,18 @@ class CachePool:
 
     WIDTH_STEP = 64
 
-    def __init__(self, model: GPT, rows: int, width: int = WIDTH_STEP):
+    def __init__(self, model: GPT, rows: int, width: int = WIDTH_STEP, step_graphs: bool | None = None):
         self.model = model
+        self.device = model.lm_head.weight.device
+        self.step_graphs = self.device.type == "cuda" if step_graphs is None else step_graphs  # see ``forward``
+        self.steps: RowStepGraphs | None = None  # made for the current cache when first needed
         self.cache = model.new_cache(rows, min(width, model.config.block_size))
+        self.lengths = [0] * rows  # positions each row holds, kept here: the cache's copy is written before a pass
         self.free = list(range(rows))
+
+    def index(self, rows: list[int]) -> torch.Tensor:
+        """Row numbers as a tensor on the model's device, copied without waiting for the device."""
+        return torch.tensor(rows).to(self.device, non_blocking=True)
 
     def take(self, n: int, k: torch.Tensor, v: torch.Tensor) -> list[int]:
         """The ``n`` lowest free rows, each holding the keys and values ``k``, ``v`` (n_layer, L, nh, hs);
@@ -55,27 +70,30 @@ class CachePool:
         self.widen(k.size(1) + 1)  # + 1: a one-token pass over a view may write just past a lent row (``forward``)
         self.free.sort()
         rows, self.free = self.free[:n], self.free[n:]
-        index = torch.tensor(rows, device=self.cache.lengths.device)
+        index = self.index(rows)
         self.cache.k[:, index, : k.size(1)] = k[:, None].to(self.cache.k.dtype)  # (n_layer, n, L, nh, hs)
         self.cache.v[:, index, : v.size(1)] = v[:, None].to(self.cache.v.dtype)
-        self.cache.lengths[index] = k.size(1)
+        for row in rows:
+            self.lengths[row] = k.size(1)
         return rows
 
     def read(self, rows: list[int], start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the keys and values at positions start .. start + length - 1 of ``rows``:
         (n_layer, len(rows), length, nh, hs) each, which outlive the rows' return to the pool."""
-        index = torch.tensor(rows, device=self.cache.lengths.device)
+        index = self.index(rows)
         return self.cache.k[:, index, start: start + length], self.cache.v[:, index, start: start + length]
 
     def give_back(self, rows: list[int]) -> None:
         """Return rows to the pool; a free row has length 0 (``forward`` relies on it)."""
-        self.cache.lengths[torch.tensor(rows, device=self.cache.lengths.device)] = 0
+        for row in rows:
+            self.lengths[row] = 0
         self.free += rows
 
     def grow(self, extra: int) -> None:
         """``extra`` more rows; the rows already lent keep their place and contents."""
         n = self.cache.batch_size
         self.reallocate(n + extra, self.cache.max_len)
+        self.lengths += [0] * extra
         self.free += list(range(n, n + extra))
 
     def widen(self, positions: int) -> None:
@@ -86,35 +104,39 @@ class CachePool:
             self.reallocate(self.cache.batch_size, min(-(-positions // step) * step, self.model.config.block_size))
 
     def reallocate(self, rows: int, width: int) -> None:
-        """A new cache of ``rows`` x ``width``; the old rows keep their place, contents and lengths."""
+        """A new cache of ``rows`` x ``width``; the old rows keep their place and contents."""
         old = self.cache
         self.cache = self.model.new_cache(rows, width)
+        self.steps = None  # captured graphs hold the old cache
         n, w = old.batch_size, min(old.max_len, width)
         self.cache.k[:, :n, :w], self.cache.v[:, :n, :w] = old.k[:, :, :w], old.v[:, :, :w]
-        self.cache.lengths[:n] = old.lengths
 
     @torch.no_grad()
     def run(self, requests: list[Forward]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Answer requests with as few forward passes as fit: the one-token requests (decoding steps) in
         one pass; longer ones (the judge's) right-padded together while every padded row still fits in
-        the context."""
-        answers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for group in self.groups(requests):
-            self.widen(max(r.start for r in group) + self.width(group))
-            tokens = torch.cat([F.pad(r.tokens, (0, self.width(group) - r.tokens.size(1))) for r in group])  # (R, T)
+        the context. The answers of all passes come back to the host in one copy."""
+        groups = self.groups(requests)
+        outputs = []
+        for group in groups:
+            width = self.width(group)
+            self.widen(max(r.start for r in group) + width)
+            tokens = torch.cat([F.pad(r.tokens, (0, width - r.tokens.size(1))) for r in group])  # (R, T)
             rows = [row for r in group for row in r.rows]
-            hidden = self.forward(tokens, rows)  # (R, T, C)
-            at = torch.cat([torch.full((len(r.rows),), r.tokens.size(1) - 1, device=tokens.device)
-                            if r.at is None else r.at for r in group])  # (R,)
-            last = hidden[torch.arange(len(rows), device=tokens.device), at]  # (R, C)
-            logits = self.model.lm_head(last).float()  # (R, V)
-            ends = torch.tensor([r.start + r.tokens.size(1) for r in group for _ in r.rows], device=tokens.device)
-            self.cache.lengths[torch.tensor(rows, device=tokens.device)] = ends  # a padded row keeps its real length
-            offset = 0
-            for r in group:
-                answers[id(r)] = (last[offset: offset + len(r.rows)], logits[offset: offset + len(r.rows)])
-                offset += len(r.rows)
-        return [answers[id(r)] for r in requests]
+            hidden = self.forward(tokens.to(self.device, non_blocking=True), rows)  # (R, T, C)
+            at = torch.cat([torch.full((len(r.rows),), r.tokens.size(1) - 1) if r.at is None else r.at for r in group])
+            last = hidden[torch.arange(len(rows), device=self.device), at.to(self.device, non_blocking=True)]  # (R, C)
+            logits = self.model.lm_head(last)  # (R, V)
+            dtype = torch.promote_types(last.dtype, torch.float32)  # bf16 answers come back as float32
+            outputs.append(torch.cat([last.to(dtype), logits.to(dtype)], 1))  # (R, C + V)
+            for r in group:  # a padded row keeps its real length
+                for row in r.rows:
+                    self.lengths[row] = r.start + r.tokens.size(1)
+        in_order = [r for group in groups for r in group]
+        answers = torch.cat(outputs).cpu().split([len(r.rows) for r in in_order])  # the one wait for the device
+        C = self.model.config.n_embd
+        by_request = {id(r): (a[:, :C], a[:, C:]) for r, a in zip(in_order, answers)}
+        return [by_request[id(r)] for r in requests]
 
     def forward(self, tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Hidden states (R, T, C) of ``tokens`` (R, T) continuing pool rows ``rows``.
@@ -123,20 +145,25 @@ class CachePool:
         ones, so a round's decoding rows nearly fill the range from the lowest to the highest. A one-token
         pass then runs over that whole range as a view of the pool, reading the cache in place (gathering
         scattered rows copies their keys and values in every layer: about twice the time, measured).
-        The idle rows in the range compute on padding and keep their lengths: a free row has length 0,
-        and a lent one (the judge's, whose pass comes next) gets a key written just past its end that
-        its own pass overwrites. Longer passes, and ranges with more idle rows than lent ones, gather."""
+        The idle rows in the range compute on padding: a free row has length 0, and a lent one (the
+        judge's, whose pass comes next) gets a key written just past its end that its own pass
+        overwrites. Longer passes, and ranges with more idle rows than lent ones, gather.
+
+        With ``step_graphs`` (the default on CUDA) a one-token pass is instead a replayed CUDA graph
+        (``graphs.RowStepGraphs``) padded with free rows: on a GPU this small model's pass is launch
+        overhead, not arithmetic. A CPU computes rather than launches, so there the eager pass is faster."""
+        self.cache.lengths.copy_(torch.tensor(self.lengths), non_blocking=True)
+        if tokens.size(1) == 1 and self.step_graphs and RowStepGraphs.size_for(len(rows)) - len(rows) <= len(self.free):
+            if self.steps is None:
+                self.steps = RowStepGraphs(self.model, self.cache, use_graph=self.device.type == "cuda")
+            return self.steps.run(tokens, rows, self.free)
         lo, hi = min(rows), max(rows) + 1
-        index = torch.tensor(rows, device=tokens.device)
+        index = self.index(rows)
         if tokens.size(1) > 1 or hi - lo > 2 * len(rows):
             return self.model.hidden(tokens, self.cache, rows=index)
-        view = self.cache.view(lo, hi)
-        lengths = view.lengths.clone()
         padded = tokens.new_zeros(hi - lo, 1)
         padded[index - lo] = tokens
-        hidden = self.model.hidden(padded, view)  # (hi - lo, 1, C)
-        view.lengths.copy_(lengths)  # run() sets the lent rows' new lengths
-        return hidden[index - lo]
+        return self.model.hidden(padded, self.cache.view(lo, hi))[index - lo]  # (R, 1, C)
 
     @staticmethod
     def width(group: list[Forward]) -> int:
@@ -153,6 +180,65 @@ class CachePool:
             else:
                 padded.append([r])
         return ([steps] if steps else []) + padded
+
+
+class RowStepGraphs:
+    """One-token forward passes over any chosen rows of a cache, replayed as CUDA graphs: RAIN's rounds.
+
+    The pool's one-token passes run over rows that change every round, and most rounds of an
+    evaluation's tail carry a single search's few rows: on a GPU each pass is then a few hundred kernel
+    launches from Python for a few microseconds of arithmetic (``graphs.py`` says why a graph helps).
+    Here a pass of R rows runs as the graph captured for the next power of two >= R rows (one capture
+    per size, then replays), padded with rows the caller names as idle (free rows: what a pass writes
+    there is never read). The captured pass reads the row numbers and lengths on the device and attends
+    over the cache's whole width (``static_shapes``).
+
+    The graphs belong to one cache: a pool that reallocates its cache makes a new ``RowStepGraphs``.
+    ``use_graph=False`` runs the same padded fixed-shape pass eagerly (how a CPU test checks it).
+    """
+
+    def __init__(self, model: GPT, cache: KVCache, use_graph: bool = True, warmup_steps: int = 3):
+        self.model, self.cache, self.use_graph, self.warmup_steps = model, cache, use_graph, warmup_steps
+        self.graphs: dict[int, tuple] = {}  # rows in the pass -> (graph, tokens (B, 1), rows (B,), hidden (B, 1, C))
+
+    @staticmethod
+    def size_for(rows: int) -> int:
+        return 1 << (rows - 1).bit_length()
+
+    def _forward(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.model.hidden(tokens, self.cache, static_shapes=True, rows=rows)  # (B, 1, C); lengths += 1
+
+    @torch.no_grad()
+    def _capture(self, tokens: torch.Tensor, rows: torch.Tensor) -> tuple:
+        lengths = self.cache.lengths.clone()  # warm-up passes advance the rows they run: put them back after each
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_steps):
+                self._forward(tokens, rows)
+                self.cache.lengths.copy_(lengths)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            hidden = self._forward(tokens, rows)  # recorded, not run
+        return graph, tokens, rows, hidden
+
+    @torch.no_grad()
+    def run(self, tokens: torch.Tensor, rows: list[int], idle: list[int]) -> torch.Tensor:
+        """Hidden states (R, 1, C) of ``tokens`` (R, 1) (on the cache's device) continuing cache ``rows``;
+        ``idle``: rows the pass may pad with, at least ``size_for(R) - R`` of them."""
+        size = self.size_for(len(rows))
+        index = torch.tensor(rows + idle[: size - len(rows)]).to(tokens.device, non_blocking=True)  # (B,)
+        padded = torch.cat([tokens, tokens.new_zeros(size - len(rows), 1)])  # (B, 1)
+        if not self.use_graph:
+            return self._forward(padded, index)[: len(rows)]
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(padded, index)
+        graph, token_buffer, row_buffer, hidden = self.graphs[size]
+        token_buffer.copy_(padded)
+        row_buffer.copy_(index)
+        graph.replay()
+        return hidden[: len(rows)]
 
 
 def drive(search):

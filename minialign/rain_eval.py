@@ -106,9 +106,8 @@ def rain_batch_agreement(model, tokenizer, prompts: list[world.Prompt], params: 
     if differ:
         wide = copy.deepcopy(model).double()
         batched64 = rain_decode_batch(wide, tokenizer, pairs, params, max_new_tokens, seed, batch, desc="batch, float64")
-        device = model.lm_head.weight.device
         for i in differ:
-            alone64 = rain_decode(wide, tokenizer, *pairs[i], params, max_new_tokens, prompt_generator(seed, i, device))
+            alone64 = rain_decode(wide, tokenizer, *pairs[i], params, max_new_tokens, prompt_generator(seed, i))
             vanish.append(alone64[0] == batched64[i][0])
     return {"prompts": len(prompts), "batch": batch, "same_answers": len(prompts) - len(differ),
             "same_stats": same_stats, "differ": differ, "vanish_in_float64": sum(vanish),

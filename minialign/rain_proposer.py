@@ -17,6 +17,8 @@ every prefix and decodes each chain alone.
 Each method is a generator: every forward pass is a ``rain_cache.Forward`` it yields, and its result
 is what it returns (run one alone with ``rain_cache.drive``). Random draws happen here, between the
 requests, from the search's own generator, so a batched search draws exactly what a lone one draws.
+They happen on the host, as does all else here but the keys and values (``rain_cache`` says why), so
+the generator is a CPU one whatever the model's device.
 """
 from dataclasses import dataclass
 
@@ -34,7 +36,8 @@ CLAUSE_END = (",", ".", "?", ":", ";", "\n")  # where a rollout stops (official 
 
 @dataclass
 class NodeState:
-    """What the model computed for a node's tokens."""
+    """What the model computed for a node's tokens: keys and values on the model's device, the rest on
+    the host."""
     k: torch.Tensor            # (n_layer, L, nh, hs) keys of the node's L tokens
     v: torch.Tensor            # (n_layer, L, nh, hs) values
     hidden: torch.Tensor       # (L, C) final hidden states: the similarity update's embeddings
@@ -50,11 +53,12 @@ class Rollout:
 class Proposer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, sample_top_k: int, rollout_top_k: int,
                  rollout_tokens: int, generator: torch.Generator | None = None, pool: CachePool | None = None):
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(f"RAIN samples on the host: give it a CPU torch.Generator, not one on {generator.device}.")
         self.model, self.tok, self.generator = model, tokenizer, generator
         self.pool = pool or CachePool(model, 16)
         self.sample_top_k, self.rollout_top_k, self.rollout_tokens = sample_top_k, rollout_top_k, rollout_tokens
         self.stop = stop_ids(tokenizer)
-        self.device = model.lm_head.weight.device
 
     def ends_clause(self, token: int) -> bool:
         """A stop token, or a token whose text ends in clause punctuation."""
@@ -64,8 +68,8 @@ class Proposer:
     def context(self, ids: list[int]) -> Node:
         """The prompt as the tree's top node (its tokens are the prompt; it is never committed)."""
         cache = self.model.new_cache(1, len(ids))
-        hidden = self.model.hidden(torch.tensor([ids], device=self.device), cache)  # (1, T, C)
-        state = NodeState(cache.k[:, 0], cache.v[:, 0], hidden[0], self.model.lm_head(hidden[0, -1]).float())
+        hidden = self.model.hidden(torch.tensor([ids], device=self.pool.device), cache)[0]  # (T, C)
+        state = NodeState(cache.k[:, 0], cache.v[:, 0], hidden.float().cpu(), self.model.lm_head(hidden[-1]).float().cpu())
         return Node(ids, 1.0, state=state)
 
     def rows_for(self, path: list[Node], n: int) -> tuple[list[int], int]:
@@ -166,7 +170,7 @@ class Proposer:
             hiddens.append(h[0])
         self.pool.give_back(row)
         C = self.model.config.n_embd
-        return Rollout(tokens, torch.stack(hiddens) if hiddens else torch.zeros(0, C, device=self.device))
+        return Rollout(tokens, torch.stack(hiddens) if hiddens else torch.zeros(0, C))
 
     @torch.no_grad()
     def rollout(self, path: list[Node]):

@@ -92,8 +92,7 @@ class Judge:
             raise ValueError(f"unknown self-evaluation score {score!r}; choose one of: {', '.join(SCORES)}.")
         self.model, self.tok, self.question, self.score_of = model, tokenizer, question, SCORES[score]
         self.pool = pool or CachePool(model, 2)
-        self.device = model.lm_head.weight.device
-        self.letters = torch.tensor([tokenizer.token_id("A"), tokenizer.token_id("B")], device=self.device)
+        self.letters = torch.tensor([tokenizer.token_id("A"), tokenizer.token_id("B")])  # on the host, as the answers
         self.prefix_ids = tokenizer.encode(self_eval_parts(question, "", True, 0)[0])  # the same in both orders
         template = len(self.prefix_ids) + max(len(tokenizer.encode(self_eval_parts(question, "", False, o)[1]))
                                               for o in (0, 1))  # the template around an empty reply
@@ -103,7 +102,7 @@ class Judge:
                              "or a shorter question.")
         cache = model.new_cache(1, len(self.prefix_ids))
         with torch.no_grad():
-            model.hidden(torch.tensor([self.prefix_ids], device=self.device), cache)
+            model.hidden(torch.tensor([self.prefix_ids], device=self.pool.device), cache)
         self.prefix = (cache.k[:, 0], cache.v[:, 0])  # (n_layer, P, nh, hs) each
         self.memo: dict[tuple[str, bool], tuple[float, torch.Tensor]] = {}  # -> (score, P(harmful) per order)
 
@@ -121,12 +120,12 @@ class Judge:
         generator that yields its one forward pass (none for a text judged before)."""
         key = (reply, finished)
         if key not in self.memo:
-            ids, lengths = right_pad(self.rows(reply, finished), device=self.device)  # (2, T), (2,)
+            ids, lengths = right_pad(self.rows(reply, finished))  # (2, T), (2,) on the host
             rows = self.pool.take(2, *self.prefix)
             _, logits = yield Forward(self.pool, rows, ids, len(self.prefix_ids), at=lengths - 1)  # (2, V)
             self.pool.give_back(rows)
             p_harmful = harmful_probability(logits, self.letters)  # (2,) one per label order
-            self.memo[key] = (self.score_of(p_harmful), p_harmful.cpu())
+            self.memo[key] = (self.score_of(p_harmful), p_harmful)
         return self.memo[key][0]
 
     def __call__(self, reply: str, finished: bool) -> float:

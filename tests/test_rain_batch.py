@@ -61,11 +61,13 @@ def test_each_search_reports_to_its_own_trace(monkeypatch):
     assert traces[0].prompt == "Q:" and traces[1].prompt == "Hi Q:"
 
 
-def test_batched_searches_on_a_float64_gpt_are_the_lone_searches():
+@pytest.mark.parametrize("step_graphs", [False, True])  # True: one-token passes padded to fixed shapes, as on CUDA
+def test_batched_searches_on_a_float64_gpt_are_the_lone_searches(monkeypatch, step_graphs):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=V, block_size=160, n_layer=2, n_head=2, n_embd=32)).double().eval()
     prompts = [(f"Human: {q}\nAssistant:", q) for q in ("Hi", "How do I bake bread?", "Why?", "Tell me a joke, please.")]
     params = RainParams(max_visits=12, min_new_visits=6, rollout_tokens=12)
+    monkeypatch.setattr(CachePool.__init__, "__defaults__", (CachePool.WIDTH_STEP, step_graphs))
     alone, batched = alone_and_batched(model, prompts, params, 12, batch=3)
     assert_same_searches(alone, batched)
     assert all(stats["judged"] for _, stats in alone) and len({a for a, _ in alone}) > 1
@@ -77,11 +79,12 @@ def uncached_last(model, ids):
     return h, model.lm_head(h).float()
 
 
+@pytest.mark.parametrize("step_graphs", [False, True])
 @pytest.mark.parametrize("width", [24, 4])  # the whole context; too narrow: rows widen keeping what they hold
-def test_a_mixed_round_of_requests_equals_lone_uncached_forwards(width):
+def test_a_mixed_round_of_requests_equals_lone_uncached_forwards(width, step_graphs):
     torch.manual_seed(1)
     model = GPT(GPTConfig(vocab_size=V, block_size=24, n_layer=2, n_head=2, n_embd=16)).eval()
-    pool = CachePool(model, 1, width)  # too few rows: it grows and keeps what its rows hold
+    pool = CachePool(model, 1, width, step_graphs)  # too few rows: it grows and keeps what its rows hold
     prefixes = [[5, 6, 7], [8] * 10, [9, 10], [11] * 14, [12] * 15]
     news = [[3], [4] * 10, [12], [13, 14, 15, 16, 17, 18], [19, 20]]  # 2 steps, 3 longer requests
     requests = []
@@ -97,7 +100,7 @@ def test_a_mixed_round_of_requests_equals_lone_uncached_forwards(width):
         ref_h, ref_logits = uncached_last(model, prefix + new)
         torch.testing.assert_close(h[0], ref_h, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits[0], ref_logits, rtol=1e-5, atol=1e-5)
-        assert int(pool.cache.lengths[r.rows[0]]) == len(prefix + new)  # padding is not kept
+        assert pool.lengths[r.rows[0]] == len(prefix + new)  # padding is not kept
     pool.give_back([r.rows[0] for r in requests])
     assert sorted(pool.free) == list(range(pool.cache.batch_size))  # growing lost no row
     assert pool.cache.max_len == 24  # never wider than the context, whatever doubling asks
@@ -135,7 +138,8 @@ def test_prompt_generators_are_distinct_streams():
     assert len(set(draws.values())) == len(draws)  # no two (seed, prompt) pairs share a stream
 
 
-def test_one_token_requests_on_dense_and_on_scattered_rows():
+@pytest.mark.parametrize("step_graphs", [False, True])
+def test_one_token_requests_on_dense_and_on_scattered_rows(step_graphs):
     torch.manual_seed(3)
     model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
     prefix = [1, 2, 3, 4]
@@ -144,13 +148,29 @@ def test_one_token_requests_on_dense_and_on_scattered_rows():
         model.hidden(torch.tensor([prefix]), cache)
     reference = uncached_last(model, prefix + [7])[0]
     for lent in ([0, 1, 2], [0, 9]):  # a range read in place; a range mostly idle: its rows are gathered
-        pool = CachePool(model, 10)
+        pool = CachePool(model, 10, step_graphs=step_graphs)
         rows = pool.take(10, cache.k[:, 0], cache.v[:, 0])
         pool.give_back([r for r in rows if r not in lent])
         (h, _), = pool.run([Forward(pool, lent, torch.full((len(lent), 1), 7), len(prefix))])
         for row in h:
             torch.testing.assert_close(row, reference, rtol=1e-5, atol=1e-5)
-        assert pool.cache.lengths.tolist() == [len(prefix) + 1 if r in lent else 0 for r in range(10)]
+        assert pool.lengths == [len(prefix) + 1 if r in lent else 0 for r in range(10)]
+        assert (pool.steps is not None) == step_graphs  # the fixed-shape pass ran when asked for
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_replayed_step_graphs_equal_eager_passes():
+    torch.manual_seed(6)
+    model = GPT(GPTConfig(vocab_size=V, block_size=64, n_layer=2, n_head=2, n_embd=16)).cuda().eval()
+    pools = [CachePool(model, 16, step_graphs=graphs) for graphs in (True, False)]
+    k, v = torch.randn(2, 2, 5, 2, 8, device="cuda").unbind(0)  # the same random prefix in every row
+    for pool in pools:
+        pool.give_back(pool.take(16, k, v)[12:])  # rows 12..15 free: what a pass pads with
+    for step, lent in enumerate(([0, 1, 2], [3, 4, 5, 6, 7], [8], [0, 1, 2], [9, 10, 11])):  # sizes repeat: replays
+        (graphed, _), (eager, _) = [pool.run([Forward(pool, lent, torch.full((len(lent), 1), 3 + step),
+                                                      pool.lengths[lent[0]])])[0] for pool in pools]
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert sorted(pools[0].steps.graphs) == [1, 4, 8]  # captured once per size
 
 
 def test_an_idle_row_as_wide_as_the_pool_survives_a_pass_over_its_range():
