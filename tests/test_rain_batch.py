@@ -8,7 +8,7 @@ import minialign.rain as rain
 from minialign.model import GPT, GPTConfig
 from minialign.rain import RainParams, rain_decode
 from minialign.rain_batch import prompt_generator, rain_decode_batch
-from minialign.rain_cache import CachePool, Forward
+from minialign.rain_cache import CachePool, Forward, RowStepGraphs
 from test_rain import TOK, V, BigramModel, ScriptedJudge
 
 STATS = ("iterations", "rewinds", "nodes", "additions", "sibling_pairs", "similar_pairs", "max_new_tokens")
@@ -158,11 +158,17 @@ def test_one_token_requests_on_dense_and_on_scattered_rows(step_graphs):
         assert (pool.steps is not None) == step_graphs  # the fixed-shape pass ran when asked for
 
 
+def test_step_graphs_are_cuda_only_by_default_and_sized_in_powers_of_two():
+    model = GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    assert CachePool(model, 2).step_graphs is False  # a CPU computes rather than launches: exact spans are faster
+    assert [RowStepGraphs.size_for(n) for n in (1, 2, 3, 4, 5, 8, 9, 11)] == [1, 2, 4, 4, 8, 8, 16, 16]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_replayed_step_graphs_equal_eager_passes():
     torch.manual_seed(6)
     model = GPT(GPTConfig(vocab_size=V, block_size=64, n_layer=2, n_head=2, n_embd=16)).cuda().eval()
-    pools = [CachePool(model, 16, step_graphs=graphs) for graphs in (True, False)]
+    pools = [CachePool(model, 16), CachePool(model, 16, step_graphs=False)]  # graphs: the default on CUDA
     k, v = torch.randn(2, 2, 5, 2, 8, device="cuda").unbind(0)  # the same random prefix in every row
     for pool in pools:
         pool.give_back(pool.take(16, k, v)[12:])  # rows 12..15 free: what a pass pads with
