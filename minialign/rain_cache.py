@@ -150,7 +150,7 @@ class CachePool:
         overwrites. Longer passes, and ranges with more idle rows than lent ones, gather.
 
         With ``step_graphs`` (the default on CUDA) a one-token pass is instead a replayed CUDA graph
-        (``graphs.RowStepGraphs``) padded with free rows: on a GPU this small model's pass is launch
+        (``RowStepGraphs``, below) padded with free rows: on a GPU this small model's pass is launch
         overhead, not arithmetic. A CPU computes rather than launches, so there the eager pass is faster."""
         self.cache.lengths.copy_(torch.tensor(self.lengths), non_blocking=True)
         if tokens.size(1) == 1 and self.step_graphs and RowStepGraphs.size_for(len(rows)) - len(rows) <= len(self.free):
@@ -203,6 +203,8 @@ class RowStepGraphs:
 
     @staticmethod
     def size_for(rows: int) -> int:
+        """The rows a pass of ``rows`` rows runs with: the next power of two, so a pool of N rows needs at
+        most log2(N) + 1 captures."""
         return 1 << (rows - 1).bit_length()
 
     def _forward(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
