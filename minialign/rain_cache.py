@@ -18,6 +18,8 @@ top-k, a cosine, a comparison read back with ``int``): on a GPU each would be a 
 a wait for the device, once per search and round. So ``CachePool.run`` takes its requests' tokens from
 the host and returns every answer of a round to the host in one copy, and nothing a search does
 between its requests waits for the device (measured on an H100: README, "Many prompts at once").
+What remains on the device is the passes themselves, and on a GPU the one-token ones (most requests)
+are replayed CUDA graphs (``RowStepGraphs``, at the end of this file).
 """
 from dataclasses import dataclass
 
