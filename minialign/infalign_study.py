@@ -53,6 +53,8 @@ GRID_KLS = (0.2, 0.5)  # each transform is trained at the two betas whose exact 
 MATCHED_KL = 0.35      # where the transforms are compared: between the grid's KLs
 RATES = ("win_rate", "bon", "won")
 JUDGES = ("r", "gold")
+# where a point spends its KL (mean over each kind's prompts) and its mass in the support's bottom tenth
+SPREAD = tuple(f"kl_{kind}" for kind in world.KIND_MIX) + ("bottom", "bottom_worst")
 
 
 def compared(reward: str) -> list[tuple[str, float]]:
@@ -154,7 +156,7 @@ def distance_rows(trained: list[dict]) -> list[dict]:
         row = {"transform": point[0], "grid_kl": point[1], "beta": point[2], "seeds": len(runs)}
         row["kl"], row["kl_se"] = mean_se([r["kl"] for r in runs])
         # where the KL and the bottom tenth's mass go: trained, and the optimum at the same mean KL
-        for column in [f"kl_{kind}" for kind in world.KIND_MIX] + ["bottom", "bottom_worst"]:
+        for column in SPREAD:
             row[column] = sum(r[column] for r in runs) / len(runs)
             row[f"{column}_at_kl"] = sum(r[f"{column}_at_kl"] for r in runs) / len(runs)
         for judge in JUDGES:
@@ -193,11 +195,10 @@ def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, pro
               f"the support's bottom tenth by {selector} (WoN's picks; pi_ref: a tenth or more), mean over prompts and on "
               "the prompt with the most; trained (the optimum at the same mean KL), mean across seeds:", "",
               "| transform | optimum's KL at beta | " + " | ".join(f"KL, {kind}" for kind in world.KIND_MIX)
-              + " | bottom tenth, mean | bottom tenth, worst prompt |", "|---|---|" + "---|" * (len(world.KIND_MIX) + 2)]
+              + " | bottom tenth, mean | bottom tenth, worst prompt |", "|---|---|" + "---|" * len(SPREAD)]
     for row in distances:
         lines.append(f"| {row['transform']} | {row['grid_kl']:g} | " + " | ".join(
-            f"{row[c]:.2f} ({row[f'{c}_at_kl']:.2f})" for c in [f"kl_{kind}" for kind in world.KIND_MIX]
-            + ["bottom", "bottom_worst"]) + " |")
+            f"{row[c]:.2f} ({row[f'{c}_at_kl']:.2f})" for c in SPREAD) + " |")
     lines += ["", f"Wall time: {minutes:.1f} min."]
     return "\n".join(lines)
 
@@ -265,8 +266,7 @@ def infalign_study(cfg) -> list[dict]:
                 policy = load_model(f"{folder}/{ctrl.name}")[0].to(device).eval()
                 point, _, at_kl = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts, support,
                                                           asdict(ctrl), cfg.n, cfg.seed)
-                columns = ([f"{key}_{judge}" for key in RATES for judge in JUDGES] + [f"kl_{kind}" for kind in world.KIND_MIX]
-                           + ["bottom", "bottom_worst"])
+                columns = [f"{key}_{judge}" for key in RATES for judge in JUDGES] + list(SPREAD)
                 trained.append({"transform": label, "grid_kl": grid_kl, "beta": beta, "seed": seed, "kl": point["kl"],
                                 **{c: point[c] for c in columns}, **{f"{c}_at_kl": at_kl[c] for c in columns}})
                 print(f"[infalign]   KL {point['kl']:.3f}; by {selector}, trained (optimum at that KL): " + ", ".join(
