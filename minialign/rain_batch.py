@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .model import GPT
 from .rain import Rain, RainParams, search_result
-from .rain_cache import CachePool
+from .rain_cache import CachePool, RowGraphs
 from .tokenizer import Tokenizer
 
 
@@ -38,7 +38,9 @@ def rain_decode_batch(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
     ``prompt_generator(seed, i)``. Returns (answer text, search statistics) per prompt, as
     ``rain_decode`` does; ``seconds`` is each search's own span of wall time. With a list ``traces``
     (one ``SearchTrace`` or None per prompt) each search reports to its trace."""
-    pool = CachePool(model, batch * (params.candidates + 1))
+    # a search holds at most K + 1 rows at once; a lone search's K + 1-row steps run padded to the next
+    # power of two (``RowGraphs`` on CUDA), so the pool has at least that many rows to pad with
+    pool = CachePool(model, max(batch * (params.candidates + 1), RowGraphs.size_for(params.candidates + 1)))
     results: list[tuple[str, dict] | None] = [None] * len(prompts)
     live = {}  # prompt index -> (search, its generator of requests, its pending request, start time)
     waiting = list(range(len(prompts)))[::-1]

@@ -18,8 +18,8 @@ top-k, a cosine, a comparison read back with ``int``): on a GPU each would be a 
 a wait for the device, once per search and round. So ``CachePool.run`` takes its requests' tokens from
 the host and returns every answer of a round to the host in one copy, and nothing a search does
 between its requests waits for the device (measured on an H100: README, "Many prompts at once").
-What remains on the device is the passes themselves, and on a GPU the one-token ones (most requests)
-are replayed CUDA graphs (``RowStepGraphs``, at the end of this file).
+What remains on the device is the passes themselves, and on a GPU they are replayed CUDA graphs
+(``RowGraphs``, at the end of this file).
 """
 from dataclasses import dataclass
 
@@ -51,11 +51,11 @@ class CachePool:
 
     WIDTH_STEP = 64
 
-    def __init__(self, model: GPT, rows: int, width: int = WIDTH_STEP, step_graphs: bool | None = None):
+    def __init__(self, model: GPT, rows: int, width: int = WIDTH_STEP, graphs: bool | None = None):
         self.model = model
         self.device = model.lm_head.weight.device
-        self.step_graphs = self.device.type == "cuda" if step_graphs is None else step_graphs  # see ``forward``
-        self.steps: RowStepGraphs | None = None  # made for the current cache when first needed
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs  # see ``forward``
+        self.replays: RowGraphs | None = None  # made for the current cache when first needed
         self.cache = model.new_cache(rows, min(width, model.config.block_size))
         self.lengths = [0] * rows  # positions each row holds, kept here: the cache's copy is written before a pass
         self.free = list(range(rows))
@@ -109,7 +109,7 @@ class CachePool:
         """A new cache of ``rows`` x ``width``; the old rows keep their place and contents."""
         old = self.cache
         self.cache = self.model.new_cache(rows, width)
-        self.steps = None  # captured graphs hold the old cache
+        self.replays = None  # captured graphs hold the old cache
         n, w = old.batch_size, min(old.max_len, width)
         self.cache.k[:, :n, :w], self.cache.v[:, :n, :w] = old.k[:, :, :w], old.v[:, :, :w]
 
@@ -117,17 +117,25 @@ class CachePool:
     def run(self, requests: list[Forward]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Answer requests with as few forward passes as fit: the one-token requests (decoding steps) in
         one pass; longer ones (the judge's) right-padded together while every padded row still fits in
-        the context. The answers of all passes come back to the host in one copy."""
+        the context, and with ``graphs`` further to ``RowGraphs.columns_for`` where that fits too. The
+        answers of all passes come back to the host in one copy."""
         groups = self.groups(requests)
         outputs = []
         for group in groups:
-            width = self.width(group)
-            self.widen(max(r.start for r in group) + width)
+            width, start = self.width(group), max(r.start for r in group)
+            if self.graphs and start + RowGraphs.columns_for(width) <= self.model.config.block_size:
+                # a few shapes, each captured once (``RowGraphs``); a padded column writes a key past
+                # its row's length, which the row's next pass overwrites before any query reads it
+                width = RowGraphs.columns_for(width)
+            self.widen(start + width)
             tokens = torch.cat([F.pad(r.tokens, (0, width - r.tokens.size(1))) for r in group])  # (R, T)
             rows = [row for r in group for row in r.rows]
             hidden = self.forward(tokens.to(self.device, non_blocking=True), rows)  # (R, T, C)
-            at = torch.cat([torch.full((len(r.rows),), r.tokens.size(1) - 1) if r.at is None else r.at for r in group])
-            last = hidden[torch.arange(len(rows), device=self.device), at.to(self.device, non_blocking=True)]  # (R, C)
+            if width == 1:  # decoding steps: the one column
+                last = hidden[:, 0]  # (R, C)
+            else:
+                at = torch.cat([torch.full((len(r.rows),), r.tokens.size(1) - 1) if r.at is None else r.at for r in group])
+                last = hidden[torch.arange(len(rows), device=self.device), at.to(self.device, non_blocking=True)]  # (R, C)
             logits = self.model.lm_head(last)  # (R, V)
             dtype = torch.promote_types(last.dtype, torch.float32)  # bf16 answers come back as float32
             outputs.append(torch.cat([last.to(dtype), logits.to(dtype)], 1))  # (R, C + V)
@@ -151,14 +159,14 @@ class CachePool:
         judge's, whose pass comes next) gets a key written just past its end that its own pass
         overwrites. Longer passes, and ranges with more idle rows than lent ones, gather.
 
-        With ``step_graphs`` (the default on CUDA) a one-token pass is instead a replayed CUDA graph
-        (``RowStepGraphs``, below) padded with free rows: on a GPU this small model's pass is launch
-        overhead, not arithmetic. A CPU computes rather than launches, so there the eager pass is faster."""
+        With ``graphs`` (the default on CUDA) a pass is instead a replayed CUDA graph (``RowGraphs``,
+        below) padded with free rows: on a GPU this small model's pass is launch overhead, not
+        arithmetic. A CPU computes rather than launches, so there the eager pass is faster."""
         self.cache.lengths.copy_(torch.tensor(self.lengths), non_blocking=True)
-        if tokens.size(1) == 1 and self.step_graphs and RowStepGraphs.size_for(len(rows)) - len(rows) <= len(self.free):
-            if self.steps is None:
-                self.steps = RowStepGraphs(self.model, self.cache, use_graph=self.device.type == "cuda")
-            return self.steps.run(tokens, rows, self.free)
+        if self.graphs and RowGraphs.size_for(len(rows)) - len(rows) <= len(self.free):
+            if self.replays is None:
+                self.replays = RowGraphs(self.model, self.cache, use_graph=self.device.type == "cuda")
+            return self.replays.run(tokens, rows, self.free)
         lo, hi = min(rows), max(rows) + 1
         index = self.index(rows)
         if tokens.size(1) > 1 or hi - lo > 2 * len(rows):
@@ -184,33 +192,44 @@ class CachePool:
         return ([steps] if steps else []) + padded
 
 
-class RowStepGraphs:
-    """One-token forward passes over any chosen rows of a cache, replayed as CUDA graphs: RAIN's rounds.
+class RowGraphs:
+    """Forward passes over any chosen rows of a cache, replayed as CUDA graphs: RAIN's rounds.
 
-    The pool's one-token passes run over rows that change every round, and most rounds of an
-    evaluation's tail carry a single search's few rows: on a GPU each pass is then a few hundred kernel
-    launches from Python for a few microseconds of arithmetic (``graphs.py`` says why a graph helps).
-    Here a pass of R rows runs as the graph captured for the next power of two >= R rows (one capture
-    per size, then replays), padded with rows the caller names as idle (free rows: what a pass writes
-    there is never read). The captured pass reads the row numbers and lengths on the device and attends
-    over the cache's whole width (``static_shapes``).
+    The pool's passes run over rows that change every round, and most rounds of an evaluation's tail
+    carry a single search's few rows: on a GPU each pass is then a few hundred kernel launches from
+    Python for a few microseconds of arithmetic (``graphs.py`` says why a graph helps). Here a pass of
+    R rows and T tokens runs as the graph captured for its shape rounded up: the next power of two >= R
+    rows, padded with rows the caller names as idle (free rows: what a pass writes there is never
+    read), and T tokens as the caller padded them (``columns_for``: one for a decoding step, a multiple
+    of ``COLUMN_STEP`` for the judge's templates). One capture per shape, then replays. The captured
+    pass reads the row numbers and lengths on the device and attends over the cache's whole width
+    (``static_shapes``).
 
-    The graphs belong to one cache: a pool that reallocates its cache makes a new ``RowStepGraphs``.
+    The graphs belong to one cache: a pool that reallocates its cache makes a new ``RowGraphs``.
     ``use_graph=False`` runs the same padded fixed-shape pass eagerly (how a CPU test checks it).
     """
 
+    COLUMN_STEP = 32
+
     def __init__(self, model: GPT, cache: KVCache, use_graph: bool = True, warmup_steps: int = 3):
         self.model, self.cache, self.use_graph, self.warmup_steps = model, cache, use_graph, warmup_steps
-        self.graphs: dict[int, tuple] = {}  # rows in the pass -> (graph, tokens (B, 1), rows (B,), hidden (B, 1, C))
+        self.graphs: dict[tuple[int, int], tuple] = {}  # (rows, tokens) -> (graph, tokens (B, T), rows (B,), hidden (B, T, C))
 
     @staticmethod
     def size_for(rows: int) -> int:
         """The rows a pass of ``rows`` rows runs with: the next power of two, so a pool of N rows needs at
-        most log2(N) + 1 captures."""
+        most log2(N) + 1 captures per width."""
         return 1 << (rows - 1).bit_length()
 
+    @classmethod
+    def columns_for(cls, tokens: int) -> int:
+        """The tokens a pass of ``tokens`` new tokens per row is padded to: one stays one (a decoding
+        step); longer ones round up to a multiple of ``COLUMN_STEP`` (the judge's templates vary in length
+        by the reply; a handful of widths is a handful of captures)."""
+        return tokens if tokens == 1 else -(-tokens // cls.COLUMN_STEP) * cls.COLUMN_STEP
+
     def _forward(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.model.hidden(tokens, self.cache, static_shapes=True, rows=rows)  # (B, 1, C); lengths += 1
+        return self.model.hidden(tokens, self.cache, static_shapes=True, rows=rows)  # (B, T, C); lengths += T
 
     @torch.no_grad()
     def _capture(self, tokens: torch.Tensor, rows: torch.Tensor) -> tuple:
@@ -229,16 +248,16 @@ class RowStepGraphs:
 
     @torch.no_grad()
     def run(self, tokens: torch.Tensor, rows: list[int], idle: list[int]) -> torch.Tensor:
-        """Hidden states (R, 1, C) of ``tokens`` (R, 1) (on the cache's device) continuing cache ``rows``;
+        """Hidden states (R, T, C) of ``tokens`` (R, T) (on the cache's device) continuing cache ``rows``;
         ``idle``: rows the pass may pad with, at least ``size_for(R) - R`` of them."""
-        size = self.size_for(len(rows))
+        size, T = self.size_for(len(rows)), tokens.size(1)
         index = torch.tensor(rows + idle[: size - len(rows)]).to(tokens.device, non_blocking=True)  # (B,)
-        padded = torch.cat([tokens, tokens.new_zeros(size - len(rows), 1)])  # (B, 1)
+        padded = torch.cat([tokens, tokens.new_zeros(size - len(rows), T)])  # (B, T)
         if not self.use_graph:
             return self._forward(padded, index)[: len(rows)]
-        if size not in self.graphs:
-            self.graphs[size] = self._capture(padded, index)
-        graph, token_buffer, row_buffer, hidden = self.graphs[size]
+        if (size, T) not in self.graphs:
+            self.graphs[size, T] = self._capture(padded, index)
+        graph, token_buffer, row_buffer, hidden = self.graphs[size, T]
         token_buffer.copy_(padded)
         row_buffer.copy_(index)
         graph.replay()

@@ -80,8 +80,11 @@ class Proposer:
 
     def sample(self, logits: torch.Tensor, top_k: int) -> torch.Tensor:
         """One token per row of logits (B, V), at temperature 1 from the top-k (0: all) distribution."""
-        probs = F.softmax(filter_logits(logits, top_k), -1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)  # (B,)
+        return self.draw(filter_logits(logits, top_k))
+
+    def draw(self, filtered: torch.Tensor) -> torch.Tensor:
+        """One token per row of logits (B, V) already masked by ``filter_logits``, at temperature 1."""
+        return torch.multinomial(F.softmax(filtered, -1), 1, generator=self.generator).squeeze(-1)  # (B,)
 
     def step(self, rows: list[int], tokens: torch.Tensor, start: int):
         """Feed one token per row (R,) to pool rows holding ``start`` positions: returns hidden states
@@ -118,9 +121,10 @@ class Proposer:
         logits = leaf.state.next_logits.expand(len(rows), -1)  # (R, V)
         tokens, hiddens, logps = [], [], []
         for i in range(length):  # one batched forward per token for all chains
-            t = self.sample(logits[:k], self.sample_top_k)  # (k,)
+            filtered = filter_logits(logits[:k], self.sample_top_k)  # (k, V): each chain's top-15 distribution
+            t = self.draw(filtered)  # (k,)
             t[0] = logits[0].argmax()  # row 0 is the greedy chain
-            logps.append(F.log_softmax(filter_logits(logits[:k], self.sample_top_k), -1).gather(-1, t[:, None]))
+            logps.append(F.log_softmax(filtered, -1).gather(-1, t[:, None]))
             if with_rollout:
                 t = torch.cat([t, self.sample(logits[k:], self.rollout_top_k)])
             tokens.append(t)

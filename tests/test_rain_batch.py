@@ -8,7 +8,7 @@ import minialign.rain as rain
 from minialign.model import GPT, GPTConfig
 from minialign.rain import RainParams, rain_decode
 from minialign.rain_batch import prompt_generator, rain_decode_batch
-from minialign.rain_cache import CachePool, Forward, RowStepGraphs
+from minialign.rain_cache import CachePool, Forward, RowGraphs
 from test_rain import TOK, V, BigramModel, ScriptedJudge
 
 STATS = ("iterations", "rewinds", "nodes", "additions", "sibling_pairs", "similar_pairs", "max_new_tokens")
@@ -61,13 +61,13 @@ def test_each_search_reports_to_its_own_trace(monkeypatch):
     assert traces[0].prompt == "Q:" and traces[1].prompt == "Hi Q:"
 
 
-@pytest.mark.parametrize("step_graphs", [False, True])  # True: one-token passes padded to fixed shapes, as on CUDA
-def test_batched_searches_on_a_float64_gpt_are_the_lone_searches(monkeypatch, step_graphs):
+@pytest.mark.parametrize("graphs", [False, True])  # True: passes padded to fixed shapes, as on CUDA
+def test_batched_searches_on_a_float64_gpt_are_the_lone_searches(monkeypatch, graphs):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=V, block_size=160, n_layer=2, n_head=2, n_embd=32)).double().eval()
     prompts = [(f"Human: {q}\nAssistant:", q) for q in ("Hi", "How do I bake bread?", "Why?", "Tell me a joke, please.")]
     params = RainParams(max_visits=12, min_new_visits=6, rollout_tokens=12)
-    monkeypatch.setattr(CachePool.__init__, "__defaults__", (CachePool.WIDTH_STEP, step_graphs))
+    monkeypatch.setattr(CachePool.__init__, "__defaults__", (CachePool.WIDTH_STEP, graphs))
     alone, batched = alone_and_batched(model, prompts, params, 12, batch=3)
     assert_same_searches(alone, batched)
     assert all(stats["judged"] for _, stats in alone) and len({a for a, _ in alone}) > 1
@@ -79,12 +79,12 @@ def uncached_last(model, ids):
     return h, model.lm_head(h).float()
 
 
-@pytest.mark.parametrize("step_graphs", [False, True])
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("width", [24, 4])  # the whole context; too narrow: rows widen keeping what they hold
-def test_a_mixed_round_of_requests_equals_lone_uncached_forwards(width, step_graphs):
+def test_a_mixed_round_of_requests_equals_lone_uncached_forwards(width, graphs):
     torch.manual_seed(1)
     model = GPT(GPTConfig(vocab_size=V, block_size=24, n_layer=2, n_head=2, n_embd=16)).eval()
-    pool = CachePool(model, 1, width, step_graphs)  # too few rows: it grows and keeps what its rows hold
+    pool = CachePool(model, 1, width, graphs)  # too few rows: it grows and keeps what its rows hold
     prefixes = [[5, 6, 7], [8] * 10, [9, 10], [11] * 14, [12] * 15]
     news = [[3], [4] * 10, [12], [13, 14, 15, 16, 17, 18], [19, 20]]  # 2 steps, 3 longer requests
     requests = []
@@ -116,10 +116,11 @@ def test_rows_are_as_wide_as_the_paths_asked_for():
     assert pool.cache.max_len == 128  # 8 -> the 69 positions asked for, rounded up to 64s; not the context's 512
 
 
-def test_padded_requests_answer_at_the_columns_asked():
+@pytest.mark.parametrize("graphs", [False, True])  # True: the pass is padded to 32 columns and 4 rows
+def test_padded_requests_answer_at_the_columns_asked(graphs):
     torch.manual_seed(2)
     model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
-    pool = CachePool(model, 4)
+    pool = CachePool(model, 4, width=4, graphs=graphs)
     empty = torch.zeros(1, 0, 2, 8)
     a = Forward(pool, pool.take(2, empty, empty), torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), 0, torch.tensor([2, 3]))
     b = Forward(pool, pool.take(1, empty, empty), torch.tensor([[8, 9]]), 0)
@@ -127,6 +128,9 @@ def test_padded_requests_answer_at_the_columns_asked():
     assert pool.groups([a, b]) == [[a, b]]
     for h, ids in ((h_a[0], [1, 2, 3]), (h_a[1], [4, 5, 6, 7]), (h_b[0], [8, 9])):
         torch.testing.assert_close(h, uncached_last(model, ids)[0], rtol=1e-5, atol=1e-5)
+    assert [pool.lengths[row] for row in a.rows + b.rows] == [4, 4, 2]  # padding is not kept
+    assert pool.cache.max_len == (32 if graphs else 4)  # the padded pass's columns had to fit
+    assert (pool.replays is not None) == graphs
     more = pool.take(3, empty, empty)  # one row free, three asked: the pool grows and keeps the free one
     assert 3 in more and pool.cache.batch_size == 8
     pool.give_back(a.rows + b.rows + more)
@@ -138,8 +142,8 @@ def test_prompt_generators_are_distinct_streams():
     assert len(set(draws.values())) == len(draws)  # no two (seed, prompt) pairs share a stream
 
 
-@pytest.mark.parametrize("step_graphs", [False, True])
-def test_one_token_requests_on_dense_and_on_scattered_rows(step_graphs):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_one_token_requests_on_dense_and_on_scattered_rows(graphs):
     torch.manual_seed(3)
     model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
     prefix = [1, 2, 3, 4]
@@ -148,27 +152,28 @@ def test_one_token_requests_on_dense_and_on_scattered_rows(step_graphs):
         model.hidden(torch.tensor([prefix]), cache)
     reference = uncached_last(model, prefix + [7])[0]
     for lent in ([0, 1, 2], [0, 9]):  # a range read in place; a range mostly idle: its rows are gathered
-        pool = CachePool(model, 10, step_graphs=step_graphs)
+        pool = CachePool(model, 10, graphs=graphs)
         rows = pool.take(10, cache.k[:, 0], cache.v[:, 0])
         pool.give_back([r for r in rows if r not in lent])
         (h, _), = pool.run([Forward(pool, lent, torch.full((len(lent), 1), 7), len(prefix))])
         for row in h:
             torch.testing.assert_close(row, reference, rtol=1e-5, atol=1e-5)
         assert pool.lengths == [len(prefix) + 1 if r in lent else 0 for r in range(10)]
-        assert (pool.steps is not None) == step_graphs  # the fixed-shape pass ran when asked for
+        assert (pool.replays is not None) == graphs  # the fixed-shape pass ran when asked for
 
 
-def test_step_graphs_are_cuda_only_by_default_and_sized_in_powers_of_two():
+def test_graphs_are_cuda_only_by_default_and_padded_to_few_shapes():
     model = GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=1, n_head=1, n_embd=8))
-    assert CachePool(model, 2).step_graphs is False  # a CPU computes rather than launches: exact spans are faster
-    assert [RowStepGraphs.size_for(n) for n in (1, 2, 3, 4, 5, 8, 9, 11)] == [1, 2, 4, 4, 8, 8, 16, 16]
+    assert CachePool(model, 2).graphs is False  # a CPU computes rather than launches: exact spans are faster
+    assert [RowGraphs.size_for(n) for n in (1, 2, 3, 4, 5, 8, 9, 11)] == [1, 2, 4, 4, 8, 8, 16, 16]
+    assert [RowGraphs.columns_for(n) for n in (1, 2, 31, 32, 33, 100)] == [1, 32, 32, 32, 64, 128]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_replayed_step_graphs_equal_eager_passes():
+def test_replayed_graphs_equal_eager_passes():
     torch.manual_seed(6)
     model = GPT(GPTConfig(vocab_size=V, block_size=64, n_layer=2, n_head=2, n_embd=16)).cuda().eval()
-    pools = [CachePool(model, 16), CachePool(model, 16, step_graphs=False)]  # graphs: the default on CUDA
+    pools = [CachePool(model, 16), CachePool(model, 16, graphs=False)]  # graphs: the default on CUDA
     k, v = torch.randn(2, 2, 5, 2, 8, device="cuda").unbind(0)  # the same random prefix in every row
     for pool in pools:
         pool.give_back(pool.take(16, k, v)[12:])  # rows 12..15 free: what a pass pads with
@@ -176,7 +181,12 @@ def test_replayed_step_graphs_equal_eager_passes():
         (graphed, _), (eager, _) = [pool.run([Forward(pool, lent, torch.full((len(lent), 1), 3 + step),
                                                       pool.lengths[lent[0]])])[0] for pool in pools]
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
-    assert sorted(pools[0].steps.graphs) == [1, 4, 8]  # captured once per size
+    for lent, tokens in (([0, 1], [[5, 6, 7], [7, 6, 5]]), ([3, 4], [[1, 2, 3, 4, 5]] * 2)):  # judge-like passes
+        (graphed, _), (eager, _) = [pool.run([Forward(pool, lent, torch.tensor(tokens), pool.lengths[lent[0]])])[0]
+                                    for pool in pools]
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+        assert pools[0].lengths == pools[1].lengths  # the padded columns are not kept
+    assert sorted(pools[0].replays.graphs) == [(1, 1), (2, 32), (4, 1), (8, 1)]  # captured once per shape
 
 
 def test_an_idle_row_as_wide_as_the_pool_survives_a_pass_over_its_range():
