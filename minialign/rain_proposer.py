@@ -121,7 +121,7 @@ class Proposer:
         logits = leaf.state.next_logits.expand(len(rows), -1)  # (R, V)
         tokens, hiddens, logps = [], [], []
         for i in range(length):  # one batched forward per token for all chains
-            filtered = filter_logits(logits[:k], self.sample_top_k)  # (k, V): each chain's top-15 distribution
+            filtered = filter_logits(logits[:k], self.sample_top_k)  # (k, V): each chain's truncated distribution
             t = self.draw(filtered)  # (k,)
             t[0] = logits[0].argmax()  # row 0 is the greedy chain
             logps.append(F.log_softmax(filtered, -1).gather(-1, t[:, None]))

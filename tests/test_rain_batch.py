@@ -73,6 +73,21 @@ def test_batched_searches_on_a_float64_gpt_are_the_lone_searches(monkeypatch, gr
     assert all(stats["judged"] for _, stats in alone) and len({a for a, _ in alone}) > 1
 
 
+def test_a_lone_search_in_the_batched_driver_pads_every_pass(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=160, n_layer=1, n_head=2, n_embd=16)).eval()
+    monkeypatch.setattr(CachePool.__init__, "__defaults__", (CachePool.WIDTH_STEP, True))  # graphs, as on CUDA
+    passes = []  # the method that ran each pass
+    for cls, name in ((CachePool, "forward"), (RowGraphs, "run")):
+        def counted(*args, method=getattr(cls, name), name=name):
+            passes.append(name)
+            return method(*args)
+        monkeypatch.setattr(cls, name, counted)
+    rain_decode_batch(model, TOK, [("Human: Hi\nAssistant:", "Hi")], RainParams(max_visits=6, min_new_visits=3), 8,
+                      batch=1)
+    assert passes and passes.count("run") == passes.count("forward")  # K + 1 = 11 rows need 5 free rows to make 16
+
+
 def uncached_last(model, ids):
     with torch.no_grad():
         h = model.hidden(torch.tensor([ids]))[0, -1]
