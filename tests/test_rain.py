@@ -313,6 +313,14 @@ def test_proposer_samples_within_top_k_reproducibly():
     assert (draw(0, 0) == 3).float().mean() == pytest.approx(0.1, abs=0.02)
 
 
+def test_proposer_refuses_a_generator_off_the_host():
+    from types import SimpleNamespace
+    from minialign.rain_proposer import Proposer
+    on_gpu = SimpleNamespace(device=torch.device("cuda"))  # what a torch.Generator("cuda") reports, without CUDA
+    with pytest.raises(ValueError, match="RAIN samples on the host: give it a CPU torch.Generator, not one on cuda"):
+        Proposer(BigramModel(), TOK, 15, 0, 32, on_gpu)
+
+
 def test_continuation_embeddings_by_hand():
     from minialign.rain_proposer import NodeState, continuation_embeddings
     def node(tokens, hidden, parent):
