@@ -38,8 +38,9 @@ def rain_decode_batch(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
     ``prompt_generator(seed, i)``. Returns (answer text, search statistics) per prompt, as
     ``rain_decode`` does; ``seconds`` is each search's own span of wall time. With a list ``traces``
     (one ``SearchTrace`` or None per prompt) each search reports to its trace."""
-    # a search holds at most K + 1 rows at once; a lone search's K + 1-row steps run padded to the next
-    # power of two (``RowGraphs`` on CUDA), so the pool has at least that many rows to pad with
+    # an expansion holds K + 1 rows (the chains and the leaf's rollout), and on CUDA a step pads them to
+    # the next power of two (``RowGraphs``): even a lone search's pool has that many rows to pad with
+    # (a rarer, larger request, a dynamic addition's top tokens, makes the pool grow)
     pool = CachePool(model, max(batch * (params.candidates + 1), RowGraphs.size_for(params.candidates + 1)))
     results: list[tuple[str, dict] | None] = [None] * len(prompts)
     live = {}  # prompt index -> (search, its generator of requests, its pending request, start time)

@@ -123,10 +123,11 @@ class CachePool:
         outputs = []
         for group in groups:
             width, start = self.width(group), max(r.start for r in group)
-            if self.graphs and start + RowGraphs.columns_for(width) <= self.model.config.block_size:
+            columns = RowGraphs.columns_for(width)
+            if self.graphs and start + columns <= self.model.config.block_size:
                 # a few shapes, each captured once (``RowGraphs``); a padded column writes a key past
                 # its row's length, which the row's next pass overwrites before any query reads it
-                width = RowGraphs.columns_for(width)
+                width = columns
             self.widen(start + width)
             tokens = torch.cat([F.pad(r.tokens, (0, width - r.tokens.size(1))) for r in group])  # (R, T)
             rows = [row for r in group for row in r.rows]
