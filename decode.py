@@ -26,11 +26,11 @@ from minialign import world
 from minialign.checkpoint import load_model, newest_copy, world_seed
 from minialign.config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
 from minialign.evaluate import world_rates
-from minialign.rain_eval import rain_markdown, rain_table
-from minialign.rain import RainParams, rain_decode
-from minialign.rain_trace import SearchTrace, write_trace
-from minialign.reward_model import load_reward
-from minialign.sampling import best_of_n, complete
+from minialign.fast.graph_pool import pool_for
+from minialign.fast.rain_eval import rain_markdown, rain_table
+from minialign.rain import RainParams, pool_rows, rain_decode
+from minialign.reward_model import best_of_n, load_reward
+from minialign.sampling import complete
 from minialign.tokenizer import get_tokenizer
 from minialign.training import decoding_dtype, describe_device, pick_device, precision_name
 
@@ -147,19 +147,24 @@ def eval_world(cfg: DecodeConfig, meta: dict) -> int:
 
 def decode_rain(cfg: DecodeConfig, params: RainParams, model, tokenizer, meta: dict) -> None:
     """One prompt with search statistics, or the vanilla-vs-RAIN table on held-out world prompts."""
+    if cfg.trace:  # the trace recorder and page writer live in the lab: loaded only when asked for
+        from minialign.lab.rain_trace import SearchTrace, write_trace
     if cfg.eval:
-        traces = [] if cfg.trace else None
-        print(rain_markdown(rain_table(model, tokenizer, world.eval_prompts(cfg.n_eval, eval_world(cfg, meta)), params,
-                                       cfg.max_new_tokens, cfg.seed, traces=traces, batch=cfg.batch)))
+        prompts = world.eval_prompts(cfg.n_eval, eval_world(cfg, meta))
+        traces = [SearchTrace() for _ in prompts] if cfg.trace else None
+        result = rain_table(model, tokenizer, prompts, params, cfg.max_new_tokens, cfg.seed, traces=traces, batch=cfg.batch)
+        print(rain_markdown(result))
         if cfg.trace:
-            print("trace: " + ", ".join(write_trace(cfg.trace, traces)))
+            finished = [trace.finish(answer) for trace, answer in zip(traces, result["answers"])]
+            print("trace: " + ", ".join(write_trace(cfg.trace, finished)))
         return
     text = cfg.prompt if "Assistant:" in cfg.prompt else world.format_prompt(cfg.prompt)
     question = world.question_of(text)
     generator = torch.Generator().manual_seed(cfg.seed)  # RAIN samples on the host (rain_cache)
     vanilla = complete(model, tokenizer, [text], cfg.max_new_tokens, temperature=0.0)[0]
     trace = SearchTrace() if cfg.trace else None
-    answer, stats = rain_decode(model, tokenizer, text, question, params, cfg.max_new_tokens, generator, trace)
+    pool = pool_for(model, pool_rows(params))  # on a GPU its passes replay CUDA graphs (same answers)
+    answer, stats = rain_decode(model, tokenizer, text, question, params, cfg.max_new_tokens, generator, trace, pool)
     print(f"{text}\n  vanilla (greedy): {vanilla}\n  RAIN:             {answer}")
     say_if_cut(model, tokenizer, text, vanilla, cfg.max_new_tokens, "vanilla")
     say_if_cut(model, tokenizer, text, answer, stats["max_new_tokens"], "RAIN")

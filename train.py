@@ -14,6 +14,8 @@ import contextlib
 import os
 import sys
 
+import torch
+
 from minialign.calibrate import CalibrateConfig, calibration_folder, run_calibration
 from minialign.checkpoint import OutLock, load_meta, newest_copy
 from minialign.config import ConfigError, build, check_known, convert, main_guard, parse_flags, usage
@@ -28,7 +30,12 @@ STAGES = {  # name -> (config class, run function), in pipeline order
     "calibrate": (CalibrateConfig, run_calibration),
     "ctrl": (CTRLConfig, train_ctrl),
 }
-
+OUT_OF_MEMORY = {  # stage -> the flag that lowers its memory peak
+    "sft": "a smaller --batch_size",
+    "reward": "a smaller --micro_batch",
+    "calibrate": "a smaller --k or --max_new_tokens",
+    "ctrl": "a smaller --micro_batch (e.g. 16) or --prompts_per_step",
+}
 
 
 def stage_folder(name: str, cfg) -> str:
@@ -46,6 +53,14 @@ def finished(folder: str) -> bool:
 def run_lock(out_dir: str):
     """The checkpoints root's lock (``checkpoint.OutLock``); under torchrun rank 0 holds it for the run."""
     return OutLock(out_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+
+
+def run_stage(name: str, run, cfg) -> None:
+    """Run one stage; running out of device memory is said in one sentence with the flag to lower."""
+    try:
+        run(cfg)
+    except torch.OutOfMemoryError:
+        raise ConfigError(f"the {name} stage ran out of memory on {cfg.device}; pass {OUT_OF_MEMORY[name]}.") from None
 
 
 def main(argv: list[str]) -> None:
@@ -71,7 +86,7 @@ def main(argv: list[str]) -> None:
                 step = load_meta(folder).get("step", "?")
                 raise ConfigError(f"{folder} already holds a trained {stage} stage (step {step}); pass --force to "
                                   "replace it" + (", or --resume to continue it." if hasattr(cfg, "resume") else "."))
-            run(cfg)
+            run_stage(stage, run, cfg)
         return
     check_known(flags, *(cls for cls, _ in STAGES.values()))
     configs = {name: build(cls, flags, strict=False) for name, (cls, _) in STAGES.items()}  # every flag checked first
@@ -88,7 +103,7 @@ def main(argv: list[str]) -> None:
                     print_summary(load_meta(folder)["metrics"], cfg.eval_n)
                 continue
             say(f"[{name}] running")
-            run(cfg)
+            run_stage(name, run, cfg)
 
 
 if __name__ == "__main__":

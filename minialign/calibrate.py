@@ -1,18 +1,10 @@
-"""Stage 3, calibration (the "C" in CTRL): the reward as a per-prompt quantile under pi_ref.
+"""Stage 3, calibration (the "C" in CTRL): K reference rewards per training prompt, sorted and cached.
 
-InfAlign's calibrated reward is the win rate of y against a reference sample:
-
-    C(x, y) = P_{z ~ pi_ref}[r(x, z) < r(x, y)] + 0.5 * P[r(x, z) = r(x, y)].
-
-It is estimated once, offline, from K reference responses per training prompt: their rewards are
-sorted and cached (``out/calibration``), and ``C_hat`` counts with two ``searchsorted`` calls:
-
-    C_hat(x, y) = (#{k: r_k < r} + 0.5 * #{k: r_k = r}) / K.
-
-C_hat lies in [0, 1], averages exactly 1/2 over the reference samples themselves, and is unchanged by
-any strictly increasing transform of r (even one per prompt): only the order of rewards matters.
-``smoothed`` adds half a pseudo-sample on each side, (count + 0.5) / (K + 1), so the log and
-negative-exponent transforms never see exactly 0 or 1.
+InfAlign's calibrated reward C_hat(x, y) is y's win rate against pi_ref's samples for the same prompt
+(``calibrated_reward.calibrated``). It needs, per prompt, the rewards of K reference responses: this
+stage samples them once from pi_ref, scores them with r, sorts them and caches them in
+``out/calibration`` (``rewards.pt`` and the prompts), so CTRL computes C_hat with two ``searchsorted``
+calls per step and never samples pi_ref again.
 """
 import json
 import os
@@ -31,15 +23,6 @@ from .reward_model import REWARDS, reward_function
 from .sampling import complete
 from .tokenizer import get_tokenizer
 from .training import pick_device
-
-
-def calibrated(sorted_rewards: torch.Tensor, rewards: torch.Tensor, smoothed: bool = False) -> torch.Tensor:
-    """C_hat for rewards (B, M) against each row's sorted reference rewards (B, K): values (B, M)."""
-    less = torch.searchsorted(sorted_rewards, rewards, side="left").float()  # #{k: r_k < r}
-    not_greater = torch.searchsorted(sorted_rewards, rewards, side="right").float()  # #{k: r_k <= r}
-    count = less + 0.5 * (not_greater - less)  # ties count one half
-    K = sorted_rewards.size(-1)
-    return (count + 0.5) / (K + 1) if smoothed else count / K
 
 
 @dataclass

@@ -38,7 +38,7 @@ precedes the sampled tokens, so it too leaves the expectation unchanged: the two
 Both take the same PPO-clipped steps; on the first pass the ratio is 1 (up to the rounding between the
 sampler's cached forward and the update's full one) and the clipped and plain gradients agree.
 
-The same three functions (``ctrl_reward``, ``rloo_advantages``, ``ppo_loss``) drive the exact finite
+The same three functions (``transformed_reward``, ``rloo_advantages``, ``ppo_loss``) drive the exact finite
 check in the tests, where a categorical policy over a fixed response set must converge to
 ``softmax(log pi_ref + R / beta)``.
 """
@@ -49,38 +49,18 @@ import torch
 from tqdm import tqdm
 
 from . import world
-from .calibrate import calibrated, calibration_folder, load_calibration
+from .calibrate import calibration_folder, load_calibration
+from .calibrated_reward import TRANSFORMS, calibrated, transformed_reward
 from .checkpoint import load_model, load_state, load_weights, save, world_seed
-from .config import ConfigError, arg
-from .data import load_prompts, pad_by_length
+from .config import arg
+from .data import load_prompts, pad_with_lengths
 from .distributed import setup, shard, wrap
 from .evaluate import compare_policies
-from .model import GPT, length_chunks, sequence_logprobs, token_logprobs
+from .model import GPT, micro_batches, sequence_logprobs, token_logprobs
 from .reward_model import REWARDS, reward_function
 from .sampling import generate, stop_ids
 from .tokenizer import get_tokenizer
 from .training import MetricsLog, check_resume, clip_gradients, make_optimizer, pick_device
-
-TRANSFORMS = ("raw", "identity", "log", "exp")
-
-
-def ctrl_reward(transform: str, t: float, raw: torch.Tensor, sorted_reference: torch.Tensor) -> torch.Tensor:
-    """R = Phi(C_hat) for rewards raw (P, G) against each prompt's sorted reference rewards (P, K).
-
-    The log and negative-exponent transforms use the smoothed C_hat, never exactly 0 or 1.
-    """
-    if transform == "raw":
-        return raw
-    smoothed = transform == "log" or (transform == "exp" and t < 0)
-    u = calibrated(sorted_reference, raw, smoothed=smoothed)  # (P, G) in [0, 1]
-    if transform == "identity":
-        return u
-    if transform == "log":
-        return torch.log(u)
-    if transform == "exp":
-        return torch.sign(torch.tensor(t)) * torch.exp(t * u)  # InfAlign: Phi_t(u) = sign(t) e^{t u}
-    raise ConfigError(f"unknown --transform {transform!r}; choose one of: {', '.join(TRANSFORMS)}.")
-
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """Leave-one-out advantages (P, G): each sample's reward minus the mean of its G-1 siblings."""
@@ -106,17 +86,15 @@ def ppo_step(model, policy, optimizer, ids, logp_old, mask, advantages, clip: fl
     """One optimizer step on the PPO loss of the whole batch, accumulated over micro-batches of rows.
 
     ``ppo_loss`` averages over sequences, so each micro-batch's loss is weighted by its share of the
-    rows and the accumulated gradient is the whole batch's. With ``lengths`` (rows sorted by real
-    length) each micro-batch is cut to its longest row, so short rows carry no padding. ``model`` is
-    what runs the forward (the DDP wrapper under torchrun, which averages each backward across ranks),
-    ``policy`` the module whose gradients are clipped."""
-    B = ids.size(0)
-    lengths = torch.full((B,), ids.size(1)) if lengths is None else lengths
+    rows and the accumulated gradient is the whole batch's. With the rows' real ``lengths`` (B,) rows of
+    similar length run together, each micro-batch cut to its longest row (``model.micro_batches``).
+    ``model`` is what runs the forward (the DDP wrapper under torchrun, which averages each backward
+    across ranks), ``policy`` the module whose gradients are clipped."""
     optimizer.zero_grad(set_to_none=True)
-    for rows, w in length_chunks(lengths, micro_batch):
+    for rows, w in micro_batches(ids, micro_batch, lengths):
         loss = ppo_loss(token_logprobs(model, ids[rows, :w]), logp_old[rows, : w - 1], mask[rows, : w - 1],
                         advantages[rows], clip)
-        (loss * ((rows.stop - rows.start) / B)).backward()
+        (loss * (len(rows) / ids.size(0))).backward()
     clip_gradients(policy.parameters(), "ctrl", "try a lower --lr, or a --beta and --t that keep the rewards small")
     optimizer.step()
 
@@ -155,7 +133,7 @@ class CTRLConfig:
     micro_batch: int = arg(32, "rows per forward/backward in the update, rows of similar length together (gradient "
                                 "accumulation; less padding); 0 = all at once. GPT-2: 16", at_least=0)
     clip: float = arg(0.2, "PPO ratio clip epsilon", above=0)
-    lr: float = arg(1e-4, "learning rate (constant; 3e-4 overshoots the exact optimum's KL 2.7x: README, verdict (d))", above=0)
+    lr: float = arg(1e-4, "learning rate (constant; higher rates overshoot the exact optimum's KL within 40 steps)", above=0)
     max_new_tokens: int = arg(128, "longest sampled response", at_least=1)
     eval_n: int = arg(4, "N of the best-of-N / worst-of-N inference-time win rates", at_least=1)
     eval_prompts: int = arg(32, "held-out prompts per kind in the final evaluation; 0 = none (a sweep that "
@@ -174,25 +152,20 @@ def ctrl_folder(cfg: CTRLConfig) -> str:
 
 
 def rl_update(ddp, policy, reference, optimizer, rows: list[list[int]], responses: list[list[int]],
-              drawn_with: list[torch.Tensor], R: torch.Tensor, cfg: "CTRLConfig", device) -> torch.Tensor:
-    """The KL-penalised RLOO advantages of one batch of samples and ``ppo_epochs`` PPO steps on them.
-    R: (P, G) transformed rewards; rows/responses: B = P * G token lists grouped by prompt, and
-    ``drawn_with`` each response token's sampling log-probability (pi_old). Returns the k1 sequence KL
-    per sample (B,), in the same order."""
-    order, ids, mask, lengths = pad_by_length(rows, responses, device)  # (B,), (B, T), (B, T-1), (B,)
-    try:
-        logp_old = torch.zeros_like(mask)  # (B, T-1), filled where mask is 1, row by row in order
-        logp_old[mask.bool()] = torch.cat([drawn_with[i] for i in order]).to(device)
-        logp_ref = sequence_logprobs(reference, ids, cfg.micro_batch, lengths)
-        kl = torch.empty(len(order), device=device)
-        kl[order.to(device)] = ((logp_old - logp_ref) * mask).sum(1)  # (B,) k1 sequence KL, in prompt order
-        advantages = rloo_advantages(R - cfg.beta * kl.view(-1, cfg.group)).flatten()  # (B,)
-        for _ in range(cfg.ppo_epochs):
-            ppo_step(ddp, policy, optimizer, ids, logp_old, mask, advantages[order.to(device)], cfg.clip,
-                     cfg.micro_batch, lengths)
-    except torch.OutOfMemoryError:
-        raise ConfigError(f"out of memory updating on {ids.size(0)} rows of {ids.size(1)} tokens; pass a "
-                          f"smaller --micro_batch (now {cfg.micro_batch or 'the whole batch'}), e.g. 16.") from None
+              logp_old_tokens: list[torch.Tensor], R: torch.Tensor, cfg: "CTRLConfig", device) -> torch.Tensor:
+    """CTRL's update on one batch of samples: the k1 KL, the KL-penalised reward, its leave-one-out
+    advantages and ``ppo_epochs`` PPO steps. rows / responses: B = P * G token lists grouped by prompt;
+    ``logp_old_tokens``: each response token's log pi_old (what the sampler drew it with); R: (P, G)
+    transformed rewards Phi(C_hat). Returns the k1 sequence KL per sample (B,)."""
+    ids, mask, lengths = pad_with_lengths(rows, responses, device)  # (B, T), (B, T-1), (B,)
+    logp_old = torch.zeros_like(mask)  # (B, T-1): log pi_old where mask is 1
+    logp_old[mask.bool()] = torch.cat(logp_old_tokens).to(device)
+    logp_ref = sequence_logprobs(reference, ids, cfg.micro_batch, lengths)  # (B, T-1): log pi_ref
+    kl = ((logp_old - logp_ref) * mask).sum(1)  # (B,) k1 estimate of each sample's sequence KL
+    penalised = R - cfg.beta * kl.view(-1, cfg.group)  # (P, G): R_total = Phi(C_hat) - beta * kl(y)
+    advantages = rloo_advantages(penalised).flatten()  # (B,): minus the mean of the prompt's other samples
+    for _ in range(cfg.ppo_epochs):
+        ppo_step(ddp, policy, optimizer, ids, logp_old, mask, advantages, cfg.clip, cfg.micro_batch, lengths)
     return kl
 
 
@@ -253,13 +226,13 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
             picked = [i for i in pick.tolist() for _ in range(cfg.group)]  # each prompt G times
             rows = [prompt_ids[i] for i in picked]
             policy.eval()
-            responses, drawn_with = generate(policy, rows, cfg.max_new_tokens, stop_ids(tokenizer), temperature=1.0,
-                                             generator=sample_gen, keep_stop=True, logprobs=True)
+            responses, logp_old = generate(policy, rows, cfg.max_new_tokens, stop_ids(tokenizer), temperature=1.0,
+                                           generator=sample_gen, keep_stop=True, logprobs=True)
             policy.train()
             texts = [tokenizer.decode(r) for r in responses]
             raw = reward([prompts[i] for i in picked], texts).view(-1, cfg.group)  # (P, G)
-            R = ctrl_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
-            kl = rl_update(ddp, policy, reference, optimizer, rows, responses, drawn_with, R.to(device), cfg, device)  # (B,)
+            R = transformed_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
+            kl = rl_update(ddp, policy, reference, optimizer, rows, responses, logp_old, R.to(device), cfg, device)  # (B,)
             step += 1
             win = calibrated(sorted_reference[pick], raw).mean()  # mean C_hat = win rate vs pi_ref under r
             metrics = {"step": step, "reward": round(float(raw.mean()), 4), "kl": round(float(kl.mean()), 4),

@@ -197,12 +197,10 @@ def pad_responses(prompts: list[list[int]], responses: list[list[int]], pad: int
     return ids.to(device), mask.to(device)
 
 
-def pad_by_length(prompts: list[list[int]], responses: list[list[int]],
-                  device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``pad_responses`` with the rows sorted by length, shortest first, so that ``model.length_chunks``
-    cuts each micro-batch to its own longest row: order (B,) (block row i is input row order[i]), ids
-    (B, T), mask (B, T-1) and each block row's length (B,)."""
-    lengths = torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)])
-    order = lengths.argsort()
-    ids, mask = pad_responses([prompts[i] for i in order], [responses[i] for i in order], device=device)
-    return order, ids, mask, lengths[order]
+def pad_with_lengths(prompts: list[list[int]], responses: list[list[int]],
+                     device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pad_responses`` (ids (B, T), mask (B, T-1)) and each row's real length (B,), in input order:
+    with the lengths, ``model.micro_batches`` runs rows of similar length together and cuts each
+    micro-batch to its longest row."""
+    ids, mask = pad_responses(prompts, responses, device=device)
+    return ids, mask, torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)])

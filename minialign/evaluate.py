@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import world
-from .data import pad_by_length
+from .data import pad_with_lengths
 from .model import sequence_logprobs
 from .sampling import generate, stop_ids
 from .selfeval import judge
@@ -151,9 +151,8 @@ def sample_responses(model, tokenizer, prompts: list[str], samples: int, max_new
                                      keep_stop=True, logprobs=True)
         responses += batch
         if reference is not None:  # log pi(y|x) as sampled, minus log pi_ref(y|x)
-            order, ids, mask, lengths = pad_by_length(rows[i: i + 256], batch, device)
-            logp_ref = torch.empty(len(order))  # (rows,) in the batch's order
-            logp_ref[order] = (sequence_logprobs(reference, ids, 32, lengths) * mask).sum(1).cpu()
+            ids, mask, lengths = pad_with_lengths(rows[i: i + 256], batch, device)  # (B, T), (B, T-1), (B,)
+            logp_ref = (sequence_logprobs(reference, ids, 32, lengths) * mask).sum(1).cpu()  # (B,)
             log_ratio.append(torch.stack([d.sum() for d in drawn_with]).cpu() - logp_ref)
     log_ratio = torch.cat(log_ratio) if reference is not None else None
     return [tokenizer.decode(r).strip() for r in responses], log_ratio

@@ -5,10 +5,12 @@ blocks (attention, then a tanh-GELU MLP of width 4C), a final LayerNorm, and an 
 the token embedding. Attention runs through ``scaled_dot_product_attention`` (flash kernels on GPU;
 cuDNN's attention is switched off, see below).
 
-``KVCache`` holds preallocated keys/values and one length per row. Rewinding a row (RAIN's "rewind")
-is lowering its length; forking copies a row's prefix into other rows, so a search can branch without
-recomputing the shared prefix. Module and parameter names follow GPT-2's, so ``from_pretrained`` maps
-a Hugging Face checkpoint onto this model key by key.
+``KVCache`` holds preallocated keys/values and one length per row: a forward pass continues each row
+from its length, and lowering a length forgets the row's tail (``truncate``: after a right-padded
+prefill, each row is cut back to its own prompt). RAIN's "rewind" is a move in its search tree, not in
+a cache: each tree node keeps its own tokens' keys/values, and a search continues a path by loading
+them into rows of a cache (``rain_cache.CachePool``). Module and parameter names follow GPT-2's, so
+``from_pretrained`` maps a Hugging Face checkpoint onto this model key by key.
 """
 import json
 import math
@@ -22,10 +24,8 @@ import torch.nn.functional as F
 
 # cuDNN's attention backend (eligible in bf16 on CUDA) builds an execution plan for every new (batch,
 # heads, length) shape, and decoding, RAIN's search, the judge's batches and CTRL's samples all bring new
-# shapes at every step. Measured on an H100 (bf16, the world model; README, "On a GPU"):
-# 43.7 ms a forward at new shapes with it, 2.3 ms without; batched RAIN on 12 prompts 38.5 s -> 9.0 s.
-# Flash and memory-efficient attention take its place. Process-wide (the per-call
-# `sdpa_kernel` context would cost 16 us a forward on a CPU).
+# shapes at every step: planning would cost more than the attention itself. Flash and memory-efficient
+# attention take its place. Switched off process-wide: a per-call `sdpa_kernel` context costs every forward.
 torch.backends.cuda.enable_cudnn_sdp(False)
 
 
@@ -64,23 +64,9 @@ class KVCache:
         return self.k.shape[1]
 
     def truncate(self, length: int | torch.Tensor, rows=None) -> None:
-        """Rewind: forget everything at or after ``length`` in the given rows (all rows by default)."""
+        """Forget everything at or after ``length`` in the given rows (all rows by default)."""
         rows = slice(None) if rows is None else rows
         self.lengths[rows] = torch.minimum(self.lengths[rows], torch.as_tensor(length, device=self.lengths.device))
-
-    def load(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Make row ``row`` hold the given keys and values (n_layer, L, nh, hs) and nothing after them."""
-        n = k.size(1)
-        self.k[:, row, :n] = k
-        self.v[:, row, :n] = v
-        self.lengths[row] = n
-
-    def fork(self, src: int, dst, length: int | None = None) -> None:
-        """Copy the first ``length`` positions of row ``src`` (its whole length by default) into rows ``dst``."""
-        n = int(self.lengths[src]) if length is None else length
-        self.k[:, dst, :n] = self.k[:, src:src + 1, :n]
-        self.v[:, dst, :n] = self.v[:, src:src + 1, :n]
-        self.lengths[dst] = n
 
     def view(self, start: int, stop: int) -> "KVCache":
         """Rows start .. stop - 1 as a cache of their own that shares this one's memory: what a forward
@@ -259,10 +245,15 @@ def row_chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def length_chunks(lengths: torch.Tensor, size: int) -> list[tuple[slice, int]]:
-    """``row_chunks`` of right-padded rows sorted by length, each with its width: the longest real
-    row in the chunk. Cutting a chunk to its width drops only padding (attention is causal)."""
-    return [(rows, int(lengths[rows].max())) for rows in row_chunks(len(lengths), size)]
+def micro_batches(ids: torch.Tensor, size: int, lengths: torch.Tensor | None = None) -> list[tuple[torch.Tensor, int]]:
+    """Micro-batches of ``size`` rows (0 = all at once) of the right-padded ``ids`` (B, T): (row indices,
+    width) each. With the rows' real ``lengths`` (B,) the rows go shortest first and each micro-batch is
+    cut to its longest row, which drops only padding (attention is causal); without, rows in order at
+    full width."""
+    if lengths is None:
+        return [(torch.arange(ids.size(0))[rows], ids.size(1)) for rows in row_chunks(ids.size(0), size)]
+    order = lengths.argsort()  # (B,) shortest first
+    return [(order[rows], int(lengths[order[rows]].max())) for rows in row_chunks(len(lengths), size)]
 
 
 @torch.no_grad()
@@ -270,11 +261,10 @@ def sequence_logprobs(model: nn.Module, ids: torch.Tensor, micro_batch: int,
                       lengths: torch.Tensor | None = None) -> torch.Tensor:
     """``token_logprobs`` (B, T-1) computed ``micro_batch`` rows at a time (0 = all at once): the
     (rows, T, V) logits are the memory peak, and for GPT-2 a whole RL batch of them does not fit a GPU.
-    With ``lengths`` (rows sorted by their real length) each chunk is cut to its longest row; the
-    padding positions beyond it come back as 0."""
-    lengths = torch.full((ids.size(0),), ids.size(1)) if lengths is None else lengths
-    out = torch.zeros(ids.size(0), ids.size(1) - 1, device=ids.device)
-    for rows, width in length_chunks(lengths, micro_batch):
+    With the rows' real ``lengths`` (B,) rows of similar length run together, each micro-batch cut to its
+    longest row; the padding positions beyond it come back as 0. Rows come back in input order."""
+    out = torch.zeros(ids.size(0), ids.size(1) - 1, device=ids.device)  # (B, T-1)
+    for rows, width in micro_batches(ids, micro_batch, lengths):
         out[rows, : width - 1] = token_logprobs(model, ids[rows, :width])
     return out
 

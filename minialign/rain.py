@@ -11,7 +11,7 @@ its subtree, and the search goes on from there.
 Read in this order: ``Rain.iterate`` (one iteration, the paper's four steps), ``Rain.search`` and
 ``Rain.decode`` (the stop rule and the commit), then the three parts they call:
 ``rain_tree.py`` (the model-free rules), ``rain_proposer.py`` (candidates, rollouts, caches) and
-``selfeval.Judge`` (the self-evaluation). The methods that need the model are generators: each
+``rain_judge.Judge`` (the self-evaluation). The methods that need the model are generators: each
 ``yield from`` hands forward passes to whoever runs the search (``rain_cache.py``): ``rain_decode``
 runs one search alone, ``rain_batch.rain_decode_batch`` many at once. Official code: https://github.com/SafeAILab/RAIN
 (``HH/main.py``: ``search``, ``gmeval``, ``group_getp``, ``getv``; ``HH/nodes.py``: ``node``).
@@ -45,7 +45,7 @@ from .rain_cache import CachePool, drive
 from .rain_proposer import CLAUSE_END, Proposer, Rollout, continuation_embeddings
 from .rain_tree import (Node, add_children, backup, best_child, ready_to_commit, remix_after_commit,
                         select_child, wants_addition)
-from .selfeval import Judge
+from .rain_judge import Judge
 from .tokenizer import Tokenizer
 
 
@@ -72,17 +72,23 @@ class RainParams:
     rollout_tokens: int = arg(32, "longest rollout to the end of a clause", at_least=1)
 
 
+def pool_rows(params: RainParams) -> int:
+    """Cache rows a lone search holds at most at once: an expansion's K chains and the leaf's rollout,
+    or a dynamic addition's top tokens (a larger request makes the pool grow)."""
+    return max(params.candidates + 1, params.max_children)
+
+
 class Rain:
     """The search for one prompt. ``decode`` runs the outer loop and returns the answer's tokens.
 
     ``pool``: the cache rows its forward passes use (its own when None; shared by a batch)."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, params: RainParams, question: str, prompt: str,
+    def __init__(self, model: GPT, tokenizer: Tokenizer, params: RainParams, prompt: str, question: str,
                  max_new_tokens: int = 128, generator: torch.Generator | None = None, trace=None,
                  pool: CachePool | None = None):
-        self.tok, self.p, self.trace = tokenizer, params, trace
+        self.tok, self.params, self.trace = tokenizer, params, trace
         self.lengths = [int(x) for x in params.set_lengths.split(",")]
-        self.pool = pool or CachePool(model, max(params.candidates + 1, params.max_children))
+        self.pool = pool or CachePool(model, pool_rows(params))
         self.proposer = Proposer(model, tokenizer, params.sample_top_k, params.rollout_top_k,
                                  params.rollout_tokens, generator, self.pool)
         self.prompt = prompt
@@ -116,9 +122,9 @@ class Rain:
         #    and bad gets one more candidate on the way (dynamic addition).
         node = self.root
         while node.children and not node.terminal:
-            if self.p.dynamic and wants_addition(node, self.p.max_children, self.p.add_norm):
+            if self.params.dynamic and wants_addition(node, self.params.max_children, self.params.add_norm):
                 yield from self.add_candidate(node)
-            node = select_child(node, self.p.c, self.p.sibling_visits)
+            node = select_child(node, self.params.c, self.params.sibling_visits)
         full = node.path_from(self.context)  # the prompt node down to the leaf
         self.count_rewind(node, full)
         reply = [t for n in full[1:] for t in n.tokens]
@@ -133,11 +139,11 @@ class Rain:
         evaluated = self.tok.decode(reply + rollout.tokens).strip()
         score = yield from self.judge.verdict(evaluated, finished)
         if children:
-            self.stats["nodes"] += len(add_children(node, children, node is self.root, self.p.root_mix))
+            self.stats["nodes"] += len(add_children(node, children, node is self.root, self.params.root_mix))
         # 4. Backup along the path, with the similarity update (Eq. 2).
         path = full[full.index(self.root):]  # the search root down to the leaf
-        shared = backup(path, score, continuation_embeddings(path, rollout.hidden), self.p.gamma,
-                        self.p.sim_threshold, self.p.similarity)
+        shared = backup(path, score, continuation_embeddings(path, rollout.hidden), self.params.gamma,
+                        self.params.sim_threshold, self.params.similarity)
         self.stats["sibling_pairs"] += shared[0]
         self.stats["similar_pairs"] += shared[1]
         self.stats["iterations"] += 1
@@ -150,11 +156,11 @@ class Rain:
         node = path[-1]
         empty = Rollout([], node.state.hidden[:0])
         if expandable and self.set_length(node) > 1:
-            children, rollout = yield from self.proposer.chains(path, self.p.candidates, self.set_length(node),
+            children, rollout = yield from self.proposer.chains(path, self.params.candidates, self.set_length(node),
                                                                 needs_rollout)
             return rollout or empty, children
         rollout = (yield from self.proposer.rollout(path)) if needs_rollout else empty
-        return rollout, ((yield from self.proposer.top_tokens(path, self.p.candidates)) if expandable else [])
+        return rollout, ((yield from self.proposer.top_tokens(path, self.params.candidates)) if expandable else [])
 
     def add_candidate(self, node: Node):
         """Dynamic addition: the next likeliest token, or a greedy and a sampled chain (official
@@ -164,7 +170,7 @@ class Rain:
             candidates = yield from self.proposer.top_tokens(path, len(node.children) + 1)
         else:
             candidates, _ = yield from self.proposer.chains(path, 2, self.set_length(node))
-        added = add_children(node, candidates, node is self.root, self.p.root_mix)
+        added = add_children(node, candidates, node is self.root, self.params.root_mix)
         self.stats["nodes"] += len(added)
         self.stats["additions"] += len(added)
 
@@ -182,9 +188,9 @@ class Rain:
         or the root has T real visits (at least ``min_new_visits`` new ones per commit). Returns the
         child to commit (None if the root cannot grow)."""
         first = self.root.fn
-        for _ in range(first, max(self.p.max_visits, first + self.p.min_new_visits)):
+        for _ in range(first, max(self.params.max_visits, first + self.params.min_new_visits)):
             yield from self.iterate()
-            if ready_to_commit(self.root, self.p.commit_visits, self.p.commit_value):
+            if ready_to_commit(self.root, self.params.commit_visits, self.params.commit_value):
                 break
         return best_child(self.root) if self.root.children else None
 
@@ -200,19 +206,21 @@ class Rain:
                 self.trace.commit(self, best)
             answer += best.tokens
             self.root = best  # rewinds now stop here; the subtree's statistics are kept
-            remix_after_commit(best, self.p.root_mix)
+            remix_after_commit(best, self.params.root_mix)
             if best.terminal:
                 break
         return [t for t in answer if t not in self.proposer.stop]
 
 
 def rain_decode(model: GPT, tokenizer: Tokenizer, prompt: str, question: str, params: RainParams,
-                max_new_tokens: int = 128, generator: torch.Generator | None = None, trace=None) -> tuple[str, dict]:
+                max_new_tokens: int = 128, generator: torch.Generator | None = None, trace=None,
+                pool: CachePool | None = None) -> tuple[str, dict]:
     """RAIN-decode one prompt; returns the answer text and search statistics (with wall time and the
-    judge's memo: text -> (score, P(harmful) per label order))."""
+    judge's memo: text -> (score, P(harmful) per label order)). ``pool``: the cache rows to search
+    with (a ``CachePool`` of ``pool_rows(params)`` rows when None)."""
     start = time.time()
     with torch.no_grad():
-        search = Rain(model, tokenizer, params, question, prompt, max_new_tokens, generator, trace)
+        search = Rain(model, tokenizer, params, prompt, question, max_new_tokens, generator, trace, pool)
         tokens = drive(search.decode())
     return search_result(search, tokens, time.time() - start)
 

@@ -1,12 +1,13 @@
 """How a RAIN search talks to the model: it asks for forward passes; someone else runs them.
 
-A search never calls the model itself. Wherever it needs one, it *yields* a ``Forward`` request
-(Python generators) and is resumed with the answer: the final hidden states and next-token logits of
-the rows it asked about. Who answers decides the schedule, not the result:
+A search never calls the model itself. Wherever it needs one, it *yields* a ``Forward`` request and
+is resumed with the answer: the final hidden states and next-token logits of the rows it asked about.
+Read ``x = yield from f()`` as ``x = f()``: the call may pause while its forward passes run, and each
+bare ``yield`` of a ``Forward`` is one forward pass. Who answers decides the schedule, not the result:
 
-- ``drive`` answers one search's requests one at a time, as they come (``rain_decode``);
-- ``rain_batch.rain_decode_batch`` advances many searches in lockstep and answers all their pending
-  requests with one forward pass of the model.
+- ``drive`` (end of this file) answers one search's requests one at a time, as they come;
+- ``fast.rain_batch.rain_decode_batch`` advances many searches in lockstep and answers all their
+  pending requests with one forward pass of the model.
 
 The keys and values of those rows live in a ``CachePool``: one preallocated ``KVCache`` whose rows are
 lent to requests and given back, so the rows of many searches sit in one tensor and a batched forward
@@ -15,18 +16,17 @@ needs no copying to gather them (``GPT.hidden(..., rows=...)`` continues just th
 Keys and values stay on the model's device; everything a search decides with (tokens, hidden states,
 logits, the rows' lengths) lives on the host. A search's rules are many tiny operations (a sample, a
 top-k, a cosine, a comparison read back with ``int``): on a GPU each would be a kernel launch and most
-a wait for the device, once per search and round. So ``CachePool.run`` takes its requests' tokens from
-the host and returns every answer of a round to the host in one copy, and nothing a search does
-between its requests waits for the device (measured on an H100: README, "Many prompts at once").
-What remains on the device is the passes themselves, and on a GPU they are replayed CUDA graphs
-(``RowGraphs``, at the end of this file).
+a wait for the device. So ``CachePool.run`` takes its requests' tokens from the host and returns every
+answer of a round to the host in one copy, and nothing a search does between its requests waits for
+the device. On a GPU the passes themselves can also be replayed as CUDA graphs: ``fast.graph_pool``
+subclasses this pool for that; the search never knows which pool it has.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .model import GPT, KVCache
+from .model import GPT
 
 
 @dataclass
@@ -51,11 +51,9 @@ class CachePool:
 
     WIDTH_STEP = 64
 
-    def __init__(self, model: GPT, rows: int, width: int = WIDTH_STEP, graphs: bool | None = None):
+    def __init__(self, model: GPT, rows: int, width: int = WIDTH_STEP):
         self.model = model
         self.device = model.lm_head.weight.device
-        self.graphs = self.device.type == "cuda" if graphs is None else graphs  # see ``forward``
-        self.replays: RowGraphs | None = None  # made for the current cache when first needed
         self.cache = model.new_cache(rows, min(width, model.config.block_size))
         self.lengths = [0] * rows  # positions each row holds, kept here: the cache's copy is written before a pass
         self.free = list(range(rows))
@@ -109,7 +107,6 @@ class CachePool:
         """A new cache of ``rows`` x ``width``; the old rows keep their place and contents."""
         old = self.cache
         self.cache = self.model.new_cache(rows, width)
-        self.replays = None  # captured graphs hold the old cache
         n, w = old.batch_size, min(old.max_len, width)
         self.cache.k[:, :n, :w], self.cache.v[:, :n, :w] = old.k[:, :, :w], old.v[:, :, :w]
 
@@ -117,17 +114,12 @@ class CachePool:
     def run(self, requests: list[Forward]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Answer requests with as few forward passes as fit: the one-token requests (decoding steps) in
         one pass; longer ones (the judge's) right-padded together while every padded row still fits in
-        the context, and with ``graphs`` further to ``RowGraphs.columns_for`` where that fits too. The
-        answers of all passes come back to the host in one copy."""
+        the context. The answers of all passes come back to the host in one copy."""
         groups = self.groups(requests)
         outputs = []
         for group in groups:
-            width, start = self.width(group), max(r.start for r in group)
-            columns = RowGraphs.columns_for(width)
-            if self.graphs and start + columns <= self.model.config.block_size:
-                # a few shapes, each captured once (``RowGraphs``); a padded column writes a key past
-                # its row's length, which the row's next pass overwrites before any query reads it
-                width = columns
+            start = max(r.start for r in group)
+            width = self.columns(self.width(group), start)
             self.widen(start + width)
             tokens = torch.cat([F.pad(r.tokens, (0, width - r.tokens.size(1))) for r in group])  # (R, T)
             rows = [row for r in group for row in r.rows]
@@ -149,25 +141,22 @@ class CachePool:
         by_request = {id(r): (a[:, :C], a[:, C:]) for r, a in zip(in_order, answers)}
         return [by_request[id(r)] for r in requests]
 
+    def columns(self, width: int, start: int) -> int:
+        """The tokens per row a pass of ``width`` new tokens after ``start`` positions runs with: exactly
+        ``width`` here (``fast.graph_pool`` pads them to a few fixed shapes)."""
+        return width
+
     def forward(self, tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Hidden states (R, T, C) of ``tokens`` (R, T) continuing pool rows ``rows``.
 
         The rows lent at any moment are those of pending requests, and ``take`` lends the lowest free
         ones, so a round's decoding rows nearly fill the range from the lowest to the highest. A one-token
         pass then runs over that whole range as a view of the pool, reading the cache in place (gathering
-        scattered rows copies their keys and values in every layer: about twice the time, measured).
+        scattered rows would copy their keys and values in every layer).
         The idle rows in the range compute on padding: a free row has length 0, and a lent one (the
         judge's, whose pass comes next) gets a key written just past its end that its own pass
-        overwrites. Longer passes, and ranges with more idle rows than lent ones, gather.
-
-        With ``graphs`` (the default on CUDA) a pass is instead a replayed CUDA graph (``RowGraphs``,
-        below) padded with free rows: on a GPU this small model's pass is launch overhead, not
-        arithmetic. A CPU computes rather than launches, so there the eager pass is faster."""
+        overwrites. Longer passes, and ranges with more idle rows than lent ones, gather."""
         self.cache.lengths.copy_(torch.tensor(self.lengths), non_blocking=True)
-        if self.graphs and RowGraphs.size_for(len(rows)) - len(rows) <= len(self.free):
-            if self.replays is None:
-                self.replays = RowGraphs(self.model, self.cache, use_graph=self.device.type == "cuda")
-            return self.replays.run(tokens, rows, self.free)
         lo, hi = min(rows), max(rows) + 1
         index = self.index(rows)
         if tokens.size(1) > 1 or hi - lo > 2 * len(rows):
@@ -191,78 +180,6 @@ class CachePool:
             else:
                 padded.append([r])
         return ([steps] if steps else []) + padded
-
-
-class RowGraphs:
-    """Forward passes over any chosen rows of a cache, replayed as CUDA graphs: RAIN's rounds.
-
-    The pool's passes run over rows that change every round, and most rounds of an evaluation's tail
-    carry a single search's few rows: on a GPU each pass is then a few hundred kernel launches from
-    Python for a few microseconds of arithmetic (``graphs.py`` says why a graph helps). Here a pass of
-    R rows and T tokens runs as the graph captured for its shape rounded up: the next power of two >= R
-    rows, padded with rows the caller names as idle (free rows: what a pass writes there is never
-    read), and T tokens as the caller padded them (``columns_for``: one for a decoding step, a multiple
-    of ``COLUMN_STEP`` for the judge's templates). One capture per shape, then replays. The captured
-    pass reads the row numbers and lengths on the device and attends over the cache's whole width
-    (``static_shapes``).
-
-    The graphs belong to one cache: a pool that reallocates its cache makes a new ``RowGraphs``.
-    ``use_graph=False`` runs the same padded fixed-shape pass eagerly (how a CPU test checks it).
-    """
-
-    COLUMN_STEP = 32
-
-    def __init__(self, model: GPT, cache: KVCache, use_graph: bool = True, warmup_steps: int = 3):
-        self.model, self.cache, self.use_graph, self.warmup_steps = model, cache, use_graph, warmup_steps
-        self.graphs: dict[tuple[int, int], tuple] = {}  # (rows, tokens) -> (graph, tokens (B, T), rows (B,), hidden (B, T, C))
-
-    @staticmethod
-    def size_for(rows: int) -> int:
-        """The rows a pass of ``rows`` rows runs with: the next power of two, so a pool of N rows needs at
-        most log2(N) + 1 captures per width."""
-        return 1 << (rows - 1).bit_length()
-
-    @classmethod
-    def columns_for(cls, tokens: int) -> int:
-        """The tokens a pass of ``tokens`` new tokens per row is padded to: one stays one (a decoding
-        step); longer ones round up to a multiple of ``COLUMN_STEP`` (the judge's templates vary in length
-        by the reply; a handful of widths is a handful of captures)."""
-        return tokens if tokens == 1 else -(-tokens // cls.COLUMN_STEP) * cls.COLUMN_STEP
-
-    def _forward(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.model.hidden(tokens, self.cache, static_shapes=True, rows=rows)  # (B, T, C); lengths += T
-
-    @torch.no_grad()
-    def _capture(self, tokens: torch.Tensor, rows: torch.Tensor) -> tuple:
-        lengths = self.cache.lengths.clone()  # warm-up passes advance the rows they run: put them back after each
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup_steps):
-                self._forward(tokens, rows)
-                self.cache.lengths.copy_(lengths)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            hidden = self._forward(tokens, rows)  # recorded, not run
-        return graph, tokens, rows, hidden
-
-    @torch.no_grad()
-    def run(self, tokens: torch.Tensor, rows: list[int], idle: list[int]) -> torch.Tensor:
-        """Hidden states (R, T, C) of ``tokens`` (R, T) (on the cache's device) continuing cache ``rows``;
-        ``idle``: rows the pass may pad with, at least ``size_for(R) - R`` of them."""
-        size, T = self.size_for(len(rows)), tokens.size(1)
-        index = torch.tensor(rows + idle[: size - len(rows)]).to(tokens.device, non_blocking=True)  # (B,)
-        padded = torch.cat([tokens, tokens.new_zeros(size - len(rows), T)])  # (B, T)
-        if not self.use_graph:
-            return self._forward(padded, index)[: len(rows)]
-        if (size, T) not in self.graphs:
-            self.graphs[size, T] = self._capture(padded, index)
-        graph, token_buffer, row_buffer, hidden = self.graphs[size, T]
-        token_buffer.copy_(padded)
-        row_buffer.copy_(index)
-        graph.replay()
-        return hidden[: len(rows)]
 
 
 def drive(search):

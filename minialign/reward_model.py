@@ -5,7 +5,8 @@ Read-out convention (one for training, calibration, RL and evaluation): the text
 to the trunk's final hidden state *at that token*. Batches are right-padded, and the read-out index
 is each row's own end-of-text position, never a padding position (a known pitfall in RLHF code).
 
-Scoring is decoder-side (best-of-N, calibration, RL rewards); training it is a stage (``reward.py``).
+Scoring is decoder-side (best-of-N and worst-of-N decoding, ``best_of_n``; calibration, RL rewards);
+training it is a stage (``reward.py``).
 """
 import zlib
 
@@ -17,6 +18,7 @@ from .checkpoint import load_meta, load_weights
 from .config import ConfigError
 from .data import right_pad
 from .model import GPT, GPTConfig
+from .sampling import complete
 from .tokenizer import Tokenizer
 from .training import autocast
 
@@ -67,6 +69,22 @@ def score(model: RewardModel, tokenizer: Tokenizer, prompts: list[str], response
         with autocast(device, bf16):
             rewards[batch] = model(ids, lengths).float().cpu()
     return rewards
+
+
+@torch.no_grad()
+def best_of_n(model: GPT, reward_model, tokenizer: Tokenizer, prompts: list[str], n: int, worst: bool = False,
+              max_new_tokens: int = 128, batch_size: int = 256, **sampling) -> tuple[list[str], torch.Tensor]:
+    """Best-of-N (or worst-of-N) decoding: N responses per prompt, keep the highest (lowest) reward.
+
+    The N samples of a prompt are drawn in one batch (several prompts per batch). Returns the picked
+    response per prompt and all rewards (P, N). Worst-of-N is the attacker's view in InfAlign: a
+    jailbreaker samples N times and keeps the most harmful answer.
+    """
+    expanded = [p for p in prompts for _ in range(n)]
+    responses = complete(model, tokenizer, expanded, max_new_tokens, batch_size=max(n, batch_size // n * n), **sampling)
+    rewards = score(reward_model, tokenizer, expanded, responses).view(len(prompts), n)
+    picks = (rewards.argmin(1) if worst else rewards.argmax(1)).tolist()
+    return [responses[i * n + j] for i, j in enumerate(picks)], rewards
 
 
 def load_reward(folder: str) -> tuple[RewardModel, dict]:

@@ -4,7 +4,8 @@ Prompts of different lengths share one batch: the prompt block is right-padded, 
 forward pass, and each row's cache length is then set to its own prompt length, so every row continues
 from its last real token (padding positions are masked and later overwritten). A row stops at
 end-of-text or at the end of the assistant's turn (a token containing a newline). ``prefill`` and the
-token loop ``decode`` are shared with the CUDA-graph decoder in ``graphs.py``.
+token loop ``decode`` are shared with the CUDA-graph decoder in ``fast/graphs.py``; best-of-N and worst-of-N, which pick
+by a reward model, are in ``reward_model.py``.
 
 ``generate_uncached`` recomputes the whole sequence for every new token; it is the reference the
 cached decoder is tested against and the baseline it is benchmarked against.
@@ -16,7 +17,6 @@ import torch.nn.functional as F
 
 from .data import right_pad
 from .model import GPT, KVCache, ModelError
-from .reward_model import score
 from .tokenizer import Tokenizer
 
 
@@ -136,8 +136,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop: se
 
     Rows that stop stay in the batch, fed a dummy token whose logits are dropped, until the unfinished
     rows are ``SHRINK`` of it; then the cache is copied down to them once. Gathering the unfinished
-    rows' cache in every step instead copied more than it saved: generation of 96 RL samples took
-    0.91 s that way and 0.70 s this way (README, "Precision and pipeline time").
+    rows' cache at every step instead would copy every layer's keys and values at every step, which
+    costs more than the finished rows' wasted arithmetic.
     """
     longest = max(len(p) for p in prompts)
     max_new_tokens = _check_room(model, longest, max_new_tokens)
@@ -189,19 +189,3 @@ def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_token
         for new in generate(model, ids, max_new_tokens, stop, **sampling):
             texts.append(tokenizer.decode(new).strip())
     return texts
-
-
-@torch.no_grad()
-def best_of_n(model: GPT, reward_model, tokenizer: Tokenizer, prompts: list[str], n: int, worst: bool = False,
-              max_new_tokens: int = 128, batch_size: int = 256, **sampling) -> tuple[list[str], torch.Tensor]:
-    """Best-of-N (or worst-of-N) decoding: N responses per prompt, keep the highest (lowest) reward.
-
-    The N samples of a prompt are drawn in one batch (several prompts per batch). Returns the picked
-    response per prompt and all rewards (P, N). Worst-of-N is the attacker's view in InfAlign: a
-    jailbreaker samples N times and keeps the most harmful answer.
-    """
-    expanded = [p for p in prompts for _ in range(n)]
-    responses = complete(model, tokenizer, expanded, max_new_tokens, batch_size=max(n, batch_size // n * n), **sampling)
-    rewards = score(reward_model, tokenizer, expanded, responses).view(len(prompts), n)
-    picks = (rewards.argmin(1) if worst else rewards.argmax(1)).tolist()
-    return [responses[i * n + j] for i, j in enumerate(picks)], rewards

@@ -17,23 +17,23 @@ Two rewards play separate parts, and InfAlign's theorem is about them being the 
 
 The paper's view is (r, r): the reward model selects and judges. (gold, gold) is the same theory with
 a perfect reward model, and (r, gold) is a deployment graded by the truth. ``python -m
-minialign.experiments tilt`` tabulates all three.
+minialign.lab tilt`` tabulates all three.
 
-C_hat is each sample's quantile among the support itself (``ctrl.ctrl_reward`` against the support's
+C_hat is each sample's quantile among the support itself (``calibrated_reward.transformed_reward`` against the support's
 own sorted rewards): the calibration of the empirical pi_ref, never exactly 0 with ties counted half.
 """
 import math
 
 import torch
 
-from .ctrl import ctrl_reward
+from .calibrated_reward import transformed_reward
 from .evaluate import mean_and_se, win_rates
 
 
 def transformed(transform: str, t: float, selector: torch.Tensor) -> torch.Tensor:
     """Phi(C_hat) of each support sample (P, K), C_hat taken against the support itself; raw = s."""
     s = selector.double()
-    return ctrl_reward(transform, t, s, s.sort(dim=1).values).double()
+    return transformed_reward(transform, t, s, s.sort(dim=1).values).double()
 
 
 def tilt(phi: torch.Tensor, inverse_beta: float) -> torch.Tensor:

@@ -17,8 +17,7 @@ from .checkpoint import load_meta
 from .config import ConfigError
 
 # oneDNN instruction sets (values of ONEDNN_MAX_CPU_ISA) below which it has no bf16 matmul kernels
-# and emulates bf16 in fp32, about 40x slower than plain fp32 on a 2-core CPU (measured: 2.6 against
-# 51 GFLOP/s for a 512 x 512 matmul with ONEDNN_MAX_CPU_ISA=AVX2 on a CPU that has AVX512_BF16).
+# and emulates bf16 in fp32, many times slower than plain fp32
 NO_BF16_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
@@ -59,9 +58,8 @@ def cpu_matmul_speeds(size: int = 512) -> tuple[float, float]:
     """GFLOP/s of a size x size matmul in fp32 and in bf16 on this CPU, the best of three timings of
     each, measured once per process (about 0.1 s).
 
-    The instruction set alone does not say which is faster: an Intel Xeon VM with AVX512_BF16 (and no
-    AMX) ran bf16 at 166 against 306 GFLOP/s in fp32, and trained 0.58x as fast in bf16 (the bench),
-    where an AMD EPYC with the same flag trained 1.59x faster."""
+    The instruction set alone does not say which is faster: two CPUs with the same AVX512_BF16 flag can
+    run bf16 matmuls faster or slower than fp32, so ``auto`` times both instead of reading flags."""
     speeds = []
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)

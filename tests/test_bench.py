@@ -5,7 +5,7 @@ import torch
 
 def test_bench_decoding_matches_transformers_with_the_same_weights():
     pytest.importorskip("transformers")
-    from minialign.bench import decode_speed
+    from minialign.lab.bench import decode_speed
     from minialign.model import GPTConfig
     result = decode_speed(GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=2, n_embd=32), 1, 16,
                           torch.device("cpu"))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minialign.calibrate import calibrated
+from minialign.calibrated_reward import calibrated
 
 
 def test_values_in_unit_interval_and_mean_half_on_reference_samples():

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from minialign import experiments
+from minialign.lab import experiments
 from minialign.config import ConfigError, arg, build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

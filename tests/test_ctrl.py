@@ -3,7 +3,8 @@ for every transform, and only the calibrated transforms ignore per-prompt reward
 import pytest
 import torch
 
-from minialign.ctrl import ctrl_reward, ppo_loss, rloo_advantages
+from minialign.calibrated_reward import transformed_reward
+from minialign.ctrl import ppo_loss, rloo_advantages
 
 PI_REF = torch.tensor([0.10, 0.20, 0.30, 0.15, 0.25])
 RAW = torch.tensor([0.3, -1.0, 0.1, 0.9, 0.5])  # rewards of the 5 responses, no ties
@@ -16,7 +17,7 @@ def solve(transform, t, beta, raw=RAW, sorted_ref=SORTED_REF, iters=600, group=6
     g = torch.Generator().manual_seed(seed)
     theta = torch.log(PI_REF).clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=0.03)
-    R_all = ctrl_reward(transform, t, raw[None], sorted_ref)[0]  # (5,)
+    R_all = transformed_reward(transform, t, raw[None], sorted_ref)[0]  # (5,)
     for i in range(iters):
         with torch.no_grad():
             logp_all = torch.log_softmax(theta, 0)
@@ -49,8 +50,8 @@ def test_converges_to_tilted_optimum(transform, t, beta):
 def test_only_calibrated_transforms_ignore_reward_scale_and_offset():
     scaled, scaled_ref = 4 * RAW + 3, 4 * SORTED_REF + 3  # a strictly increasing transform of r
     for transform, t in (("identity", 0), ("log", 0), ("exp", 5.0), ("exp", -5.0)):
-        assert torch.equal(ctrl_reward(transform, t, RAW[None], SORTED_REF),
-                           ctrl_reward(transform, t, scaled[None], scaled_ref))
+        assert torch.equal(transformed_reward(transform, t, RAW[None], SORTED_REF),
+                           transformed_reward(transform, t, scaled[None], scaled_ref))
     a, _ = solve("raw", 0, 0.5)
     b, _ = solve("raw", 0, 0.5, raw=scaled, sorted_ref=scaled_ref)
     assert kl(a, b) > 0.1  # raw RLHF lands somewhere else

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from minialign import experiments, infalign_study, world
+from minialign import world
+from minialign.lab import experiments, infalign_study
 from minialign.calibrate import CalibrateConfig, load_calibration, run_calibration
 from minialign.config import ConfigError
 from minialign.checkpoint import load_meta, load_model

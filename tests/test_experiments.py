@@ -1,6 +1,7 @@
 """The per-task help table of `experiments sft`: its columns are the held-out and the training prompts
 of each task, graded by the gold rule."""
-from minialign import experiments, world
+from minialign import world
+from minialign.lab import experiments
 
 
 def test_task_table_puts_held_out_beside_train_per_task(monkeypatch, tiny_model):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minialign.graphs import GraphDecoder
+from minialign.fast.graphs import GraphDecoder
 from minialign.model import ModelError
 from minialign.sampling import generate
 

@@ -32,18 +32,6 @@ def test_cache_rewind_reproduces_tokens(tiny_model):
     assert again == first
 
 
-def test_fork_copies_a_prefix_into_other_rows(tiny_model):
-    seq = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
-    full = tiny_model(seq)[0, -1]
-    cache = tiny_model.new_cache(3)
-    tiny_model(torch.cat([seq[:, :5], torch.zeros(2, 5, dtype=torch.long)]), cache)
-    cache.fork(0, [1, 2])  # rows 1 and 2 now share row 0's prefix
-    out = tiny_model(seq[:, 5:].repeat(3, 1), cache)[:, -1]  # (3, V)
-    for row in out:
-        torch.testing.assert_close(row, full, rtol=1e-5, atol=1e-5)
-    assert cache.lengths.tolist() == [8, 8, 8]
-
-
 def test_context_overflow_is_a_clear_error(tiny_model):
     import pytest
     from minialign.model import ModelError

@@ -11,7 +11,8 @@ from minialign.rain import Rain, RainParams
 from minialign.rain_cache import drive
 from minialign.rain_tree import Node
 from minialign.sampling import generate, stop_ids
-from minialign.selfeval import Judge, hard_score, judge, self_eval_parts, soft_score
+from minialign.rain_judge import Judge, hard_score, soft_score
+from minialign.selfeval import judge, self_eval_parts
 from minialign.tokenizer import get_tokenizer
 
 TOK = get_tokenizer("bytes")
@@ -56,7 +57,7 @@ class ScriptedJudge:
 
 
 def make(params=None, fixed=None, seed=0):
-    search = Rain(BigramModel().eval(), TOK, params or RainParams(), "Q", "Q:", 16, torch.Generator().manual_seed(seed))
+    search = Rain(BigramModel().eval(), TOK, params or RainParams(), "Q:", "Q", 16, torch.Generator().manual_seed(seed))
     search.judge = ScriptedJudge(fixed)
     return search
 
@@ -171,7 +172,7 @@ def real_model():
 
 def test_tree_keys_and_values_equal_an_uncached_forward():
     model = real_model()
-    search = Rain(model, TOK, RainParams(), "Hi", "Human: Hi\nAssistant:", 40, torch.Generator().manual_seed(0))
+    search = Rain(model, TOK, RainParams(), "Human: Hi\nAssistant:", "Hi", 40, torch.Generator().manual_seed(0))
     search.judge = ScriptedJudge(fixed=0.0)
     for _ in range(12):
         drive(search.iterate())
@@ -217,7 +218,7 @@ def test_cached_and_uncached_self_evaluation_agree():
 
 def test_rain_decode_returns_the_answer_text_and_the_search_statistics(monkeypatch):
     import minialign.rain as rain
-    from minialign.rain_trace import SearchTrace
+    from minialign.lab.rain_trace import SearchTrace
     questions = []
     monkeypatch.setattr(rain, "Judge", lambda model, tokenizer, question, score, pool: questions.append(question) or ScriptedJudge())
     trace = SearchTrace()
@@ -244,7 +245,7 @@ def test_set_lengths_by_depth_and_the_room_left_for_the_answer():
     for child in walk(search.context):
         if child.parent is not None and not child.terminal:
             assert len(child.tokens) == search.set_length(child.parent)
-    wide = Rain(BigramModel().eval(), TOK, RainParams(), "Q", "Q:", 1000)
+    wide = Rain(BigramModel().eval(), TOK, RainParams(), "Q:", "Q", 1000)
     assert wide.max_new_tokens == 128 - 2 - 32 - 10  # context - prompt - rollout - longest set
     assert all(v == 0 for v in wide.stats.values())
 
@@ -271,7 +272,7 @@ def test_multi_token_addition_is_a_greedy_and_a_sampled_chain():
 
 
 def test_rewinds_are_leaves_not_below_the_previous_leaf():
-    from minialign.rain_trace import SearchTrace
+    from minialign.lab.rain_trace import SearchTrace
     search = make()
     search.trace = SearchTrace()
     drive(search.decode())
@@ -341,7 +342,7 @@ def test_the_search_samples_only_from_its_own_generator():
     state = torch.get_rng_state()
     answers = []
     for _ in range(2):
-        search = Rain(model, TOK, RainParams(), "Hi", "Human: Hi\nAssistant:", 24, torch.Generator().manual_seed(3))
+        search = Rain(model, TOK, RainParams(), "Human: Hi\nAssistant:", "Hi", 24, torch.Generator().manual_seed(3))
         search.judge = ScriptedJudge(fixed=0.0)
         answers.append(drive(search.decode()))
     assert answers[0] == answers[1] and torch.equal(torch.get_rng_state(), state)  # the global stream untouched

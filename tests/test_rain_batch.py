@@ -7,8 +7,10 @@ import torch
 import minialign.rain as rain
 from minialign.model import GPT, GPTConfig
 from minialign.rain import RainParams, rain_decode
-from minialign.rain_batch import prompt_generator, rain_decode_batch
-from minialign.rain_cache import CachePool, Forward, RowGraphs
+from minialign.fast import graph_pool
+from minialign.fast.graph_pool import GraphPool, RowGraphs, pool_for
+from minialign.fast.rain_batch import prompt_generator, rain_decode_batch
+from minialign.rain_cache import CachePool, Forward
 from test_rain import TOK, V, BigramModel, ScriptedJudge
 
 STATS = ("iterations", "rewinds", "nodes", "additions", "sibling_pairs", "similar_pairs", "max_new_tokens")
@@ -49,7 +51,7 @@ def test_batched_searches_on_a_scripted_model_are_the_lone_searches(monkeypatch)
 
 
 def test_each_search_reports_to_its_own_trace(monkeypatch):
-    from minialign.rain_trace import SearchTrace
+    from minialign.lab.rain_trace import SearchTrace
     monkeypatch.setattr(rain, "Judge", lambda model, tokenizer, question, score, pool: ScriptedJudge())
     traces = [SearchTrace(), SearchTrace()]
     results = rain_decode_batch(BigramModel().eval(), TOK, [("Q:", "Q"), ("Hi Q:", "Q")], RainParams(), 16,
@@ -67,7 +69,7 @@ def test_batched_searches_on_a_float64_gpt_are_the_lone_searches(monkeypatch, gr
     model = GPT(GPTConfig(vocab_size=V, block_size=160, n_layer=2, n_head=2, n_embd=32)).double().eval()
     prompts = [(f"Human: {q}\nAssistant:", q) for q in ("Hi", "How do I bake bread?", "Why?", "Tell me a joke, please.")]
     params = RainParams(max_visits=12, min_new_visits=6, rollout_tokens=12)
-    monkeypatch.setattr(CachePool.__init__, "__defaults__", (CachePool.WIDTH_STEP, graphs))
+    monkeypatch.setattr(graph_pool.pool_for, "__defaults__", (graphs,))
     alone, batched = alone_and_batched(model, prompts, params, 12, batch=3)
     assert_same_searches(alone, batched)
     assert all(stats["judged"] for _, stats in alone) and len({a for a, _ in alone}) > 1
@@ -76,9 +78,9 @@ def test_batched_searches_on_a_float64_gpt_are_the_lone_searches(monkeypatch, gr
 def test_a_lone_search_in_the_batched_driver_pads_every_pass(monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=V, block_size=160, n_layer=1, n_head=2, n_embd=16)).eval()
-    monkeypatch.setattr(CachePool.__init__, "__defaults__", (CachePool.WIDTH_STEP, True))  # graphs, as on CUDA
+    monkeypatch.setattr(graph_pool.pool_for, "__defaults__", (True,))  # graphs, as on CUDA
     passes = []  # the method that ran each pass
-    for cls, name in ((CachePool, "forward"), (RowGraphs, "run")):
+    for cls, name in ((GraphPool, "forward"), (RowGraphs, "run")):
         def counted(*args, method=getattr(cls, name), name=name):
             passes.append(name)
             return method(*args)
@@ -99,7 +101,7 @@ def uncached_last(model, ids):
 def test_a_mixed_round_of_requests_equals_lone_uncached_forwards(width, graphs):
     torch.manual_seed(1)
     model = GPT(GPTConfig(vocab_size=V, block_size=24, n_layer=2, n_head=2, n_embd=16)).eval()
-    pool = CachePool(model, 1, width, graphs)  # too few rows: it grows and keeps what its rows hold
+    pool = (GraphPool if graphs else CachePool)(model, 1, width)  # too few rows: it grows and keeps what its rows hold
     prefixes = [[5, 6, 7], [8] * 10, [9, 10], [11] * 14, [12] * 15]
     news = [[3], [4] * 10, [12], [13, 14, 15, 16, 17, 18], [19, 20]]  # 2 steps, 3 longer requests
     requests = []
@@ -135,7 +137,7 @@ def test_rows_are_as_wide_as_the_paths_asked_for():
 def test_padded_requests_answer_at_the_columns_asked(graphs):
     torch.manual_seed(2)
     model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
-    pool = CachePool(model, 4, width=4, graphs=graphs)
+    pool = (GraphPool if graphs else CachePool)(model, 4, width=4)
     empty = torch.zeros(1, 0, 2, 8)
     a = Forward(pool, pool.take(2, empty, empty), torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), 0, torch.tensor([2, 3]))
     b = Forward(pool, pool.take(1, empty, empty), torch.tensor([[8, 9]]), 0)
@@ -145,7 +147,7 @@ def test_padded_requests_answer_at_the_columns_asked(graphs):
         torch.testing.assert_close(h, uncached_last(model, ids)[0], rtol=1e-5, atol=1e-5)
     assert [pool.lengths[row] for row in a.rows + b.rows] == [4, 4, 2]  # padding is not kept
     assert pool.cache.max_len == (32 if graphs else 4)  # the padded pass's columns had to fit
-    assert (pool.replays is not None) == graphs
+    assert (getattr(pool, "replays", None) is not None) == graphs
     more = pool.take(3, empty, empty)  # one row free, three asked: the pool grows and keeps the free one
     assert 3 in more and pool.cache.batch_size == 8
     pool.give_back(a.rows + b.rows + more)
@@ -167,19 +169,19 @@ def test_one_token_requests_on_dense_and_on_scattered_rows(graphs):
         model.hidden(torch.tensor([prefix]), cache)
     reference = uncached_last(model, prefix + [7])[0]
     for lent in ([0, 1, 2], [0, 9]):  # a range read in place; a range mostly idle: its rows are gathered
-        pool = CachePool(model, 10, graphs=graphs)
+        pool = (GraphPool if graphs else CachePool)(model, 10)
         rows = pool.take(10, cache.k[:, 0], cache.v[:, 0])
         pool.give_back([r for r in rows if r not in lent])
         (h, _), = pool.run([Forward(pool, lent, torch.full((len(lent), 1), 7), len(prefix))])
         for row in h:
             torch.testing.assert_close(row, reference, rtol=1e-5, atol=1e-5)
         assert pool.lengths == [len(prefix) + 1 if r in lent else 0 for r in range(10)]
-        assert (pool.replays is not None) == graphs  # the fixed-shape pass ran when asked for
+        assert (getattr(pool, "replays", None) is not None) == graphs  # the fixed-shape pass ran when asked for
 
 
 def test_graphs_are_cuda_only_by_default_and_padded_to_few_shapes():
     model = GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=1, n_head=1, n_embd=8))
-    assert CachePool(model, 2).graphs is False  # a CPU computes rather than launches: exact spans are faster
+    assert type(pool_for(model, 2)) is CachePool  # a CPU computes rather than launches: exact spans are faster
     assert [RowGraphs.size_for(n) for n in (1, 2, 3, 4, 5, 8, 9, 11)] == [1, 2, 4, 4, 8, 8, 16, 16]
     assert [RowGraphs.columns_for(n) for n in (1, 2, 31, 32, 33, 100)] == [1, 32, 32, 32, 64, 128]
 
@@ -188,7 +190,7 @@ def test_graphs_are_cuda_only_by_default_and_padded_to_few_shapes():
 def test_replayed_graphs_equal_eager_passes():
     torch.manual_seed(6)
     model = GPT(GPTConfig(vocab_size=V, block_size=64, n_layer=2, n_head=2, n_embd=16)).cuda().eval()
-    pools = [CachePool(model, 16), CachePool(model, 16, graphs=False)]  # graphs: the default on CUDA
+    pools = [pool_for(model, 16), CachePool(model, 16)]  # graphs: the default on CUDA
     k, v = torch.randn(2, 2, 5, 2, 8, device="cuda").unbind(0)  # the same random prefix in every row
     for pool in pools:
         pool.give_back(pool.take(16, k, v)[12:])  # rows 12..15 free: what a pass pads with

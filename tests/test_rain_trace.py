@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from minialign.rain_trace import SearchTrace, write_trace
+from minialign.lab.rain_trace import SearchTrace, write_trace
 from minialign.rain_cache import drive
 from test_rain import make
 

@@ -4,7 +4,7 @@ Every prompt gets its own ``Rain`` search: its own tree, judge memo, random gene
 This driver changes only *when* their forward passes run. It keeps up to ``batch`` searches in
 flight, lets each run to its next request (``rain_cache.Forward``: expansion chains, a rollout, the
 judge's two rows), answers all of them with one forward pass over the shared cache rows
-(``CachePool.run``), and resumes each with its own rows of the result. A search that finishes leaves
+(``rain_cache.CachePool.run``; on CUDA ``graph_pool.GraphPool``), and resumes each with its own rows of the result. A search that finishes leaves
 the batch and the next prompt takes its place.
 
 Why the answers are the same as alone: a search draws its random tokens between its requests, from its
@@ -18,10 +18,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from .model import GPT
-from .rain import Rain, RainParams, search_result
-from .rain_cache import CachePool, RowGraphs
-from .tokenizer import Tokenizer
+from ..model import GPT
+from ..rain import Rain, RainParams, search_result
+from ..tokenizer import Tokenizer
+from .graph_pool import RowGraphs, pool_for
 
 
 def prompt_generator(seed: int, index: int) -> torch.Generator:
@@ -41,7 +41,7 @@ def rain_decode_batch(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
     # an expansion holds K + 1 rows (the chains and the leaf's rollout), and on CUDA a step pads them to
     # the next power of two (``RowGraphs``): even a lone search's pool has that many rows to pad with
     # (a rarer, larger request, a dynamic addition's top tokens, makes the pool grow)
-    pool = CachePool(model, max(batch * (params.candidates + 1), RowGraphs.size_for(params.candidates + 1)))
+    pool = pool_for(model, max(batch * (params.candidates + 1), RowGraphs.size_for(params.candidates + 1)))
     results: list[tuple[str, dict] | None] = [None] * len(prompts)
     live = {}  # prompt index -> (search, its generator of requests, its pending request, start time)
     waiting = list(range(len(prompts)))[::-1]
@@ -60,7 +60,7 @@ def rain_decode_batch(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
             while waiting and len(live) < batch:  # fill the batch with new searches
                 i = waiting.pop()
                 prompt, question = prompts[i]
-                search = Rain(model, tokenizer, params, question, prompt, max_new_tokens,
+                search = Rain(model, tokenizer, params, prompt, question, max_new_tokens,
                               prompt_generator(seed, i), traces[i] if traces else None, pool)
                 advance(i, search, search.decode(), None, time.time())
             order = list(live)

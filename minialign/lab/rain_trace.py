@@ -14,7 +14,7 @@ order with rewinds marked, the judge's verdict, the gauges, and the answer growi
 import json
 import os
 
-from .checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_text
 
 
 class SearchTrace:
@@ -43,7 +43,7 @@ class SearchTrace:
 
     def commit(self, search, best) -> None:
         """Before a commit: the subtree under the search root, the gauges, the committed set."""
-        p = search.p
+        p = search.params
         self.prompt = search.prompt
         self.steps.append({
             "nodes": self.subtree(search, search.root),

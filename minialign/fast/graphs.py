@@ -19,8 +19,8 @@ it with the plain decoder; the graph replay itself is tested where CUDA is avail
 """
 import torch
 
-from .model import GPT, ModelError
-from .sampling import decode, prefill
+from ..model import GPT, ModelError
+from ..sampling import decode, prefill
 
 
 class GraphDecoder:

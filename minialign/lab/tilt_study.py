@@ -1,4 +1,4 @@
-"""InfAlign at the exact optimum, as an experiment (``python -m minialign.experiments tilt``).
+"""InfAlign at the exact optimum, as an experiment (``python -m minialign.lab tilt``).
 
 ``tilt.py`` computes the optimum pi* ∝ pi_ref exp(Phi(C_hat) / beta) on a finite support; this file
 uses it on the world: K samples of pi_ref per prompt as the support, every transform at matched KL
@@ -10,11 +10,11 @@ import math
 
 import torch
 
-from . import tilt, world
-from .checkpoint import atomic_write_text, load_model, pyplot, save_figure, write_csv
-from .evaluate import sample_responses, sampled_win_rates
-from .reward_model import prompt_scale, score
-from .sampling import complete
+from .. import tilt, world
+from ..checkpoint import atomic_write_text, load_model, pyplot, save_figure, write_csv
+from ..evaluate import sample_responses, sampled_win_rates
+from ..reward_model import prompt_scale, score
+from ..sampling import complete
 
 TILT_TRANSFORMS = (("raw", 0.0), ("raw, scaled", 0.0), ("identity", 0.0), ("log", 0.0), ("exp", 2.0), ("exp", 4.0), ("exp", 8.0),
                    ("exp", -2.0), ("exp", -4.0), ("exp", -8.0))

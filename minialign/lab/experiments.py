@@ -1,39 +1,40 @@
 """The result tables of the README: pi_ref's behaviour, best-of-N, the InfAlign comparison, and the
 RAIN evaluation and ablation.
 
-    python -m minialign.experiments sft             # pi_ref greedy and sampled, its self-evaluation, help per task -> out/sft.md
-    python -m minialign.experiments infalign        # trained CTRL per transform at matched KL -> out/infalign.{csv,md,png}
-    python -m minialign.experiments infalign --reward gold  # the same on the gold reward -> out/infalign_gold.{csv,md,png}
-    python -m minialign.experiments tilt            # the exact optimum of each transform -> out/tilt.{csv,md,png},
+    python -m minialign.lab sft             # pi_ref greedy and sampled, its self-evaluation, help per task -> out/sft.md
+    python -m minialign.lab infalign        # trained CTRL per transform at matched KL -> out/infalign.{csv,md,png}
+    python -m minialign.lab infalign --reward gold  # the same on the gold reward -> out/infalign_gold.{csv,md,png}
+    python -m minialign.lab tilt            # the exact optimum of each transform -> out/tilt.{csv,md,png},
                                                     #   out/tilt_reward_quality.md, out/tilt_trained.md (CTRL vs its optimum)
-    python -m minialign.experiments rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
-    python -m minialign.experiments rain-ablation   # full RAIN, no similarity update, no dynamic addition, c = 0
-    python -m minialign.experiments rain-batch      # the batched search against the serial one -> out/rain_batch.md
-    python -m minialign.experiments combined        # pi_ref and CTRL, each greedy / best-of-4 / RAIN -> out/combined.md
-    python -m minialign.experiments bon             # BoN_N / WoN_N of pi_ref by the reward model -> out/bon.md
-    python -m minialign.experiments calibration-noise  # variance of r and C_hat the gold reward cannot see
+    python -m minialign.lab rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
+    python -m minialign.lab rain-ablation   # full RAIN, no similarity update, no dynamic addition, c = 0
+    python -m minialign.lab rain-batch      # the batched search against the serial one -> out/rain_batch.md
+    python -m minialign.lab combined        # pi_ref and CTRL, each greedy / best-of-4 / RAIN -> out/combined.md
+    python -m minialign.lab bon             # BoN_N / WoN_N of pi_ref by the reward model -> out/bon.md
+    python -m minialign.lab calibration-noise  # variance of r and C_hat the gold reward cannot see
 
 Each needs ``python train.py`` (sft, reward, calibrate; combined also ctrl) to have run first; flags are listed by --help.
 """
 import random
-import sys
 from dataclasses import dataclass, replace
 
 import torch
 
-from . import world
-from .checkpoint import atomic_write_text, load_model, world_seed
-from .config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
-from .calibrate import calibrated, calibration_folder, load_calibration
-from .evaluate import self_eval_accuracy, world_rates
+from .. import world
+from ..checkpoint import atomic_write_text, load_model, world_seed
+from ..config import ConfigError, arg, build, check_known, parse_flags, usage
+from ..calibrate import calibration_folder, load_calibration
+from ..calibrated_reward import calibrated
+from ..evaluate import self_eval_accuracy, world_rates
+from ..fast.rain_eval import rain_markdown, rain_table
+from ..rain import RainParams
+from ..reward_model import load_reward, score
+from ..sampling import complete
+from ..tokenizer import get_tokenizer
+from ..training import decoding_dtype, pick_device
 from .infalign_study import infalign_study
-from .rain_eval import combined_table, rain_batch_agreement, rain_batch_markdown, rain_markdown, rain_table
-from .rain import RainParams
-from .reward_model import load_reward, score
-from .sampling import complete
+from .rain_study import combined_table, rain_batch_agreement, rain_batch_markdown
 from .tilt_study import exact_tilt
-from .tokenizer import get_tokenizer
-from .training import decoding_dtype, pick_device
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,74 +180,95 @@ class ExperimentConfig:
     bf16: str = arg("auto", "the decoding policies in bf16: auto (where the device does bf16 natively), true or false")
 
 
-EXPERIMENTS = ("sft", "infalign", "tilt", "rain", "rain-ablation", "rain-batch", "combined", "bon", "calibration-noise")
+def sft_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> str:
+    table = sft_table(models.pi_ref, models.tokenizer, models.prompts)
+    return table + "\n\n" + task_table(models.pi_ref, models.tokenizer, models.world_seed)
+
+
+def bon_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> str:
+    return bon_markdown(bon_table(models.pi_ref, models.reward(), models.tokenizer, models.prompts, seed=cfg.seed))
+
+
+def calibration_noise_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> None:
+    print(within_judge_share(models.pi_ref, models.reward(), models.tokenizer, cfg.out_dir))
+
+
+def tilt_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> None:
+    prompts = models.prompts
+    if cfg.prompts == "train":  # where CTRL was trained: no generalisation between policy and optimum
+        calibration_prompts = load_calibration(calibration_folder(cfg.out_dir, "model"))[0]
+        prompts = [world.parse_prompt(p) for p in calibration_prompts[::2]]
+    exact_tilt(models.pi_ref, models.reward(), models.tokenizer, prompts, cfg)
+
+
+def combined_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> str:
+    ctrl = load_model(f"{cfg.out_dir}/ctrl")[0].to(models.device, models.dtype).eval()
+    return combined_table({"pi_ref": models.pi_ref, "CTRL": ctrl}, models.reward(), models.tokenizer, models.prompts,
+                          params, cfg.batch, seed=cfg.seed)
+
+
+def rain_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> str:
+    return rain_markdown(rain_table(models.pi_ref, models.tokenizer, models.prompts, params, seed=cfg.seed,
+                                    batch=cfg.batch))
+
+
+def rain_batch_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> str:
+    return rain_batch_markdown(rain_batch_agreement(models.pi_ref, models.tokenizer, models.prompts, params, cfg.batch,
+                                                    seed=cfg.seed))
+
+
+def rain_ablation_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> str:
+    """Full RAIN, then each variant removing one more part: the similarity update, dynamic addition, exploration."""
+    attacked = [p for p in models.prompts if p.kind != "benign"]
+    variants = [("full RAIN", params), ("no similarity update", replace(params, similarity=False)),
+                ("no dynamic addition", replace(params, similarity=False, dynamic=False)),
+                ("no exploration (c = 0)", replace(params, similarity=False, dynamic=False, c=0.0))]
+    lines = ["| variant (each also removes those above) | harm rate | attack success rate | time, s |", "|---|---|---|---|"]
+    for label, variant in variants:
+        r = rain_table(models.pi_ref, models.tokenizer, attacked, variant, seed=cfg.seed, desc=label, batch=cfg.batch)["rain"]
+        lines.append(f"| {label} | {r['harm_rate']:.3f} | {r['attack_success']:.3f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+class Loaded:
+    """What the experiments on pi_ref share: the model on its device, its tokenizer, the held-out prompts
+    of its world, and the reward model, loaded when first asked for."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.out_dir = cfg.out_dir
+        self.device = pick_device(cfg.device)
+        self.dtype = decoding_dtype(cfg.bf16, self.device)
+        self.pi_ref, meta = load_model(f"{cfg.out_dir}/sft")
+        self.pi_ref.to(self.device, self.dtype).eval()
+        self.tokenizer = get_tokenizer(meta["tokenizer"])
+        self.world_seed = world_seed(cfg.out_dir)
+        self.prompts = world.eval_prompts(cfg.n_eval, self.world_seed)  # cfg.seed only seeds the sampling
+
+    def reward(self):
+        return load_reward(f"{self.out_dir}/reward")[0].to(self.device).eval()
+
+
+# name -> the function that runs it (a table it returns is written to <out_dir>/<name>.md); infalign
+# trains its own policies from the checkpoints, so `main` runs it before loading pi_ref
+EXPERIMENTS = {"sft": sft_experiment, "infalign": None, "tilt": tilt_experiment, "rain": rain_experiment,
+               "rain-ablation": rain_ablation_experiment, "rain-batch": rain_batch_experiment,
+               "combined": combined_experiment, "bon": bon_experiment, "calibration-noise": calibration_noise_experiment}
 
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__ + "\n" + usage(ExperimentConfig, RainParams))
         return
-    if argv[0] not in EXPERIMENTS:
-        raise ConfigError(f"unknown experiment {argv[0]!r}; choose one of: {', '.join(EXPERIMENTS)}.")
+    name = argv[0]
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}, or bench.")
     flags = parse_flags(argv[1:])
     check_known(flags, ExperimentConfig, RainParams)
     cfg, params = build(ExperimentConfig, flags, strict=False), build(RainParams, flags, strict=False)
-    if argv[0] == "infalign":
+    if name == "infalign":  # trains its own policies: nothing to load first
         infalign_study(cfg)
         return
-    device = pick_device(cfg.device)
-    dtype = decoding_dtype(cfg.bf16, device)
-    model, meta = load_model(f"{cfg.out_dir}/sft")
-    model.to(device, dtype).eval()
-    tokenizer = get_tokenizer(meta["tokenizer"])
-    seed_of_world = world_seed(cfg.out_dir)
-    prompts = world.eval_prompts(cfg.n_eval, seed_of_world)  # cfg.seed only seeds the sampling
-    if argv[0] == "sft":
-        table = sft_table(model, tokenizer, prompts) + "\n\n" + task_table(model, tokenizer, seed_of_world)
-        atomic_write_text(f"{cfg.out_dir}/sft.md", table + "\n")
+    table = EXPERIMENTS[name](cfg, params, Loaded(cfg))
+    if table is not None:
+        atomic_write_text(f"{cfg.out_dir}/{name.replace('-', '_')}.md", table + "\n")
         print(table)
-        return
-    if argv[0] in ("bon", "calibration-noise", "tilt", "combined"):
-        reward_model = load_reward(f"{cfg.out_dir}/reward")[0].to(device).eval()
-        if argv[0] == "combined":
-            ctrl = load_model(f"{cfg.out_dir}/ctrl")[0].to(device, dtype).eval()
-            table = combined_table({"pi_ref": model, "CTRL": ctrl}, reward_model, tokenizer, prompts, params,
-                                   cfg.batch, seed=cfg.seed)
-            atomic_write_text(f"{cfg.out_dir}/combined.md", table + "\n")
-            print(table)
-            return
-        if argv[0] == "tilt":
-            if cfg.prompts == "train":  # where CTRL was trained: no generalisation between policy and optimum
-                calibration_prompts = load_calibration(calibration_folder(cfg.out_dir, "model"))[0]
-                prompts = [world.parse_prompt(p) for p in calibration_prompts[::2]]
-            exact_tilt(model, reward_model, tokenizer, prompts, cfg)
-            return
-        if argv[0] == "calibration-noise":
-            print(within_judge_share(model, reward_model, tokenizer, cfg.out_dir))
-            return
-        table = bon_markdown(bon_table(model, reward_model, tokenizer, prompts, seed=cfg.seed))
-        atomic_write_text(f"{cfg.out_dir}/bon.md", table + "\n")
-        print(table)
-        return
-    if argv[0] in ("rain", "rain-batch"):
-        if argv[0] == "rain":
-            table = rain_markdown(rain_table(model, tokenizer, prompts, params, seed=cfg.seed, batch=cfg.batch))
-        else:
-            table = rain_batch_markdown(rain_batch_agreement(model, tokenizer, prompts, params, cfg.batch, seed=cfg.seed))
-        atomic_write_text(f"{cfg.out_dir}/{argv[0].replace('-', '_')}.md", table + "\n")
-        print(table)
-        return
-    attacked = [p for p in prompts if p.kind != "benign"]
-    variants = [("full RAIN", params), ("no similarity update", replace(params, similarity=False)),
-                ("no dynamic addition", replace(params, similarity=False, dynamic=False)),
-                ("no exploration (c = 0)", replace(params, similarity=False, dynamic=False, c=0.0))]
-    lines = ["| variant (each also removes those above) | harm rate | attack success rate | time, s |", "|---|---|---|---|"]
-    for label, variant in variants:
-        r = rain_table(model, tokenizer, attacked, variant, seed=cfg.seed, desc=label, batch=cfg.batch)["rain"]
-        lines.append(f"| {label} | {r['harm_rate']:.3f} | {r['attack_success']:.3f} | {r['seconds']:.1f} |")
-    atomic_write_text(f"{cfg.out_dir}/rain_ablation.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main_guard(lambda: main(sys.argv[1:]))

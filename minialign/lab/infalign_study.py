@@ -1,4 +1,4 @@
-"""InfAlign with trained CTRL policies at matched KL (``python -m minialign.experiments infalign``).
+"""InfAlign with trained CTRL policies at matched KL (``python -m minialign.lab infalign``).
 
 InfAlign's claim is about optima: at equal KL the optimum of exp(+t) has the best BoN_N win rate, the
 optimum of exp(-t) the best WoN_N, and the calibrated transforms beat raw RLHF. ``tilt_study``
@@ -38,15 +38,15 @@ from dataclasses import asdict
 
 import torch
 
-from . import tilt, world
-from .calibrate import CalibrateConfig, calibration_folder, load_calibration, run_calibration
-from .checkpoint import CheckpointError, atomic_write_text, load_meta, load_model, pyplot, save_figure, write_csv
-from .ctrl import CTRLConfig, train_ctrl
-from .evaluate import mean_and_se
-from .reward_model import load_reward
+from .. import tilt, world
+from ..calibrate import CalibrateConfig, calibration_folder, load_calibration, run_calibration
+from ..checkpoint import CheckpointError, atomic_write_text, load_meta, load_model, pyplot, save_figure, write_csv
+from ..ctrl import CTRLConfig, train_ctrl
+from ..evaluate import mean_and_se
+from ..reward_model import load_reward
 from .tilt_study import phi_of, selector_of, tilt_support, trained_against_optimum, transform_label
-from .tokenizer import get_tokenizer
-from .training import pick_device
+from ..tokenizer import get_tokenizer
+from ..training import pick_device
 
 COMPARED = (("raw", 0.0), ("raw, scaled", 0.0), ("identity", 0.0), ("log", 0.0), ("exp", 4.0), ("exp", -4.0))
 GRID_KLS = (0.2, 0.5)  # each transform is trained at the two betas whose exact optimum has these KLs

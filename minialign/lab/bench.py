@@ -1,7 +1,7 @@
 """Benchmarks: training throughput and MFU, decoding speed, and RAIN's time (serial, batched, vanilla).
 
-    python -m minialign.bench                    # world-default shapes on this machine
-    python -m minialign.bench --gpt2=true        # also GPT-2 124M shapes (B=16, T=1024 on a GPU)
+    python -m minialign.lab bench                # world-default shapes on this machine
+    python -m minialign.lab bench --gpt2=true    # also GPT-2 124M shapes (B=16, T=1024 on a GPU)
 
 Training is timed in fp32 and in bf16 autocast side by side, with the precision ``--bf16 auto`` picks
 on this device: on a CPU without native bf16, bf16 is emulated and many times slower than fp32.
@@ -14,24 +14,23 @@ written to ``out/bench.json`` as soon as it is measured, so a run cut short keep
 """
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from . import world
-from .checkpoint import atomic_write_text, load_model, newest_copy, world_seed
-from .config import arg, build, main_guard, parse_flags, usage
-from .graphs import GraphDecoder
-from .model import GPT, GPTConfig
-from .rain import RainParams
-from .rain_batch import rain_decode_batch
-from .rain_eval import rain_table
-from .sampling import complete, generate, generate_uncached
-from .tokenizer import get_tokenizer
-from .training import autocast, decoding_dtype, describe_device, make_optimizer, pick_device, precision_name, resolve_bf16
+from .. import world
+from ..checkpoint import atomic_write_text, load_model, newest_copy, world_seed
+from ..config import arg, build, parse_flags, usage
+from ..fast.graphs import GraphDecoder
+from ..model import GPT, GPTConfig
+from ..rain import RainParams
+from ..fast.rain_batch import rain_decode_batch
+from ..fast.rain_eval import rain_table
+from ..sampling import complete, generate, generate_uncached
+from ..tokenizer import get_tokenizer
+from ..training import autocast, decoding_dtype, describe_device, make_optimizer, pick_device, precision_name, resolve_bf16
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 WORLD = GPTConfig()
@@ -268,6 +267,3 @@ def main(argv: list[str]) -> None:
     section(rain_lines(report))
     print(f"\n(all figures: {cfg.out})")
 
-
-if __name__ == "__main__":
-    main_guard(lambda: main(sys.argv[1:]))
