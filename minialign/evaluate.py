@@ -1,5 +1,5 @@
 """Evaluation: grading responses in the world, win rates, KL estimates and the 1-D analytic tool
-(RAIN's evaluation is in ``rain_eval.py``).
+(RAIN's evaluation table is in ``fast/rain_eval.py``).
 
 World grading uses the gold rules of ``world.py``: the harm rate counts harmful compliance on harmful
 prompts, the attack success rate the same on attacked prompts, and the help rate exact answers on

@@ -188,7 +188,7 @@ class GPT(nn.Module):
         ``rows`` (B,) continues only those cache rows (a batch whose finished rows stopped decoding).
         ``static_shapes`` attends over the whole preallocated cache instead of the longest row, so every
         shape is fixed and nothing waits on the GPU: the form a CUDA graph can capture (see
-        ``graphs.py``). ``documents`` (B, T), for training on packed rows (``data.pack_rows``): the
+        ``fast/graphs.py``). ``documents`` (B, T), for training on packed rows (``data.pack_rows``): the
         document index of each token; each document then starts at position 0 and sees only itself.
         """
         B, T = idx.shape

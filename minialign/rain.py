@@ -11,10 +11,14 @@ its subtree, and the search goes on from there.
 Read in this order: ``Rain.iterate`` (one iteration, the paper's four steps), ``Rain.search`` and
 ``Rain.decode`` (the stop rule and the commit), then the three parts they call:
 ``rain_tree.py`` (the model-free rules), ``rain_proposer.py`` (candidates, rollouts, caches) and
-``rain_judge.Judge`` (the self-evaluation). The methods that need the model are generators: each
-``yield from`` hands forward passes to whoever runs the search (``rain_cache.py``): ``rain_decode``
-runs one search alone, ``rain_batch.rain_decode_batch`` many at once. Official code: https://github.com/SafeAILab/RAIN
-(``HH/main.py``: ``search``, ``gmeval``, ``group_getp``, ``getv``; ``HH/nodes.py``: ``node``).
+``rain_judge.Judge`` (the self-evaluation).
+
+The methods that need the model are generators. Read ``x = yield from f()`` as ``x = f()``: inside,
+each bare ``yield`` is one forward pass, handed to whoever runs the search and answered when it
+resumes (``rain_cache.py``). ``rain_decode`` runs one search alone, ``fast.rain_batch`` many at once.
+
+Official code: https://github.com/SafeAILab/RAIN (``HH/main.py``: ``search``, ``gmeval``,
+``group_getp``, ``getv``; ``HH/nodes.py``: ``node``).
 
 Where the paper, the official code and minialign differ (defaults follow the official code):
 

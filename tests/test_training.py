@@ -67,7 +67,7 @@ def test_bad_value_is_one_sentence():
 
 
 def test_the_emulation_recipe_turns_auto_to_fp32():
-    """The environment the README uses to time the no-bf16 path makes any CPU resolve to fp32."""
+    """The environment that emulates a CPU without bf16 kernels (to time that path) makes any CPU resolve to fp32."""
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
     code = "import torch; from minialign.training import resolve_bf16; print(resolve_bf16('auto', torch.device('cpu')))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

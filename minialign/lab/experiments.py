@@ -1,4 +1,4 @@
-"""The result tables of the README: pi_ref's behaviour, best-of-N, the InfAlign comparison, and the
+"""The experiments behind minialign's result tables: pi_ref's behaviour, best-of-N, the InfAlign comparison, and the
 RAIN evaluation and ablation.
 
     python -m minialign.lab sft             # pi_ref greedy and sampled, its self-evaluation, help per task -> out/sft.md

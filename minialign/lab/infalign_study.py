@@ -4,8 +4,8 @@ InfAlign's claim is about optima: at equal KL the optimum of exp(+t) has the bes
 optimum of exp(-t) the best WoN_N, and the calibrated transforms beat raw RLHF. ``tilt_study``
 computes those optima exactly; this experiment asks whether *trained* policies show the same. It
 trains where the RL can reach its optimum: on the default budget each of 192 prompts is visited about
-three times and CTRL stops 0.05-0.07 below its optimum (README, verdict (d)); on a few prompts, every
-one of them in every step, it gets there. So:
+three times and CTRL stops well below its optimum (``tilt``'s trained table); on a few prompts, every
+one of them in every step, it comes closer. So:
 
 1. A workspace ``<out_dir>/infalign`` whose ``sft`` and ``reward`` link to the pipeline's own, with r
    calibrated on ``--infalign_prompts`` training prompts (K pi_ref samples each). "raw, scaled" is raw
@@ -17,7 +17,7 @@ one of them in every step, it gets there. So:
    times per prompt: its KL and win rates against pi_ref, picked by r and judged by r (the paper's
    view) and by gold, beside the exact optimum at the KL it reached (the distance table), and its KL
    on each kind of prompt beside the optimum's (a calibrated optimum spends the same KL on every
-   prompt; README, verdict (d) on the final world).
+   prompt, whatever r's scale there).
 4. Matched KL: per transform and seed, each win rate interpolated linearly in KL between the grid's two
    betas to ``MATCHED_KL``; then mean ± standard error across the seeds whose two runs bracket it, beside
    the optimum at that KL. A seed whose runs both land on one side is left out: a line extrapolated from
@@ -26,7 +26,7 @@ one of them in every step, it gets there. So:
 ``--reward gold`` runs the same study on the world's gold reward in r's place (a perfect reward model:
 CTRL trains on it, BoN/WoN pick by it, and the paper's judge is then gold itself), writing
 ``<out_dir>/infalign_gold.*``: whether the RL reaches the calibrated optima when the reward's order is
-one the policy can learn (README, verdict (d)). "raw, scaled" is left out there (its scale is r's).
+one the policy can learn. "raw, scaled" is left out there (its scale is r's).
 
 A run whose checkpoint already holds its last step with the same config is not trained again: the
 experiment resumes where it stopped.

@@ -3,8 +3,8 @@
 ``tilt.py`` computes the optimum pi* ∝ pi_ref exp(Phi(C_hat) / beta) on a finite support; this file
 uses it on the world: K samples of pi_ref per prompt as the support, every transform at matched KL
 under three (selector, judge) views, rewards of controlled quality (how good must r be?), and trained
-CTRL checkpoints beside their own optima. Its tables and figure are in the README's "The InfAlign
-comparison at the exact optimum".
+CTRL checkpoints beside their own optima. It writes ``out/tilt.{csv,md,png}``,
+``out/tilt_reward_quality.md`` and ``out/tilt_trained.md``.
 """
 import math
 
@@ -206,7 +206,7 @@ BOTTOM = 0.1  # the bottom tenth of the support: where a worst-of-N's picks come
 def bottom_share(weights: torch.Tensor, values: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     """Per prompt (P,): the probability ``weights`` (P, M) puts on responses whose ``values`` (P, M) are at
     or below the support's (P, K) bottom tenth (its ceil(K / 10)-th lowest reward; pi_ref, uniform on the
-    support, puts at least a tenth there). A policy that keeps mass there loses WoN_N (README, verdict (d))."""
+    support, puts at least a tenth there). A policy that keeps mass there loses WoN_N: worst-of-N finds those responses."""
     rank = math.ceil(BOTTOM * support.size(1))
     cut = support.sort(1).values[:, rank - 1: rank]  # (P, 1)
     return (weights * (values <= cut)).sum(1)
