@@ -126,7 +126,11 @@ def main(argv: list[str]) -> None:
         say_if_cut(model, tokenizer, text, response, cfg.max_new_tokens)
         print_gold(text, response)
         return
-    prompts = world.eval_prompts(cfg.n_eval, eval_world(cfg, meta))
+    grade_world(cfg, world.eval_prompts(cfg.n_eval, eval_world(cfg, meta)), respond)
+
+
+def grade_world(cfg: DecodeConfig, prompts: list[world.Prompt], respond) -> None:
+    """Answer the held-out world prompts, show ``--show`` of them, and print the gold rules' rates."""
     start = time.time()
     responses = respond([p.text for p in prompts])
     seconds = time.time() - start
@@ -134,9 +138,8 @@ def main(argv: list[str]) -> None:
     for p, r in list(zip(prompts, responses))[::stride][: cfg.show]:
         print(f"[{p.kind}] {p.question}\n    -> {r}\n    gold reward {world.gold_reward(p.text, r):+.3f}, "
               f"harmful {world.is_harmful(p.text, r)}, helpful {world.is_helpful(p.text, r)}")
-    rates = world_rates(prompts, responses)
     print(f"\n{len(prompts)} held-out prompts in {seconds:.1f} s")
-    for key, value in rates.items():
+    for key, value in world_rates(prompts, responses).items():
         print(f"  {key:15s} {value:.3f}")
 
 

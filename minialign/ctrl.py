@@ -2,17 +2,13 @@
 
 InfAlign shows that the policy maximising an inference-time win rate W(T(pi) > T(pi_ref)) under a KL
 budget is the RLHF optimum pi* ∝ pi_ref exp(R / beta) for a *transformed calibrated* reward
-R = Phi(C_hat(x, y)). So CTRL is ordinary KL-regularised RL with that reward:
-
-    raw       R = r(x, y)                      standard RLHF (the baseline; not calibrated)
-    identity  R = C_hat                        calibrated RLHF: optimal for the standard win rate
-    log       R = log C_hat                    with beta = 1/(N-1) its optimum is BoN_N of pi_ref
-    exp       R = sign(t) * exp(t * C_hat)     t > 0 aims at best-of-N, t < 0 at worst-of-N
+R = Phi(C_hat(x, y)). So CTRL is ordinary KL-regularised RL with that reward (C_hat and the
+transforms raw, identity, log and exp(t) are in ``calibrated_reward.py``).
 
 With ``--reward gold`` r is the world's gold reward, calibrated against its own pi_ref samples
 (``--stage calibrate --reward gold``): a perfect reward model, to measure what the RL reaches when the
-reward is one the policy can learn (README, InfAlign verdict (d)). ``--reward scaled`` is the reward
-model times a per-prompt scale, InfAlign's reason to calibrate (verdict (c)).
+reward is one the policy can learn. ``--reward scaled`` is the reward model times a per-prompt scale,
+InfAlign's reason to calibrate (the calibrated transforms ignore it; raw RLHF does not).
 
 The RL solver (the choices, stated precisely):
 
@@ -51,7 +47,7 @@ from tqdm import tqdm
 from . import world
 from .calibrate import calibration_folder, load_calibration
 from .calibrated_reward import TRANSFORMS, calibrated, transformed_reward
-from .checkpoint import load_model, load_state, load_weights, save, world_seed
+from .checkpoint import load_model, load_state, load_weights, world_seed
 from .config import arg
 from .data import load_prompts, pad_with_lengths
 from .distributed import setup, shard, wrap
@@ -60,7 +56,7 @@ from .model import GPT, micro_batches, sequence_logprobs, token_logprobs
 from .reward_model import REWARDS, reward_function
 from .sampling import generate, stop_ids
 from .tokenizer import get_tokenizer
-from .training import MetricsLog, check_resume, clip_gradients, make_optimizer, pick_device
+from .training import MetricsLog, TrainingState, check_resume, clip_gradients, make_optimizer, pick_device
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """Leave-one-out advantages (P, G): each sample's reward minus the mean of its G-1 siblings."""
@@ -181,71 +177,71 @@ def final_evaluation(policy, reference, reward, tokenizer, cfg: "CTRLConfig") ->
                             reward, cfg.max_new_tokens, cfg.seed)
 
 
+def ctrl_step(ddp, policy, reference, run: TrainingState, reward, tokenizer, prompts: list[str],
+              prompt_ids: list[list[int]], sorted_reference: torch.Tensor, cfg: CTRLConfig, d) -> dict:
+    """One CTRL step: G samples of each of this step's prompts from the policy, their reward Phi(C_hat),
+    and ``rl_update``. Returns the step's mean reward, KL and win rate against pi_ref under r."""
+    order = torch.randperm(len(prompts), generator=run.generators["generator"])
+    pick = shard(order[: cfg.prompts_per_step], d)  # (P,) this rank's prompts of the step
+    picked = [i for i in pick.tolist() for _ in range(cfg.group)]  # each prompt G times
+    rows = [prompt_ids[i] for i in picked]
+    policy.eval()
+    responses, logp_old = generate(policy, rows, cfg.max_new_tokens, stop_ids(tokenizer), temperature=1.0,
+                                   generator=run.generators["sample_generator"], keep_stop=True, logprobs=True)
+    policy.train()
+    texts = [tokenizer.decode(r) for r in responses]
+    raw = reward([prompts[i] for i in picked], texts).view(-1, cfg.group)  # (P, G): r
+    R = transformed_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G): Phi(C_hat)
+    kl = rl_update(ddp, policy, reference, run.optimizer, rows, responses, logp_old, R.to(d.device), cfg, d.device)
+    win = calibrated(sorted_reference[pick], raw).mean()  # mean C_hat = win rate vs pi_ref under r
+    return {"reward": round(float(raw.mean()), 4), "kl": round(float(kl.mean()), 4), "win_rate_r": round(float(win), 4)}
+
+
 def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
     """Run CTRL from pi_ref = out/sft with r = out/reward and the cached calibration (one process, or one
     rank under torchrun); rank 0 evaluates at the end. Returns the policy and the evaluation summary."""
     d = setup(pick_device(cfg.device))
-    device = d.device
     folder = ctrl_folder(cfg)
     reference, meta = load_model(f"{cfg.out_dir}/sft")
     tokenizer = get_tokenizer(meta["tokenizer"])
-    reward = reward_function(cfg.reward, cfg.out_dir, device, tokenizer)  # r, or the gold reward
-    prompts, sorted_reference = load_calibration(calibration_folder(cfg.out_dir, cfg.reward))
+    reward = reward_function(cfg.reward, cfg.out_dir, d.device, tokenizer)  # r, or the gold reward
+    prompts, sorted_reference = load_calibration(calibration_folder(cfg.out_dir, cfg.reward))  # (prompts, K)
     policy = copy.deepcopy(reference)
     if cfg.resume:
         check_resume(folder, cfg, free=("steps",))  # a constant learning rate: more steps extend the same run
         load_weights(folder, policy)
-    state = load_state(folder) if cfg.resume else None
-    reference.to(device).eval().requires_grad_(False)
-    policy.to(device).train()
+    reference.to(d.device).eval().requires_grad_(False)
+    policy.to(d.device).train()
     ddp = wrap(policy, d)
-    optimizer = make_optimizer(policy, cfg.lr, 0.0, device)
-    generator = torch.Generator().manual_seed(cfg.seed)  # the same prompt order on every rank
-    sample_gen = torch.Generator(device).manual_seed(cfg.seed + 1 + d.rank)  # rollouts differ by rank
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        sample_gen.set_state(state["sample_generator"])
-        step = state["step"]
+    run = TrainingState(make_optimizer(policy, cfg.lr, 0.0, d.device),
+                        {"generator": torch.Generator().manual_seed(cfg.seed),  # the same prompt order on every rank
+                         "sample_generator": torch.Generator(d.device).manual_seed(cfg.seed + 1 + d.rank)},  # by rank
+                        load_state(folder) if cfg.resume else None)
     log = MetricsLog(f"{cfg.out_dir}/logs/{cfg.name or 'ctrl'}.jsonl", enabled=d.is_main)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
 
     def checkpoint(metrics: dict) -> None:
         if d.is_main:
-            save(folder, policy, {"stage": "ctrl", "model": asdict(policy.config), "tokenizer": tokenizer.name,
-                                  "precision": "fp32",  # rollouts and PPO ratios: no autocast, on every device
-                                  "config": asdict(cfg), "step": step, "metrics": metrics},
-                 {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                  "sample_generator": sample_gen.get_state(), "step": step})
+            run.save(folder, policy, {"stage": "ctrl", "model": asdict(policy.config), "tokenizer": tokenizer.name,
+                                      "precision": "fp32",  # rollouts and PPO ratios: no autocast, on every device
+                                      "config": asdict(cfg), "step": run.step, "metrics": metrics})
 
-    # a context manager: the bar is closed on an error too, so the error's sentence starts a line
-    with tqdm(total=cfg.steps, initial=step, desc=f"ctrl[{cfg.transform}]", dynamic_ncols=True, disable=not d.is_main) as bar:
-        while step < cfg.steps:
-            pick = shard(torch.randperm(len(prompts), generator=generator)[: cfg.prompts_per_step], d)  # (P,) this rank's
-            picked = [i for i in pick.tolist() for _ in range(cfg.group)]  # each prompt G times
-            rows = [prompt_ids[i] for i in picked]
-            policy.eval()
-            responses, logp_old = generate(policy, rows, cfg.max_new_tokens, stop_ids(tokenizer), temperature=1.0,
-                                           generator=sample_gen, keep_stop=True, logprobs=True)
-            policy.train()
-            texts = [tokenizer.decode(r) for r in responses]
-            raw = reward([prompts[i] for i in picked], texts).view(-1, cfg.group)  # (P, G)
-            R = transformed_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G)
-            kl = rl_update(ddp, policy, reference, optimizer, rows, responses, logp_old, R.to(device), cfg, device)  # (B,)
-            step += 1
-            win = calibrated(sorted_reference[pick], raw).mean()  # mean C_hat = win rate vs pi_ref under r
-            metrics = {"step": step, "reward": round(float(raw.mean()), 4), "kl": round(float(kl.mean()), 4),
-                       "win_rate_r": round(float(win), 4)}
+    # a context manager: the progress bar is closed on an error too, so the error's sentence starts a line
+    with tqdm(total=cfg.steps, initial=run.step, desc=f"ctrl[{cfg.transform}]", dynamic_ncols=True,
+              disable=not d.is_main) as bar:
+        while run.step < cfg.steps:
+            stats = ctrl_step(ddp, policy, reference, run, reward, tokenizer, prompts, prompt_ids, sorted_reference, cfg, d)
+            run.step += 1
+            metrics = {"step": run.step, **stats}
             log.write(**metrics)
             bar.set_postfix(reward=metrics["reward"], kl=metrics["kl"], win=metrics["win_rate_r"], refresh=False)
             bar.update(1)
-            if step % cfg.save_every == 0 and step < cfg.steps:
+            if run.step % cfg.save_every == 0 and run.step < cfg.steps:
                 checkpoint(metrics)
     if not d.is_main:
         return policy, {}
     summary = final_evaluation(policy, reference, reward, tokenizer, cfg) if cfg.eval_prompts or cfg.eval_data else {}
-    log.write(step=step, final=summary)
+    log.write(step=run.step, final=summary)
     checkpoint(summary)
     print_summary(summary, cfg.eval_n)
     return policy, summary

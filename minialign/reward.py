@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import world
-from .checkpoint import load_meta, load_model, load_state, save, world_seed
+from .checkpoint import load_meta, load_model, load_state, world_seed
 from .config import arg
 from .data import DataError, load_pairs, split_transcript
 from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import from_pretrained, row_chunks
 from .reward_model import RewardModel, encode_batch, load_reward, score
 from .tokenizer import check_pairing, get_tokenizer
-from .training import (MetricsLog, announce_precision, autocast, check_resume, clip_gradients, cosine_lr, make_optimizer,
-                       pick_device, precision_name, resolve_bf16, set_lr)
+from .training import (MetricsLog, TrainingState, announce_precision, autocast, check_resume, clip_gradients, cosine_lr,
+                       make_optimizer, pick_device, precision_name, resolve_bf16, set_lr)
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -128,63 +128,62 @@ def preference_data(cfg: RewardConfig) -> tuple[list, list]:
     return world_pair_tuples(train), world_pair_tuples(test)
 
 
+def reward_model_to_train(cfg: RewardConfig, folder: str) -> tuple[RewardModel, dict | None, object]:
+    """The reward model to train, with ``--resume`` its saved training state (None for a fresh run), and
+    the tokenizer: a fresh r starts from pi_ref's trunk (``out/sft``) or from ``--init``'s weights."""
+    if cfg.resume:
+        check_resume(folder, cfg)
+        return load_reward(folder)[0], load_state(folder), get_tokenizer(load_meta(folder)["tokenizer"])
+    if cfg.init:
+        trunk, tokenizer = from_pretrained(cfg.init), get_tokenizer("gpt2" if cfg.tokenizer == "auto" else cfg.tokenizer)
+        check_pairing(tokenizer, trunk.config.vocab_size, cfg.init)
+    else:
+        trunk, sft_meta = load_model(f"{cfg.out_dir}/sft")
+        tokenizer = get_tokenizer(sft_meta["tokenizer"])
+    model = RewardModel(trunk.config)
+    model.trunk.load_state_dict(trunk.state_dict())
+    return model, None, tokenizer
+
+
 def train_reward(cfg: RewardConfig) -> dict:
     """Train r by Bradley-Terry (one process, or one rank under torchrun); returns held-out metrics."""
     d = setup(pick_device(cfg.device))
-    device = d.device
-    bf16 = resolve_bf16(cfg.bf16, device)
+    device, bf16 = d.device, resolve_bf16(cfg.bf16, d.device)
     folder = f"{cfg.out_dir}/reward"
     train_pairs, test_pairs = preference_data(cfg)
-    if cfg.resume:
-        check_resume(folder, cfg)
-        model, _ = load_reward(folder)
-        state = load_state(folder)
-        tokenizer = get_tokenizer(load_meta(folder)["tokenizer"])
-    else:
-        if cfg.init:
-            trunk, tokenizer = from_pretrained(cfg.init), get_tokenizer("gpt2" if cfg.tokenizer == "auto" else cfg.tokenizer)
-            check_pairing(tokenizer, trunk.config.vocab_size, cfg.init)
-        else:
-            trunk, sft_meta = load_model(f"{cfg.out_dir}/sft")
-            tokenizer = get_tokenizer(sft_meta["tokenizer"])
-        model, state = RewardModel(trunk.config), None
-        model.trunk.load_state_dict(trunk.state_dict())
+    model, state, tokenizer = reward_model_to_train(cfg, folder)
     model.to(device).train()
     ddp = wrap(model, d)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    step, metrics = 0, {}
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step = state["step"]
+    run = TrainingState(make_optimizer(model, cfg.lr, cfg.weight_decay, device),
+                        {"generator": torch.Generator().manual_seed(cfg.seed)}, state)  # the pairs' order
+    metrics = {}
     log = MetricsLog(f"{cfg.out_dir}/logs/reward.jsonl", enabled=d.is_main)
-    announce_precision("reward", bf16, device, log, step)
-    # a context manager: the bar is closed on an error too, so the error's sentence starts a line
-    with tqdm(total=cfg.steps, initial=step, desc="reward", dynamic_ncols=True, disable=not d.is_main) as bar:
-        while step < cfg.steps:
-            set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
-            batch = [train_pairs[i] for i in torch.randint(len(train_pairs), (cfg.batch_size,), generator=generator)]
-            prompts, chosen, rejected = zip(*shard(batch, d))  # this rank's pairs of the global batch
+    announce_precision("reward", bf16, device, log, run.step)
+    # a context manager: the progress bar is closed on an error too, so the error's sentence starts a line
+    with tqdm(total=cfg.steps, initial=run.step, desc="reward", dynamic_ncols=True, disable=not d.is_main) as bar:
+        while run.step < cfg.steps:
+            set_lr(run.optimizer, cosine_lr(run.step, cfg.steps, cfg.lr, cfg.warmup))
+            picks = torch.randint(len(train_pairs), (cfg.batch_size,), generator=run.generators["generator"])
+            prompts, chosen, rejected = zip(*shard([train_pairs[i] for i in picks], d))  # this rank's pairs
             ids, lengths = encode_batch(tokenizer, list(prompts + prompts), list(chosen + rejected),
                                         model.trunk.config.block_size, device)
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=True)
             with autocast(device, bf16):  # rows: chosen then rejected; DDP's average -> the global batch's mean
                 loss = bradley_terry_step(ddp, ids, lengths, cfg.micro_batch, len(prompts) * d.world_size / cfg.batch_size)
-            clip_gradients(model.parameters(), f"reward step {step + 1}", f"try a lower --lr (now {cfg.lr:g})")
-            optimizer.step()
-            step += 1
+            clip_gradients(model.parameters(), f"reward step {run.step + 1}", f"try a lower --lr (now {cfg.lr:g})")
+            run.optimizer.step()
+            run.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            if (step % cfg.eval_every == 0 or step == cfg.steps) and d.is_main:
+            if (run.step % cfg.eval_every == 0 or run.step == cfg.steps) and d.is_main:
                 model.eval()
-                metrics = {"step": step, "loss": round(loss, 4), **evaluate_reward(model, tokenizer, test_pairs, cfg, bf16)}
+                metrics = {"step": run.step, "loss": round(loss, 4),
+                           **evaluate_reward(model, tokenizer, test_pairs, cfg, bf16)}
                 model.train()
                 log.write(**metrics)
-                bar.write(f"reward step {step}: " + ", ".join(f"{k} {v}" for k, v in metrics.items() if k != "step"))
-                meta = {"stage": "reward", "model": asdict(model.trunk.config), "tokenizer": tokenizer.name,
-                        "config": asdict(cfg), "precision": precision_name(bf16), "step": step, "metrics": metrics}
-                save(folder, model, meta, {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                           "step": step})
+                bar.write(f"reward step {run.step}: " + ", ".join(f"{k} {v}" for k, v in metrics.items() if k != "step"))
+                run.save(folder, model, {"stage": "reward", "model": asdict(model.trunk.config), "tokenizer": tokenizer.name,
+                                         "config": asdict(cfg), "precision": precision_name(bf16), "step": run.step,
+                                         "metrics": metrics})
     wait_for_rank0(d)
     return metrics

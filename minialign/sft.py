@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import world
-from .checkpoint import load_model, load_state, save
+from .checkpoint import load_model, load_state
 from .config import ConfigError, arg
 from .data import load_documents, pack_rows, random_rows
 from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import check_pairing, get_tokenizer
-from .training import (MetricsLog, announce_precision, autocast, check_resume, clip_gradients, cosine_lr, make_optimizer,
-                       pick_device, precision_name, resolve_bf16, set_lr)
+from .training import (MetricsLog, TrainingState, announce_precision, autocast, check_resume, clip_gradients, cosine_lr,
+                       make_optimizer, pick_device, precision_name, resolve_bf16, set_lr)
 
 
 @dataclass
@@ -83,69 +83,58 @@ def heldout_loss(model, rows, cfg, device, bf16: bool, batches: int = 8) -> floa
     return float(torch.stack(losses).mean())
 
 
+def sft_model(cfg: SFTConfig, folder: str, vocab_size: int) -> tuple[GPT, dict | None]:
+    """The model to train and, with ``--resume``, the saved training state (None for a fresh run)."""
+    if cfg.resume:
+        check_resume(folder, cfg)
+        return load_model(folder)[0], load_state(folder)
+    return build_model(cfg, vocab_size), None
+
+
 def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
     """Run the SFT stage (one process, or one rank under torchrun); returns the model and final metrics."""
     d = setup(pick_device(cfg.device))
-    device = d.device
-    bf16 = resolve_bf16(cfg.bf16, device)
+    device, bf16 = d.device, resolve_bf16(cfg.bf16, d.device)
     tokenizer = get_tokenizer(cfg.tokenizer if cfg.tokenizer != "auto" else "gpt2" if cfg.init else "bytes")
     folder = f"{cfg.out_dir}/sft"
     docs = load_documents(cfg.data) if cfg.data else world.corpus(cfg.corpus_dialogues, cfg.seed)
-    n_val = max(1, len(docs) // 20)
-
-    if cfg.resume:
-        check_resume(folder, cfg)
-        model, meta = load_model(folder)
-        state = load_state(folder)
-    else:
-        model, state = build_model(cfg, tokenizer.vocab_size), None
+    n_val = max(1, len(docs) // 20)  # held-out documents for the loss
+    model, state = sft_model(cfg, folder, tokenizer.vocab_size)
     check_pairing(tokenizer, model.config.vocab_size, cfg.init or folder)
     row_len = model.config.block_size + 1  # inputs and targets of block_size tokens
-    train_rows = pack_rows(docs[n_val:], tokenizer, row_len, cfg.answer_weight)
+    train_rows = pack_rows(docs[n_val:], tokenizer, row_len, cfg.answer_weight)  # (tokens, weights, documents)
     val_rows = pack_rows(docs[:n_val], tokenizer, row_len, cfg.answer_weight)
     model.to(device).train()
-    ddp = wrap(model, d)
-    if cfg.compile:
-        ddp = torch.compile(ddp)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step = state["step"]
+    ddp = torch.compile(wrap(model, d)) if cfg.compile else wrap(model, d)
+    run = TrainingState(make_optimizer(model, cfg.lr, cfg.weight_decay, device),
+                        {"generator": torch.Generator().manual_seed(cfg.seed)}, state)  # the data order
     log = MetricsLog(f"{cfg.out_dir}/logs/sft.jsonl", enabled=d.is_main)
-    announce_precision("sft", bf16, device, log, step)
+    announce_precision("sft", bf16, device, log, run.step)
     last = cfg.stop_at if 0 < cfg.stop_at < cfg.steps else cfg.steps
     metrics = {}
-
-    def checkpoint():
-        meta = {"stage": "sft", "model": asdict(model.config), "tokenizer": tokenizer.name,
-                "config": asdict(cfg), "precision": precision_name(bf16), "step": step, "metrics": metrics}
-        state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step}
-        if d.is_main:
-            save(folder, model, meta, state)
-
-    # a context manager: the bar is closed on an error too, so the error's sentence starts a line
-    with tqdm(total=last, initial=step, desc="sft", dynamic_ncols=True, disable=not d.is_main) as bar:
-        while step < last:
-            set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
-            batch = [t.to(device) for t in random_rows(*train_rows, cfg.batch_size, generator)]  # the global batch
+    # a context manager: the progress bar is closed on an error too, so the error's sentence starts a line
+    with tqdm(total=last, initial=run.step, desc="sft", dynamic_ncols=True, disable=not d.is_main) as bar:
+        while run.step < last:
+            set_lr(run.optimizer, cosine_lr(run.step, cfg.steps, cfg.lr, cfg.warmup))
+            batch = [t.to(device) for t in random_rows(*train_rows, cfg.batch_size, run.generators["generator"])]
             # this rank's rows; scaled so that DDP's gradient average is the gradient of the global mean
             loss = lm_loss(ddp, *(shard(t, d) for t in batch), device, bf16, batch[2].sum() / d.world_size)
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            clip_gradients(model.parameters(), f"sft step {step + 1}", f"try a lower --lr (now {cfg.lr:g})")
-            optimizer.step()
-            step += 1
+            clip_gradients(model.parameters(), f"sft step {run.step + 1}", f"try a lower --lr (now {cfg.lr:g})")
+            run.optimizer.step()
+            run.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step % cfg.eval_every == 0 or step == last:
-                metrics = {"step": step, "train_loss": round(loss.item(), 4),
+            if run.step % cfg.eval_every == 0 or run.step == last:
+                metrics = {"step": run.step, "train_loss": round(loss.item(), 4),
                            "heldout_loss": round(heldout_loss(model, val_rows, cfg, device, bf16), 4)}
                 log.write(**metrics)
                 if d.is_main:
-                    bar.write(f"step {step}: train loss {metrics['train_loss']:.3f}, held-out loss {metrics['heldout_loss']:.3f}")
-                checkpoint()
+                    bar.write(f"step {run.step}: train loss {metrics['train_loss']:.3f}, "
+                              f"held-out loss {metrics['heldout_loss']:.3f}")
+                    run.save(folder, model, {"stage": "sft", "model": asdict(model.config), "tokenizer": tokenizer.name,
+                                             "config": asdict(cfg), "precision": precision_name(bf16), "step": run.step,
+                                             "metrics": metrics})
     wait_for_rank0(d)
     return model, metrics

@@ -1,7 +1,9 @@
-"""What every training stage shares: device and precision, the optimizer and its schedule, logging.
+"""What every training stage shares: device and precision, the optimizer and its schedule, what a
+checkpoint holds for ``--resume``, logging.
 
 Kept deliberately small: each stage (``sft.py``, ``reward.py``, ``ctrl.py``) writes its own loop top
-to bottom and calls these helpers for the parts that are the same everywhere.
+to bottom (set up, restore ``TrainingState``, step, log, save) and calls these helpers for the parts
+that are the same everywhere.
 """
 import contextlib
 import dataclasses
@@ -13,7 +15,7 @@ import time
 
 import torch
 
-from .checkpoint import load_meta
+from .checkpoint import load_meta, save
 from .config import ConfigError
 
 # oneDNN instruction sets (values of ONEDNN_MAX_CPU_ISA) below which it has no bf16 matmul kernels
@@ -135,6 +137,25 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+class TrainingState:
+    """What a stage saves beside its weights so that ``--resume`` continues exactly: the optimizer, the
+    random generators (by name, as ``state.pt`` stores them) and the step count."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator],
+                 state: dict | None = None):
+        self.optimizer, self.generators, self.step = optimizer, generators, 0
+        if state is not None:  # resuming: the saved state replaces the fresh one
+            optimizer.load_state_dict(state["optimizer"])
+            for name, generator in generators.items():
+                generator.set_state(state[name])
+            self.step = state["step"]
+
+    def save(self, folder: str, model: torch.nn.Module, meta: dict) -> None:
+        """The weights, ``meta`` (``config.json``) and this state, written atomically (``checkpoint.save``)."""
+        generators = {name: generator.get_state() for name, generator in self.generators.items()}
+        save(folder, model, meta, {"optimizer": self.optimizer.state_dict(), **generators, "step": self.step})
 
 
 RESUME_FREE = ("resume", "stop_at", "eval_every", "save_every", "device", "bf16", "out_dir")
