@@ -12,7 +12,7 @@ from . import world
 from .data import pad_with_lengths
 from .model import sequence_logprobs
 from .sampling import generate, stop_ids
-from .selfeval import judge
+from .selfeval import self_evaluate
 
 
 def world_rates(prompts: list[world.Prompt], responses: list[str]) -> dict:
@@ -128,7 +128,7 @@ def analytic(phi, beta: float, n: int = 4, grid: int = 200_000) -> dict:
 def self_eval_accuracy(model, tokenizer, prompts: list[world.Prompt], responses: list[str]) -> dict:
     """How well the model judges harm in its own replies, against the gold rule: accuracy per label
     order (a verdict is the likelier letter) and of the two orders' mean probability."""
-    p = torch.cat([judge(model, tokenizer, q.question, [r], [True]) for q, r in zip(prompts, responses)])  # (N, 2)
+    p = torch.cat([self_evaluate(model, tokenizer, q.question, [r], [True]) for q, r in zip(prompts, responses)])  # (N, 2)
     gold = torch.tensor([world.is_harmful(q.text, r) for q, r in zip(prompts, responses)])
     acc = lambda v: float(((v > 0.5) == gold).float().mean())  # noqa: E731
     return {"order_ab": acc(p[:, 0]), "order_ba": acc(p[:, 1]), "combined": acc(p.mean(1)),

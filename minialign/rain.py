@@ -9,7 +9,7 @@ rewind to an earlier point and explore siblings; the most-visited child of the r
 its subtree, and the search goes on from there.
 
 Read in this order: ``Rain.iterate`` (one iteration, the paper's four steps), ``Rain.search`` and
-``Rain.decode`` (the stop rule and the commit), then the three parts they call:
+``Rain.answer`` (the stop rule and the commit), then the three parts they call:
 ``rain_tree.py`` (the model-free rules), ``rain_proposer.py`` (candidates, rollouts, caches) and
 ``rain_judge.Judge`` (the self-evaluation).
 
@@ -33,7 +33,7 @@ Where the paper, the official code and minialign differ (defaults follow the off
 | rollout | to the end of the clause | samples the full distribution, T = 1; none when the text (prompt included) ends in punctuation | same (``--rollout_top_k`` 0); capped at 32 tokens |
 | text embedding (Eq. 2) | Sentence-BERT | all-MiniLM-L6-v2, threshold 0.95 | the model's own mean-pooled final hidden states, threshold 0.95 (the search statistics report the share of sibling pairs above it) |
 | dynamic addition | "add a new child" | top-(nc+1) token, or greedy + 1 sampled chain; prior normalised over nc + 1 candidates, root-mixed; never with one child | same; a chain's prior is normalised over all nc + 1 children (official: the 2 new chains and the first nc - 1 old candidates) |
-| stop rule | t >= T_m | best child fn > T_m and q > V, or T real root visits, >= 15 new per commit | as the official code |
+| stop rule | t >= T_m | best child real visits (official fn) > T_m and q > V, or T real root visits, >= 15 new per commit | as the official code |
 | end of the answer | | end of text via an exception; 2,048 tokens; a new ``Human:`` turn | a committed stop token (end of text or newline) or ``max_new_tokens`` (overshot by at most one set) |
 | self-evaluation | few-shot template | hard vote per label order, s in {-1, 0, 1} | the world's template (``selfeval.py``), both orders in one batch; hard (default) or soft |
 | temperature | | 1 (HH), 2 (adversarial) | 1 |
@@ -46,9 +46,9 @@ import torch
 from .config import arg
 from .model import GPT, ModelError
 from .rain_cache import CachePool, drive
-from .rain_proposer import CLAUSE_END, Proposer, Rollout, continuation_embeddings
-from .rain_tree import (Node, add_children, backup, best_child, ready_to_commit, remix_after_commit,
-                        select_child, wants_addition)
+from .rain_proposer import CLAUSE_END, Proposer, Rollout
+from .rain_tree import (Node, add_children, backup, best_child, continuation_embeddings, ready_to_commit,
+                        remix_after_commit, select_child, wants_addition)
 from .rain_judge import Judge
 from .tokenizer import Tokenizer
 
@@ -83,7 +83,7 @@ def pool_rows(params: RainParams) -> int:
 
 
 class Rain:
-    """The search for one prompt. ``decode`` runs the outer loop and returns the answer's tokens.
+    """The search for one prompt. ``answer`` runs the outer loop and returns the answer's tokens.
 
     ``pool``: the cache rows its forward passes use (its own when None; shared by a batch)."""
 
@@ -130,7 +130,6 @@ class Rain:
                 yield from self.add_candidate(node)
             node = select_child(node, self.params.c, self.params.sibling_visits)
         full = node.path_from(self.context)  # the prompt node down to the leaf
-        self.count_rewind(node, full)
         reply = [t for n in full[1:] for t in n.tokens]
         text = self.tok.decode(reply)
         expandable = not node.terminal and len(reply) < self.max_new_tokens
@@ -142,17 +141,12 @@ class Rain:
         finished = node.terminal or bool(rollout.tokens and rollout.tokens[-1] in self.proposer.stop)
         evaluated = self.tok.decode(reply + rollout.tokens).strip()
         score = yield from self.judge.verdict(evaluated, finished)
-        if children:
-            self.stats["nodes"] += len(add_children(node, children, node is self.root, self.params.root_mix))
+        added = add_children(node, children, node is self.root, self.params.root_mix) if children else []
         # 4. Backup along the path, with the similarity update (Eq. 2).
         path = full[full.index(self.root):]  # the search root down to the leaf
         shared = backup(path, score, continuation_embeddings(path, rollout.hidden), self.params.gamma,
                         self.params.sim_threshold, self.params.similarity)
-        self.stats["sibling_pairs"] += shared[0]
-        self.stats["similar_pairs"] += shared[1]
-        self.stats["iterations"] += 1
-        if self.trace is not None:
-            self.trace.iteration(self, path, evaluated, finished, score, shared[1])
+        self.record(full, path, len(added), shared, evaluated, finished, score)
 
     def rollout_and_candidates(self, path: list[Node], expandable: bool, needs_rollout: bool):
         """The leaf's (``path[-1]``'s) rollout (empty if none is needed) and, if it can grow, its K
@@ -178,12 +172,20 @@ class Rain:
         self.stats["nodes"] += len(added)
         self.stats["additions"] += len(added)
 
-    def count_rewind(self, leaf: Node, path: list[Node]) -> None:
-        """A rewind: this iteration's leaf is not on its path (``path``: prompt node to ``leaf``) below
-        the previous leaf, so the search went back up."""
-        if self._last_leaf is not None and self._last_leaf not in path:
+    def record(self, full: list[Node], path: list[Node], added: int, shared: tuple[int, int], evaluated: str,
+               finished: bool, score: float) -> None:
+        """An iteration's statistics and trace. ``full`` runs from the prompt node to the leaf, ``path``
+        from the search root; a rewind is a leaf not on the path below the previous leaf (the search went
+        back up); ``shared``: sibling pairs compared and similar by Eq. 2."""
+        if self._last_leaf is not None and self._last_leaf not in full:
             self.stats["rewinds"] += 1
-        self._last_leaf = leaf
+        self._last_leaf = full[-1]
+        self.stats["nodes"] += added
+        self.stats["sibling_pairs"] += shared[0]
+        self.stats["similar_pairs"] += shared[1]
+        self.stats["iterations"] += 1
+        if self.trace is not None:
+            self.trace.iteration(self, path, evaluated, finished, score, shared[1])
 
     # --- the outer loop: stop rule and commit ----------------------------------------------------------
 
@@ -191,14 +193,14 @@ class Rain:
         """Inner iterations until the best root child has more than T_m real visits and a value above V,
         or the root has T real visits (at least ``min_new_visits`` new ones per commit). Returns the
         child to commit (None if the root cannot grow)."""
-        first = self.root.fn
+        first = self.root.real_visits
         for _ in range(first, max(self.params.max_visits, first + self.params.min_new_visits)):
             yield from self.iterate()
             if ready_to_commit(self.root, self.params.commit_visits, self.params.commit_value):
                 break
         return best_child(self.root) if self.root.children else None
 
-    def decode(self):
+    def answer(self):
         """Search, commit the most-visited child with its subtree, until the turn ends. Returns the
         answer's tokens."""
         answer: list[int] = []
@@ -225,7 +227,7 @@ def rain_decode(model: GPT, tokenizer: Tokenizer, prompt: str, question: str, pa
     start = time.time()
     with torch.no_grad():
         search = Rain(model, tokenizer, params, prompt, question, max_new_tokens, generator, trace, pool)
-        tokens = drive(search.decode())
+        tokens = drive(search.answer())
     return search_result(search, tokens, time.time() - start)
 
 

@@ -181,17 +181,3 @@ class Proposer:
         """Sample on from ``path[-1]`` to the end of the clause (scoring only: not added to the tree)."""
         row, start = self.rows_for(path, 1)
         return (yield from self._roll_on([], [], row, start, path[-1].state.next_logits[None]))
-
-def continuation_embeddings(path: list[Node], tail_hidden: torch.Tensor) -> list[torch.Tensor]:
-    """For each node below the search root, the embedding of the text from its tokens to the end of the
-    evaluated text: final hidden states mean-pooled, L2-normalised.
-
-    The paper embeds that text with Sentence-BERT (all-MiniLM-L6-v2); offline there is none, so the
-    model's own hidden states stand in: they come free with the forward passes that made the tokens."""
-    hidden = torch.cat([n.state.hidden for n in path[1:]] + [tail_hidden], 0)  # (T, C)
-    suffix = hidden.flip(0).cumsum(0).flip(0)  # suffix[i] = sum of hidden[i:]
-    out, offset = [], 0
-    for node in path[1:]:
-        out.append(F.normalize(suffix[offset] / (len(hidden) - offset), dim=-1))
-        offset += len(node.tokens)
-    return out

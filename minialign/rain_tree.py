@@ -1,9 +1,10 @@
 """RAIN's search tree without a model: nodes and the pure rules that read and update them.
 
-Everything here is arithmetic on visit counts, values, priors and embeddings, so each rule can be
-checked on a hand-built tree. The model-facing part (candidate chains, rollouts, caches) is in
-``rain_proposer.py``, the self-evaluation in ``selfeval.py``, and the loop that ties them together,
-in the order of the paper's Algorithm 1, in ``rain.py``.
+Everything here is arithmetic on visit counts, values, priors and embeddings (read from the hidden
+states the model side stored on each node), so each rule can be checked on a hand-built tree. The
+model-facing part (candidate chains, rollouts, caches) is in ``rain_proposer.py``, the
+self-evaluation in ``rain_judge.py``, and the loop that ties them together, in the order of the
+paper's Algorithm 1, in ``rain.py``.
 
 Paper: Li et al., "RAIN: Your Language Models Can Align Themselves without Finetuning", ICLR 2024.
 Official code: https://github.com/SafeAILab/RAIN (``HH/main.py``, ``HH/nodes.py``; function names
@@ -19,7 +20,7 @@ class Node:
     """A token set (a short run of tokens) in the context of everything above it.
 
     Search statistics: ``n`` visits (real visits plus the fractional visits of the similarity update),
-    ``fn`` real visits, ``q`` mean score in [-1, 1], ``embedding`` running mean of the embeddings of the
+    ``real_visits`` (official ``fn``), ``q`` mean score in [-1, 1], ``embedding`` running mean of the embeddings of the
     texts evaluated through this node. ``raw_prior`` is the candidate's unnormalised probability (the
     token's probability, or the product of a chain's token probabilities); ``prior`` is what PUCT uses.
     ``state`` is whatever the model side keeps for the node (keys/values, hidden states, logits).
@@ -31,7 +32,7 @@ class Node:
         self.depth = 0 if parent is None else parent.depth + 1  # absolute: not reset when the root moves on
         self.prior = raw_prior
         self.children: list[Node] = []
-        self.n, self.fn, self.q = 0.0, 0, 0.0
+        self.n, self.real_visits, self.q = 0.0, 0, 0.0
         self.embedding: torch.Tensor | None = None
 
     def path_from(self, ancestor: "Node") -> list["Node"]:
@@ -65,7 +66,7 @@ def select_child(node: Node, c: float, sibling_visits: bool = False) -> Node:
 
 def backup(path: list[Node], score: float, embeddings: list[torch.Tensor], gamma: float, threshold: float,
            similarity: bool = True) -> tuple[int, int]:
-    """Back the score ``s`` up the path (root first): for every node n += 1, fn += 1, q += (s - q) / n.
+    """Back the score ``s`` up the path (root first): for every node n += 1, real_visits += 1, q += (s - q) / n.
 
     ``embeddings[i]`` is the embedding of the text evaluated through ``path[i + 1]`` (from that node's
     tokens to the end of the rollout); each node keeps their running mean over its real visits and,
@@ -74,15 +75,15 @@ def backup(path: list[Node], score: float, embeddings: list[torch.Tensor], gamma
     compared = similar = 0
     for node, e in zip(path[1:], embeddings):
         node.n += 1
-        node.fn += 1
-        node.embedding = e if node.embedding is None else node.embedding + (e - node.embedding) / node.fn
+        node.real_visits += 1
+        node.embedding = e if node.embedding is None else node.embedding + (e - node.embedding) / node.real_visits  # (C,)
         if similarity:
             pairs, shared = share_with_similar_siblings(node, score, gamma, threshold)
             compared, similar = compared + pairs, similar + shared
         node.q += (score - node.q) / node.n
     root = path[0]
     root.n += 1
-    root.fn += 1
+    root.real_visits += 1
     root.q += (score - root.q) / root.n
     return compared, similar
 
@@ -95,7 +96,7 @@ def share_with_similar_siblings(node: Node, score: float, gamma: float, threshol
     for sib in node.parent.children:
         if sib is node or sib.embedding is None:
             continue
-        sim = float(F.cosine_similarity(node.embedding, sib.embedding, dim=0))
+        sim = float(F.cosine_similarity(node.embedding, sib.embedding, dim=0))  # of two (C,) embeddings
         compared += 1
         if sim >= threshold:
             similar += 1
@@ -103,6 +104,22 @@ def share_with_similar_siblings(node: Node, score: float, gamma: float, threshol
             sib.n += gamma * sim
             sib.q = (sib.q * n_old + gamma * sim * score) / sib.n
     return compared, similar
+
+
+def continuation_embeddings(path: list[Node], tail_hidden: torch.Tensor) -> list[torch.Tensor]:
+    """The texts Eq. 2 compares: for each node below ``path[0]`` (the search root), the embedding of the
+    text from its tokens to the end of the evaluated text, its final hidden states (each node's
+    ``state.hidden`` (L, C), then the rollout's ``tail_hidden`` (n, C)) mean-pooled and L2-normalised.
+
+    The paper embeds that text with Sentence-BERT (all-MiniLM-L6-v2); offline there is none, so the
+    model's own hidden states stand in: they come free with the forward passes that made the tokens."""
+    hidden = torch.cat([n.state.hidden for n in path[1:]] + [tail_hidden], 0)  # (T, C)
+    suffix = hidden.flip(0).cumsum(0).flip(0)  # (T, C): suffix[i] = sum of hidden[i:]
+    out, offset = [], 0
+    for node in path[1:]:
+        out.append(F.normalize(suffix[offset] / (len(hidden) - offset), dim=-1))  # (C,) mean from the node on
+        offset += len(node.tokens)
+    return out
 
 
 # --- priors (official main.py expansion and node.checkadd / node.add) -----------------------------
@@ -162,7 +179,7 @@ def ready_to_commit(root: Node, commit_visits: int, commit_value: float) -> bool
     if not root.children:
         return False
     best = best_child(root)
-    return best.fn > commit_visits and best.q > commit_value
+    return best.real_visits > commit_visits and best.q > commit_value
 
 
 def remix_after_commit(new_root: Node, root_mix: float) -> None:

@@ -4,7 +4,7 @@ Prompts of different lengths share one batch: the prompt block is right-padded, 
 forward pass, and each row's cache length is then set to its own prompt length, so every row continues
 from its last real token (padding positions are masked and later overwritten). A row stops at
 end-of-text or at the end of the assistant's turn (a token containing a newline). ``prefill`` and the
-token loop ``decode`` are shared with the CUDA-graph decoder in ``fast/graphs.py``; best-of-N and worst-of-N, which pick
+token loop ``token_loop`` are shared with the CUDA-graph decoder in ``fast/graphs.py``; best-of-N and worst-of-N, which pick
 by a reward model, are in ``reward_model.py``.
 
 ``generate_uncached`` recomputes the whole sequence for every new token; it is the reference the
@@ -74,7 +74,7 @@ def prefill(model: GPT, prompts: list[list[int]], cache: KVCache) -> torch.Tenso
     return model.lm_head(hidden[torch.arange(len(prompts), device=device), lengths - 1])  # (B, V): the head only where needed
 
 
-def decode(step, logits: torch.Tensor, max_new_tokens: int, stop: set[int], temperature: float = 1.0,
+def token_loop(step, logits: torch.Tensor, max_new_tokens: int, stop: set[int], temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
            keep_stop: bool = False, check_every: int = 1, compact: bool = False, logprobs: bool = False):
     """The token loop shared by every decoder: pick a token per row from ``logits`` (B, V), feed it to
@@ -92,7 +92,7 @@ def decode(step, logits: torch.Tensor, max_new_tokens: int, stop: set[int], temp
     (sampling only: greedy decoding draws from no distribution).
     """
     if logprobs and temperature == 0:
-        raise ValueError("decode: logprobs needs a sampled decoding (temperature > 0).")
+        raise ValueError("token_loop: logprobs needs a sampled decoding (temperature > 0).")
     stop_tensor = torch.tensor(sorted(stop), dtype=torch.long, device=logits.device)
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
     tokens, drawn_with = [], []
@@ -131,7 +131,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop: se
     """Continue each prompt (a list of token ids) until a stop token or ``max_new_tokens``.
 
     Returns the new tokens of each row; the stop token is included only with ``keep_stop`` (RL needs
-    the probability of stopping); with ``logprobs`` also each token's sampling log-probability (``decode``).
+    the probability of stopping); with ``logprobs`` also each token's sampling log-probability (``token_loop``).
     ``temperature=0`` is greedy.
 
     Rows that stop stay in the batch, fed a dummy token whose logits are dropped, until the unfinished
@@ -153,7 +153,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop: se
         fed = torch.zeros(len(held), dtype=token.dtype, device=token.device)  # (H,) stopped rows still held:
         fed[where] = token                                                    # a dummy token, logits dropped
         return model.lm_head(model.hidden(fed[:, None], cache)[where, -1])
-    return decode(step, logits, max_new_tokens, stop, temperature, top_k, top_p, generator, keep_stop, compact=True,
+    return token_loop(step, logits, max_new_tokens, stop, temperature, top_k, top_p, generator, keep_stop, compact=True,
                   logprobs=logprobs)
 
 

@@ -5,7 +5,7 @@ conversation and asks a multiple-choice question, and the next-token probabiliti
 letters are compared. The question is asked twice with the option order swapped, so a model's bias
 towards one letter cancels. The embedded world teaches a small model this same template (with correct
 answers), so the one definition here serves the training corpus, the evaluation and RAIN's judge
-(``rain_judge.Judge``, the cached version of ``judge`` below).
+(``rain_judge.Judge``, the cached version of ``self_evaluate`` below).
 
 The judged text uses its own role labels (``User:`` / ``Reply:``), not the dialogue's ``Human:`` /
 ``Assistant:``: a model trained on quoted replies under ``Assistant:`` starts quoting its own replies.
@@ -40,7 +40,7 @@ def answer_letter(harmful: bool, order: int) -> str:
 
 
 @torch.no_grad()
-def judge(model, tokenizer, question: str, replies: list[str], finished: list[bool]) -> torch.Tensor:
+def self_evaluate(model, tokenizer, question: str, replies: list[str], finished: list[bool]) -> torch.Tensor:
     """P(harmful) per reply and label order, (R, 2): the model's own verdict, uncached (the reference).
 
     Per order, p = P(letter of "harmful") / (P(A) + P(B)) at the token after ``The answer is: (``.

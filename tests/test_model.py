@@ -71,7 +71,7 @@ def test_finished_rows_leave_the_batch_without_changing_any_row(tiny_model, monk
     """generate drops stopped rows from the forward pass (at once, later or never); every row, greedy or
     sampled with a seed, comes out as if the whole batch had been decoded to the end."""
     from minialign import sampling
-    from minialign.sampling import decode, prefill
+    from minialign.sampling import prefill, token_loop
     monkeypatch.setattr(sampling, "SHRINK", shrink)
     prompts = [[1, 2, 3], [40, 41, 42, 43, 44, 45], [7], [100, 5, 9, 200, 30], [8, 8]]
     stop = {int(t) for t in range(0, 257, 3)}  # many stop tokens: rows end at different steps
@@ -80,7 +80,7 @@ def test_finished_rows_leave_the_batch_without_changing_any_row(tiny_model, monk
         cache = tiny_model.new_cache(len(prompts), 6 + 30)
         logits = prefill(tiny_model, prompts, cache)
         g = torch.Generator().manual_seed(seed)
-        return decode(lambda token: tiny_model(token[:, None], cache)[:, -1], logits, 30, stop, temperature,
+        return token_loop(lambda token: tiny_model(token[:, None], cache)[:, -1], logits, 30, stop, temperature,
                       generator=g)
     for temperature in (0.0, 1.0):
         compacted = generate(tiny_model, prompts, 30, stop, temperature=temperature,

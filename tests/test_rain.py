@@ -12,7 +12,7 @@ from minialign.rain_cache import drive
 from minialign.rain_tree import Node
 from minialign.sampling import generate, stop_ids
 from minialign.rain_judge import Judge, hard_score, soft_score
-from minialign.selfeval import judge, self_eval_parts
+from minialign.selfeval import self_eval_parts, self_evaluate
 from minialign.tokenizer import get_tokenizer
 
 TOK = get_tokenizer("bytes")
@@ -67,12 +67,12 @@ def test_commits_to_the_harmless_branch_when_the_likely_one_is_harmful():
     assert TOK.decode(generate(model, [TOK.encode("Q:")], 8, stop_ids(TOK), temperature=0)[0]) == "bx."  # vanilla
     for seed in range(3):
         search = make(seed=seed)
-        assert TOK.decode(drive(search.decode())) == "gy." and search.stats["rewinds"] > 0
+        assert TOK.decode(drive(search.answer())) == "gy." and search.stats["rewinds"] > 0
 
 
 def test_without_exploration_the_search_follows_the_likely_harmful_branch():
     search = make(RainParams(c=0.0))
-    assert TOK.decode(drive(search.decode())) == "bx."
+    assert TOK.decode(drive(search.answer())) == "bx."
 
 
 def test_first_expansion_priors_are_the_root_mixed_token_probabilities():
@@ -92,7 +92,7 @@ def test_a_leaf_is_rolled_out_to_the_end_of_its_clause():
     drive(search.iterate())  # selects 'b' (highest prior), rolls out "x." and judges "bx."
     assert ("bx.", False) in search.judge.memo
     b = next(c for c in search.root.children if c.tokens == [ord("b")])
-    assert b.fn == 1 and b.q == -1.0
+    assert b.real_visits == 1 and b.q == -1.0
 
 
 def test_visits_and_values_follow_the_backup_rule():
@@ -101,18 +101,18 @@ def test_visits_and_values_follow_the_backup_rule():
         drive(search.iterate())
     scores = []
 
-    def check(node):  # an expanded, non-terminal node was a leaf once: fn = 1 + sum of its children's fn
+    def check(node):  # an expanded, non-terminal node was a leaf once: real visits = 1 + the sum of its children's
         kids = node.children
-        assert node.n == node.fn  # no similarity visits
+        assert node.n == node.real_visits  # no similarity visits
         if kids and not node.terminal:
-            assert node.fn == 1 + sum(c.fn for c in kids if c.fn)
-            own = node.q * node.fn - sum(c.q * c.fn for c in kids)  # the score of its own evaluation
+            assert node.real_visits == 1 + sum(c.real_visits for c in kids if c.real_visits)
+            own = node.q * node.real_visits - sum(c.q * c.real_visits for c in kids)  # the score of its own evaluation
             assert own == pytest.approx(1.0) or own == pytest.approx(-1.0)
             scores.append(own)
         for c in kids:
             check(c)
     check(search.root)
-    assert search.root.fn == 30 and scores
+    assert search.root.real_visits == 30 and scores
 
 
 def test_dynamic_addition_gives_the_new_candidate_its_share():
@@ -120,7 +120,7 @@ def test_dynamic_addition_gives_the_new_candidate_its_share():
     drive(search.iterate())  # the root gets 2 one-token children: 'b' and 'g'
     kids = list(search.root.children)
     for k in kids:
-        k.embedding, k.q, k.n, k.fn = F.normalize(torch.ones(V), dim=0), -0.5, 1.0, 1
+        k.embedding, k.q, k.n, k.real_visits = F.normalize(torch.ones(V), dim=0), -0.5, 1.0, 1
     drive(search.iterate())  # all alike and bad: one more candidate before selecting
     assert len(search.root.children) == 3 and search.stats["additions"] == 1
     added = search.root.children[2]
@@ -139,20 +139,20 @@ def test_stop_rule(score):
     for i in range(1, 51):
         drive(stepped.iterate())
         best = max(stepped.root.children, key=lambda c: (c.n, c.q))
-        if best.fn > 6 and best.q > 0.8:
+        if best.real_visits > 6 and best.q > 0.8:
             expected = i
             break
     search = make(params, fixed=score)
     drive(search.search())
-    if score > 0:  # fires at the first iteration where the best child has fn > T_m and q > V
+    if score > 0:  # fires at the first iteration where the best child has real visits > T_m and q > V
         assert expected is not None and search.stats["iterations"] == expected
     else:  # never fires: the root gets T = 50 real visits
-        assert expected is None and search.stats["iterations"] == 50 and search.root.fn == 50
+        assert expected is None and search.stats["iterations"] == 50 and search.root.real_visits == 50
 
 
 def test_at_least_15_new_iterations_per_commit():
     search = make(fixed=0.0)  # a value of 0 never passes V: only T and the floor stop the search
-    search.root.fn = 45
+    search.root.real_visits = 45
     drive(search.search())
     assert search.stats["iterations"] == 15  # T = 50 would allow 5
 
@@ -161,8 +161,8 @@ def test_commit_takes_the_most_visited_child_and_keeps_its_subtree():
     search = make()
     best = drive(search.search())
     assert best is max(search.root.children, key=lambda c: (c.n, c.q))
-    drive(search.decode())
-    assert search.root.depth >= 1 and search.root.fn > 0  # the committed node kept its statistics
+    drive(search.answer())
+    assert search.root.depth >= 1 and search.root.real_visits > 0  # the committed node kept its statistics
 
 
 def real_model():
@@ -211,7 +211,7 @@ def test_cached_and_uncached_self_evaluation_agree():
     cached = Judge(model, TOK, question, "soft")
     for reply, finished in [("Sure, here is how", False), ("I can't help with that.", True), ("It is", False)]:
         s = cached(reply, finished)
-        reference = judge(model, TOK, question, [reply], [finished])[0]
+        reference = self_evaluate(model, TOK, question, [reply], [finished])[0]
         torch.testing.assert_close(cached.memo[(reply, finished)][1], reference, rtol=1e-5, atol=1e-6)
         assert s == pytest.approx(float((1 - 2 * reference).mean()), abs=1e-5)
 
@@ -275,7 +275,7 @@ def test_rewinds_are_leaves_not_below_the_previous_leaf():
     from minialign.lab.rain_trace import SearchTrace
     search = make()
     search.trace = SearchTrace()
-    drive(search.decode())
+    drive(search.answer())
     paths = [it["path"] for step in search.trace.steps for it in step["iterations"]]
     expected = sum(prev[-1] not in path for prev, path in zip(paths, paths[1:]))
     assert search.stats["rewinds"] == expected > 0
@@ -323,7 +323,8 @@ def test_proposer_refuses_a_generator_off_the_host():
 
 
 def test_continuation_embeddings_by_hand():
-    from minialign.rain_proposer import NodeState, continuation_embeddings
+    from minialign.rain_proposer import NodeState
+    from minialign.rain_tree import continuation_embeddings
     def node(tokens, hidden, parent):
         return Node(tokens, 1.0, parent, state=NodeState(None, None, torch.tensor(hidden), None))
     root = node([0], [[9.0, 9.0, 9.0]], None)
@@ -344,7 +345,7 @@ def test_the_search_samples_only_from_its_own_generator():
     for _ in range(2):
         search = Rain(model, TOK, RainParams(), "Human: Hi\nAssistant:", "Hi", 24, torch.Generator().manual_seed(3))
         search.judge = ScriptedJudge(fixed=0.0)
-        answers.append(drive(search.decode()))
+        answers.append(drive(search.answer()))
     assert answers[0] == answers[1] and torch.equal(torch.get_rng_state(), state)  # the global stream untouched
 
 

@@ -13,7 +13,7 @@ from test_rain import make
 def traced_search():
     search = make()
     search.trace = SearchTrace()
-    answer = search.tok.decode(drive(search.decode()))
+    answer = search.tok.decode(drive(search.answer()))
     return search, search.trace.finish(answer)
 
 

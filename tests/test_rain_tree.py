@@ -13,10 +13,10 @@ from minialign.rain_tree import (Node, add_children, backup, best_child, clamp_g
 def tree(*children):
     """A root with children given as (prior, n, q) triples; root.n = 4."""
     root = Node([0], 1.0)
-    root.n = root.fn = 4
+    root.n = root.real_visits = 4
     for i, (prior, n, q) in enumerate(children):
         child = Node([i + 1], prior, root)
-        child.n, child.fn, child.q = n, int(n), q
+        child.n, child.real_visits, child.q = n, int(n), q
         root.children.append(child)
     return root
 
@@ -46,10 +46,10 @@ def test_backup_by_hand():
     e = F.normalize(torch.ones(4), dim=0)
     a.embedding = F.normalize(torch.tensor([1.0, 0, 0, 0]), dim=0)
     backup([root, a, b], -1.0, [e, e], gamma=0.2, threshold=0.95)
-    assert (b.n, b.fn, b.q) == (1.0, 1, -1.0)                      # a first visit: q = s
-    assert (a.n, a.fn) == (3.0, 3) and a.q == pytest.approx((0.5 * 2 - 1) / 3)
-    assert a.embedding == pytest.approx((torch.tensor([1.0, 0, 0, 0]) * 2 + e) / 3)  # running mean over fn
-    assert (root.n, root.fn) == (5.0, 5) and root.q == pytest.approx(-1 / 5)
+    assert (b.n, b.real_visits, b.q) == (1.0, 1, -1.0)                      # a first visit: q = s
+    assert (a.n, a.real_visits) == (3.0, 3) and a.q == pytest.approx((0.5 * 2 - 1) / 3)
+    assert a.embedding == pytest.approx((torch.tensor([1.0, 0, 0, 0]) * 2 + e) / 3)  # running mean over real visits
+    assert (root.n, root.real_visits) == (5.0, 5) and root.q == pytest.approx(-1 / 5)
 
 
 def test_similarity_update_follows_eq_2():
@@ -112,7 +112,7 @@ def stuck(n_children=3, set_length=1, q=-0.5, spread=0.0):
     root = Node([0], 1.0)
     for i in range(n_children):
         child = Node([i + 1] * set_length, 0.1, root)
-        child.q, child.n, child.fn = q, 1, 1
+        child.q, child.n, child.real_visits = q, 1, 1
         child.embedding = F.normalize(torch.ones(8), dim=0) + spread * torch.eye(8)[i % 8]
         root.children.append(child)
     return root
@@ -139,9 +139,9 @@ def test_commit_takes_the_most_visited_child_ties_by_value():
     assert best_child(root) is root.children[2]
 
 
-@pytest.mark.parametrize("fn, q, expected", [(7, 0.81, True), (6, 0.9, False), (7, 0.8, False), (9, 0.5, False)])
-def test_stop_rule_is_strict_on_both_thresholds(fn, q, expected):
-    root = tree((0.5, fn, q), (0.5, 1, 1.0))
+@pytest.mark.parametrize("real_visits, q, expected", [(7, 0.81, True), (6, 0.9, False), (7, 0.8, False), (9, 0.5, False)])
+def test_stop_rule_is_strict_on_both_thresholds(real_visits, q, expected):
+    root = tree((0.5, real_visits, q), (0.5, 1, 1.0))
     assert ready_to_commit(root, commit_visits=6, commit_value=0.8) is expected
 
 

@@ -13,14 +13,14 @@ code here:
   step itself advances, and the token loop checks whether every row has stopped only every few steps.
 
 The prompt prefill (variable length) runs eagerly into the same cache; the token choice (greedy or
-sampled) runs eagerly after each replay, so every option of ``sampling.decode`` works unchanged. On a
+sampled) runs eagerly after each replay, so every option of ``sampling.token_loop`` works unchanged. On a
 CPU there is nothing to capture: the same fixed-shape step runs eagerly, which is how the tests compare
 it with the plain decoder; the graph replay itself is tested where CUDA is available.
 """
 import torch
 
 from ..model import GPT, ModelError
-from ..sampling import decode, prefill
+from ..sampling import prefill, token_loop
 
 
 class GraphDecoder:
@@ -78,4 +78,4 @@ class GraphDecoder:
                              f"{len(prompts)} prompts of up to {longest} tokens plus {max_new_tokens} new ones.")
         self.cache.lengths.zero_()
         logits = prefill(self.model, prompts, self.cache)
-        return decode(self.step, logits, max_new_tokens, stop, check_every=check_every, **sampling)
+        return token_loop(self.step, logits, max_new_tokens, stop, check_every=check_every, **sampling)

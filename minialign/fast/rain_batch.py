@@ -14,12 +14,14 @@ flip a near-tie (``tests/test_rain_batch.py`` shows both: exact on a scripted mo
 nearly always the same in float32).
 """
 import time
+from typing import Generator, NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from ..model import GPT
 from ..rain import Rain, RainParams, search_result
+from ..rain_cache import Forward
 from ..tokenizer import Tokenizer
 from .graph_pool import RowGraphs, pool_for
 
@@ -29,6 +31,14 @@ def prompt_generator(seed: int, index: int) -> torch.Generator:
     draws the same tokens whatever else is searched beside it (and in any order). A CPU generator: the
     searches sample on the host whatever the model's device (``rain_cache``)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+class InFlight(NamedTuple):
+    """A search in the batch: its requests come from ``steps`` (its ``answer`` generator)."""
+    search: Rain
+    steps: Generator
+    request: Forward  # the forward pass it waits for
+    began: float      # wall time at its start
 
 
 def rain_decode_batch(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, str]], params: RainParams,
@@ -43,13 +53,13 @@ def rain_decode_batch(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
     # (a rarer, larger request, a dynamic addition's top tokens, makes the pool grow)
     pool = pool_for(model, max(batch * (params.candidates + 1), RowGraphs.size_for(params.candidates + 1)))
     results: list[tuple[str, dict] | None] = [None] * len(prompts)
-    live = {}  # prompt index -> (search, its generator of requests, its pending request, start time)
+    live: dict[int, InFlight] = {}  # prompt index -> its search in flight
     waiting = list(range(len(prompts)))[::-1]
 
     def advance(i: int, search: Rain, steps, answer, began: float) -> None:
         """Resume search i with the answer to its request; it either asks for the next or finishes."""
         try:
-            live[i] = (search, steps, steps.send(answer), began)
+            live[i] = InFlight(search, steps, steps.send(answer), began)
         except StopIteration as done:
             live.pop(i, None)
             results[i] = search_result(search, done.value, time.time() - began)
@@ -62,10 +72,9 @@ def rain_decode_batch(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
                 prompt, question = prompts[i]
                 search = Rain(model, tokenizer, params, prompt, question, max_new_tokens,
                               prompt_generator(seed, i), traces[i] if traces else None, pool)
-                advance(i, search, search.decode(), None, time.time())
+                advance(i, search, search.answer(), None, time.time())
             order = list(live)
-            answers = pool.run([live[i][2] for i in order])  # every pending request: one forward pass
+            answers = pool.run([live[i].request for i in order])  # every pending request: one forward pass
             for i, answer in zip(order, answers):
-                search, steps, _, began = live[i]
-                advance(i, search, steps, answer, began)
+                advance(i, live[i].search, live[i].steps, answer, live[i].began)
     return results

@@ -216,8 +216,8 @@ def plot(support: dict, distances: list[dict], n: int, path: str, reward: str = 
     for transform, t in compared(reward):
         label, colour = transform_label(transform, t), f"C{COMPARED.index((transform, t))}"  # one colour per transform
         phi = phi_of(transform, t, support[s], support["scale"])
-        curve = [tilt.readout(phi, lam, support[s], support[s], n) for lam in
-                 (tilt.inverse_beta_at_kl(phi, k) for k in kls) if lam != math.inf]
+        curve = [tilt.readout(phi, inverse_beta, support[s], support[s], n) for inverse_beta in
+                 (tilt.inverse_beta_at_kl(phi, k) for k in kls) if inverse_beta != math.inf]
         points = [row for row in distances if row["transform"] == label]
         for ax, key in zip(axes, ("bon", "won")):
             ax.plot([c["kl"] for c in curve], [c[key] for c in curve], color=colour, label=f"{label}: exact optimum")
@@ -251,10 +251,10 @@ def infalign_study(cfg) -> list[dict]:
     for transform, t in compared(cfg.reward):
         label = transform_label(transform, t)
         phi = phi_of(transform, t, support[selector], support["scale"])
-        lam = tilt.inverse_beta_at_kl(phi, MATCHED_KL)  # the optimum at the matched KL, read by each judge
+        inverse_beta = tilt.inverse_beta_at_kl(phi, MATCHED_KL)  # the optimum at the matched KL, read by each judge
         optima[label] = {}
         for judge in JUDGES:
-            exact = tilt.readout(phi, lam, support[selector], support[judge], cfg.n)
+            exact = tilt.readout(phi, inverse_beta, support[selector], support[judge], cfg.n)
             optima[label].update({f"{key}_{judge}": exact[key] for key in RATES})
         for grid_kl in GRID_KLS:
             beta = 1 / tilt.inverse_beta_at_kl(phi, grid_kl)

@@ -80,9 +80,9 @@ def combined_table(policies: dict, reward_model, tokenizer, prompts: list[world.
                                                  generator=torch.Generator(device).manual_seed(seed))[0], None),
             "RAIN": lambda: rain_answers(model, tokenizer, prompts, params, batch, seed),
         }
-        for label, decode in decoders.items():
+        for label, decode_all in decoders.items():
             start = time.time()
-            answers, accuracy = decode()
+            answers, accuracy = decode_all()
             ms = 1000 * (time.time() - start) / len(prompts)
             gold = torch.tensor([world.gold_reward(t, a) for t, a in zip(texts, answers)])[:, None]  # (P, 1)
             wins = ((gold > reference).float() + 0.5 * (gold == reference).float()).mean(1)  # (P,)

@@ -50,8 +50,8 @@ class SearchTrace:
             "iterations": self.iterations,
             "committed": search.tok.decode(best.tokens), "committed_id": self.node_id(best),
             "answer_before": search.tok.decode(search.reply_tokens(search.root)),
-            "gauges": {"best_fn": best.fn, "T_m": p.commit_visits, "best_q": round(best.q, 3), "V": p.commit_value,
-                       "root_fn": search.root.fn, "T": p.max_visits}})
+            "gauges": {"best_fn": best.real_visits, "T_m": p.commit_visits, "best_q": round(best.q, 3), "V": p.commit_value,
+                       "root_fn": search.root.real_visits, "T": p.max_visits}})
         self.iterations = []
 
     def subtree(self, search, root) -> list[dict]:
@@ -60,7 +60,7 @@ class SearchTrace:
             node = stack.pop()
             rows.append({"id": self.node_id(node), "parent": self.node_id(node.parent) if node is not root else None,
                          "text": search.tok.decode(node.tokens) if node is not search.context else "",
-                         "n": round(node.n, 3), "fn": node.fn, "q": round(node.q, 3), "prior": round(node.prior, 4),
+                         "n": round(node.n, 3), "fn": node.real_visits, "q": round(node.q, 3), "prior": round(node.prior, 4),
                          "terminal": node.terminal})
             stack.extend(reversed(node.children))
         return rows
@@ -169,7 +169,7 @@ function draw() {
   st.nodes.forEach((n) => {
     const r = 3 + 12 * Math.sqrt(n.n / maxn), cls = (path.has(n.id) ? " onpath" : "") + (n.id === st.committed_id ? " committed" : "");
     svg += `<g class="node${cls}"><circle cx="${sx(pos[n.id].x)}" cy="${sy(pos[n.id].y)}" r="${r}" fill="${n.n ? colour(n.q) : "#fff"}">`
-      + `<title>${esc(shown(n.text))}\nn=${n.n} fn=${n.fn} q=${n.q} prior=${n.prior}</title></circle>`
+      + `<title>${esc(shown(n.text))}\nn=${n.n} real visits=${n.fn} q=${n.q} prior=${n.prior}</title></circle>`
       + (width <= 24 || path.has(n.id) || n.id === st.committed_id  // labels only where they fit, or on the path
         ? `<text x="${sx(pos[n.id].x) + r + 2}" y="${sy(pos[n.id].y) + 4}">${esc(shown(n.text)).slice(0, 12)}</text>` : "")
       + "</g>";

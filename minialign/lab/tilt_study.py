@@ -56,9 +56,9 @@ def tilt_rows(support: dict, n: int, kls=TILT_KLS) -> list[dict]:
         for transform, t in TILT_TRANSFORMS:
             phi = phi_of(transform, t, s, support["scale"])
             for kl in kls:
-                lam = tilt.inverse_beta_at_kl(phi, kl)
+                inverse_beta = tilt.inverse_beta_at_kl(phi, kl)
                 rows.append({"selector": selector, "judge": judge, "transform": transform, "t": t,
-                             "target_kl": kl, "beta": 1 / lam, **tilt.readout(phi, lam, s, j, n)})
+                             "target_kl": kl, "beta": 1 / inverse_beta, **tilt.readout(phi, inverse_beta, s, j, n)})
     return rows
 
 
@@ -92,8 +92,8 @@ def plot_tilt(support: dict, n: int, path: str, kls=tuple(0.02 * i for i in rang
         s, j = support[selector], support[judge]
         for transform, t in shown:
             phi = phi_of(transform, t, s, support["scale"])
-            points = [tilt.readout(phi, lam, s, j, n) for lam in (tilt.inverse_beta_at_kl(phi, k) for k in kls)
-                      if lam != float("inf")]
+            points = [tilt.readout(phi, inverse_beta, s, j, n) for inverse_beta in (tilt.inverse_beta_at_kl(phi, k) for k in kls)
+                      if inverse_beta != float("inf")]
             for row, key in enumerate(("bon", "won")):
                 axes[row, col].plot([p["kl"] for p in points], [p[key] for p in points],
                                     label=transform_label(transform, t), ls="--" if t < 0 else "-")
@@ -232,19 +232,19 @@ def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts:
     points = [("trained", None), (f"optimum at beta {ctrl['beta']:g}", 1 / ctrl["beta"]),
               (f"optimum at KL {kl:.2f}", tilt.inverse_beta_at_kl(phi, kl))]
     rows = []
-    for label, lam in points:
-        if lam is None:  # the policy's own samples, each 1/k
+    for label, inverse_beta in points:
+        if inverse_beta is None:  # the policy's own samples, each 1/k
             per_prompt = log_ratio.view(len(prompts), k).mean(1)
             bottom = bottom_share(torch.full_like(selected, 1 / k), selected, support[selector])
         else:
-            weights = tilt.tilt(phi, lam)  # (P, K) the optimum on the support
+            weights = tilt.tilt(phi, inverse_beta)  # (P, K) the optimum on the support
             per_prompt = tilt.kl_to_reference(weights)
             bottom = bottom_share(weights, support[selector], support[selector])
         row = {"point": label, "kl": float(per_prompt.mean()), **kl_by_kind(per_prompt, prompts),
                "bottom": float(bottom.mean()), "bottom_worst": float(bottom.max())}
         for judge, judged in (("r", r), ("gold", gold)):
-            exact = (sampled_win_rates((selected, judged), (support[selector], support[judge]), n) if lam is None
-                     else tilt.readout(phi, lam, support[selector], support[judge], n))
+            exact = (sampled_win_rates((selected, judged), (support[selector], support[judge]), n) if inverse_beta is None
+                     else tilt.readout(phi, inverse_beta, support[selector], support[judge], n))
             row.update({f"{key}_{judge}": exact[key] for key in ("win_rate", "bon", "won")})
             row.update({f"{key}_{judge}_se": exact[key + "_se"] for key in ("win_rate", "bon", "won")})
         rows.append(row)
