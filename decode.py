@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from minialign import world
-from minialign.checkpoint import load_model, newest_copy, world_seed
-from minialign.config import ConfigError, arg, build, check_known, main_guard, parse_flags, usage
+from minialign.checkpoint import check_writable, load_model, newest_copy, world_seed
+from minialign.config import ConfigError, arg, build, check_known, main_guard, named, parse_flags, usage
 from minialign.evaluate import world_rates
 from minialign.fast.graph_pool import pool_for
 from minialign.fast.rain_eval import rain_markdown, rain_table
-from minialign.rain import RainParams, pool_rows, rain_decode
+from minialign.rain import RainParams, check_params, pool_rows, rain_decode
 from minialign.reward_model import best_of_n, load_reward
 from minialign.sampling import complete
 from minialign.tokenizer import get_tokenizer
@@ -45,7 +45,7 @@ class DecodeConfig:
     eval: bool = arg(False, "answer and grade the held-out world prompts")
     n_eval: int = arg(48, "held-out prompts per kind (benign, harmful, attacked) for --eval", at_least=1)
     checkpoint: str = arg("", "checkpoint folder; '' = the most aligned stage under out/")
-    out_dir: str = arg("out", "where the stages' checkpoints live")
+    out_dir: str = arg("out", "where the stages' checkpoints live", form=named)
     max_new_tokens: int = arg(128, "longest response in tokens", at_least=1)
     temperature: float = arg(1.0, "sampling temperature (method sample)", at_least=0)
     top_k: int = arg(0, "keep the k most likely tokens (0 = all)", at_least=0)
@@ -94,6 +94,8 @@ def main(argv: list[str]) -> None:
     flags = parse_flags(argv)
     check_known(flags, DecodeConfig, RainParams)
     cfg, params = build(DecodeConfig, flags, strict=False), build(RainParams, flags, strict=False)
+    if cfg.trace:
+        check_writable(cfg.trace, "--trace")  # before the search, not after it
     if not cfg.prompt and not cfg.eval:
         cfg.prompt = DEMO_PROMPT
         print(f"(no --prompt or --eval: decoding the demo prompt {DEMO_PROMPT!r})")
@@ -150,6 +152,7 @@ def eval_world(cfg: DecodeConfig, meta: dict) -> int:
 
 def decode_rain(cfg: DecodeConfig, params: RainParams, model, tokenizer, meta: dict) -> None:
     """One prompt with search statistics, or the vanilla-vs-RAIN table on held-out world prompts."""
+    check_params(params, model)  # before any decoding
     if cfg.trace:  # the trace recorder and page writer live in the lab: loaded only when asked for
         from minialign.lab.rain_trace import SearchTrace, write_trace
     if cfg.eval:

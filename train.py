@@ -17,7 +17,7 @@ import sys
 import torch
 
 from minialign.calibrate import CalibrateConfig, calibration_folder, run_calibration
-from minialign.checkpoint import OutLock, load_meta, newest_copy
+from minialign.checkpoint import OutLock, check_writable, load_meta, newest_copy
 from minialign.config import ConfigError, build, check_known, convert, main_guard, parse_flags, usage
 from minialign.ctrl import CTRLConfig, ctrl_folder, print_summary, train_ctrl
 from minialign.reward import RewardConfig, train_reward
@@ -56,11 +56,19 @@ def run_lock(out_dir: str):
 
 
 def run_stage(name: str, run, cfg) -> None:
-    """Run one stage; running out of device memory is said in one sentence with the flag to lower."""
+    """Run one stage; running out of device memory is said in one sentence with the flag to lower, and
+    Ctrl-C in one line saying what was kept and how to go on."""
     try:
         run(cfg)
     except torch.OutOfMemoryError:
         raise ConfigError(f"the {name} stage ran out of memory on {cfg.device}; pass {OUT_OF_MEMORY[name]}.") from None
+    except KeyboardInterrupt:
+        folder = stage_folder(name, cfg)
+        if not finished(folder):
+            raise KeyboardInterrupt(f"stopped by Ctrl-C in the {name} stage; no checkpoint of it was written yet.") from None
+        go_on = f": continue with `python train.py --stage {name} --resume`" if hasattr(cfg, "resume") else ""
+        raise KeyboardInterrupt(f"stopped by Ctrl-C in the {name} stage; {folder} keeps its last checkpoint "
+                                f"(step {load_meta(folder).get('step', '?')}){go_on}.") from None
 
 
 def main(argv: list[str]) -> None:
@@ -79,6 +87,7 @@ def main(argv: list[str]) -> None:
         cls, run = STAGES[stage]
         cfg = build(cls, flags)
         folder = stage_folder(stage, cfg)
+        check_writable(folder, f"the {stage} stage's folder", folder=True)
         with run_lock(cfg.out_dir):
             if getattr(cfg, "resume", False) and finished(folder):
                 cfg = resumed_config(cfg, folder, flags)
@@ -90,6 +99,8 @@ def main(argv: list[str]) -> None:
         return
     check_known(flags, *(cls for cls, _ in STAGES.values()))
     configs = {name: build(cls, flags, strict=False) for name, (cls, _) in STAGES.items()}  # every flag checked first
+    for name, cfg in configs.items():
+        check_writable(stage_folder(name, cfg), f"the {name} stage's folder", folder=True)
     say = print if os.environ.get("RANK", "0") == "0" else lambda *_: None  # under torchrun: rank 0 speaks
     with run_lock(configs["sft"].out_dir):
         for name, (_, run) in STAGES.items():

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import world
 from .checkpoint import CheckpointError, load_model, newest_copy, world_seed, write_folder
-from .config import arg
+from .config import arg, named
 from .data import load_prompts
 from .distributed import setup, wait_for_rank0
 from .reward_model import REWARDS, reward_function
@@ -27,7 +27,7 @@ from .training import pick_device
 
 @dataclass
 class CalibrateConfig:
-    out_dir: str = arg("out", "checkpoints root (reads sft and reward, writes <out_dir>/calibration)")
+    out_dir: str = arg("out", "checkpoints root (reads sft and reward, writes <out_dir>/calibration)", form=named)
     reward: str = arg("model", "the reward calibrated: model (out/reward), gold (the world's; writes "
                                "<out_dir>/calibration_gold) or scaled (out/reward times a per-prompt scale; "
                                "<out_dir>/calibration_scaled)", one_of=REWARDS)
@@ -84,11 +84,11 @@ def run_calibration(cfg: CalibrateConfig) -> dict:
         wait_for_rank0(d)  # released once rank 0 has written the calibration
         return {}
     device = d.device
+    prompts = training_prompts(cfg)  # first: a bad prompt file stops the stage before anything loads
     policy, meta = load_model(f"{cfg.out_dir}/sft")
     policy.to(device).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
     reward = reward_function(cfg.reward, cfg.out_dir, device, tokenizer)
-    prompts = training_prompts(cfg)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     rewards = torch.empty(len(prompts), cfg.k)
     per_batch = max(1, 256 // cfg.k)  # prompts per batch: about 256 sequences decoded together

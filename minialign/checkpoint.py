@@ -10,7 +10,6 @@ The folder is written next to its final place and renamed into it, so a crash ne
 half-written checkpoint under the final name; the previous checkpoint stays readable until the swap.
 """
 import csv
-import dataclasses
 import io
 import json
 import os
@@ -21,7 +20,7 @@ import tempfile
 
 import torch
 
-from .model import GPT, GPTConfig
+from .model import GPT, GPT_SIZES, GPTConfig, all_finite, config_defects, read_json
 from .tokenizer import VOCAB_SIZES, pairing_defect
 
 
@@ -128,6 +127,26 @@ def write_folder(folder: str, write) -> None:
         raise
 
 
+def check_writable(path: str, what: str, folder: bool = False) -> None:
+    """Refuse, before any work, a ``path`` that could not be written later: empty, a dangling or looping
+    symbolic link, below a file, a file where a ``folder`` is meant, or in a folder this process may not
+    write to. ``what`` names it (a flag) in the sentence."""
+    if not path.strip():
+        raise CheckpointError(f"{what} is empty; give a file or folder name.")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{what} {path} is a file, not a folder.")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise CheckpointError(f"{what} {path} is a symbolic link that leads nowhere (or to itself); remove it.")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if existing != os.path.abspath(path) and not os.path.isdir(existing):
+        raise CheckpointError(f"{what} {path} lies below {existing}, which is a file, not a folder.")
+    parent = existing if os.path.isdir(existing) else os.path.dirname(existing)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{what} {path}: {parent} is not writable by this user; choose another place.")
+
+
 class OutLock:
     """One training run per checkpoints root: ``out/.lock`` holds the running process's id, host and
     command. A second run stops with one sentence naming the first; a lock whose process has died (on
@@ -138,10 +157,14 @@ class OutLock:
         self.mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}
 
     def __enter__(self) -> "OutLock":
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        out_dir = os.path.dirname(self.path) or "."
+        check_writable(out_dir, "--out_dir", folder=True)
+        os.makedirs(out_dir, exist_ok=True)
         while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except PermissionError:
+                raise CheckpointError(f"--out_dir {out_dir} is not writable by this user; choose another place.") from None
             except FileExistsError:
                 holder = self._holder()
                 if holder is not None and self._alive(holder):
@@ -161,9 +184,12 @@ class OutLock:
     def _holder(self) -> dict | None:
         try:
             with open(self.path) as f:
-                return json.load(f)
+                holder = json.load(f)
         except (OSError, ValueError):
             return None  # half-written or unreadable: nobody can be holding it
+        if not (isinstance(holder, dict) and type(holder.get("pid")) is int and {"host", "command"} <= set(holder)):
+            return None  # not a lock this class wrote
+        return holder
 
     def _alive(self, holder: dict) -> bool:
         if holder.get("host") != self.mine["host"]:
@@ -204,17 +230,13 @@ def load_meta(folder: str, hint: str = "python train.py", model: bool = False) -
         raise CheckpointError(f"no checkpoint in {folder}: run `{hint}` first.")
     path = os.path.join(found, "config.json")
     try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); delete the folder and run the stage again.") from None
+        meta = read_json(path, CheckpointError)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} Delete the folder and run the stage again.") from None
     defects = meta_defects(meta, model)
     if defects:
         raise CheckpointError(f"{path}: " + " ".join(defects) + " Delete the folder and run the stage again.")
     return meta
-
-
-MAX_PARAMETERS = 2_000_000_000  # GPT-2 XL has 1.56e9; a config.json asking for more is refused unread
 
 
 def meta_defects(meta, model: bool = False) -> list[str]:
@@ -231,24 +253,13 @@ def meta_defects(meta, model: bool = False) -> list[str]:
     shape = meta.get("model")
     if not model or not isinstance(shape, dict):
         return defects
-    sizes = {f.name for f in dataclasses.fields(GPTConfig)}
-    defects += [f"'model' has an unknown field {key!r}." for key in shape if key not in sizes]
-    bad = [key for key in sizes if not (type(shape.get(key)) is int and shape[key] > 0)]
-    defects += [f"'model.{key}' should be a positive integer." for key in sorted(bad)]
-    if bad:
-        return defects
-    if shape["n_embd"] % shape["n_head"]:
-        defects.append(f"'model.n_embd' ({shape['n_embd']}) is not a multiple of 'model.n_head' ({shape['n_head']}).")
-    d = shape["n_embd"]
-    parameters = (shape["vocab_size"] + shape["block_size"]) * d + 12 * shape["n_layer"] * d * d  # tied embeddings
-    if meta.get("tokenizer") in VOCAB_SIZES:
+    defects += [f"'model' has an unknown field {key!r}." for key in shape if key not in GPT_SIZES]
+    shape_defects = config_defects({key: shape.get(key) for key in GPT_SIZES}, "model.")
+    if not shape_defects and isinstance(meta.get("tokenizer"), str) and meta["tokenizer"] in VOCAB_SIZES:
         name = meta["tokenizer"]
         defect = pairing_defect(name, VOCAB_SIZES[name], shape["vocab_size"])
         defects += [f"'model.vocab_size' and 'tokenizer': {defect}."] if defect else []
-    if parameters > MAX_PARAMETERS:
-        defects.append(f"'model' describes about {parameters:.2g} parameters, more than the {MAX_PARAMETERS:.0e} "
-                       "any GPT-2 has.")
-    return defects
+    return defects + shape_defects
 
 
 def load_weights(folder: str, module: torch.nn.Module) -> None:
@@ -259,6 +270,9 @@ def load_weights(folder: str, module: torch.nn.Module) -> None:
         module.load_state_dict(state)
     except (RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{path} does not fit the model its config.json describes ({' '.join(str(err).split())[:200]}).") from None
+    if not all_finite(module):
+        raise CheckpointError(f"{path} holds weights that are not finite (nan or inf), which no finished run writes: "
+                              "delete its folder and run that stage again.")
 
 
 def load_model(folder: str, hint: str = "python train.py --stage sft") -> tuple[GPT, dict]:

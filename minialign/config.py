@@ -5,6 +5,8 @@ Fields are int, float, str or bool. Every field has a default and a one-line hel
 field's type, and an unknown flag is one clear sentence that lists the valid ones.
 """
 import dataclasses
+import math
+import os
 import sys
 import typing
 
@@ -18,19 +20,27 @@ class ConfigError(ValueError):
     """A command-line flag that cannot be used, with a sentence saying why."""
 
 
-def arg(default, help: str, *, at_least=None, above=None, at_most=None, one_of=None):
+def arg(default, help: str, *, at_least=None, above=None, at_most=None, one_of=None, form=None):
     """A config field with its default, its one-line help and the values it accepts: a bound
-    (``at_least``, ``above``, ``at_most``) or a list of choices (``one_of``), checked by ``build`` so
-    every command line and every stage refuses the same bad values with the same sentence."""
-    metadata = {"help": help, "at_least": at_least, "above": above, "at_most": at_most, "one_of": one_of}
+    (``at_least``, ``above``, ``at_most``), a list of choices (``one_of``) or a ``form`` (a function
+    that says what is wrong with a value, or None), checked by ``build`` so every command line and every
+    stage refuses the same bad values with the same sentence. A float is never NaN."""
+    metadata = {"help": help, "at_least": at_least, "above": above, "at_most": at_most, "one_of": one_of, "form": form}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: default, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def named(text: str) -> str | None:
+    """The ``form`` of a path flag: a name, not an empty string (which would resolve to the filesystem root)."""
+    return None if text.strip() else "needs a file or folder name"
+
+
 def check_value(name: str, value, metadata) -> None:
     """Refuse a value outside what its field declares, in one sentence naming the flag."""
-    m = {key: metadata.get(key) for key in ("at_least", "above", "at_most", "one_of")}
+    m = {key: metadata.get(key) for key in ("at_least", "above", "at_most", "one_of", "form")}
+    if m["form"] is not None and m["form"](value) is not None:
+        raise ConfigError(f"--{name} {m['form'](value)}, not {value!r}.")
     if m["one_of"] is not None and value not in m["one_of"]:
         raise ConfigError(f"--{name} takes one of {', '.join(map(str, m['one_of']))}, not {value!r}.")
     if m["at_least"] is not None and value < m["at_least"]:
@@ -39,6 +49,8 @@ def check_value(name: str, value, metadata) -> None:
         raise ConfigError(f"--{name} must be above {m['above']}, not {value}.")
     if m["at_most"] is not None and not value <= m["at_most"]:
         raise ConfigError(f"--{name} must be at most {m['at_most']}, not {value}.")
+    if isinstance(value, float) and math.isnan(value):  # a bound with ``<`` lets nan through
+        raise ConfigError(f"--{name} must be a number, not nan.")
 
 
 def convert(name: str, kind, text: str):
@@ -118,9 +130,17 @@ def usage(*classes) -> str:
 
 
 def main_guard(fn):
-    """Run ``fn()``, turning the project's expected errors into one sentence on stderr and exit code 2."""
+    """Run ``fn()``, turning the project's expected errors into one sentence on stderr and exit code 2;
+    Ctrl-C into one line (the interrupt's own words, if a caller gave it some) and exit code 130; a
+    closed output pipe (``decode.py --eval | head``) into a quiet exit."""
     try:
         return fn()
     except (ConfigError, CheckpointError, ModelError, TokenizerError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as err:
+        print(err or "stopped by Ctrl-C.", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe
+        sys.exit(141)  # 128 + SIGPIPE, as a shell tool killed by the closed pipe

@@ -48,7 +48,7 @@ from . import world
 from .calibrate import calibration_folder, load_calibration
 from .calibrated_reward import TRANSFORMS, calibrated, transformed_reward
 from .checkpoint import load_model, load_state, load_weights, world_seed
-from .config import arg
+from .config import arg, named
 from .data import load_prompts, pad_with_lengths
 from .distributed import setup, shard, wrap
 from .evaluate import compare_policies
@@ -115,7 +115,7 @@ def print_summary(metrics: dict, n: int) -> None:
 
 @dataclass
 class CTRLConfig:
-    out_dir: str = arg("out", "checkpoints root (reads sft, reward, calibration; writes <out_dir>/ctrl...)")
+    out_dir: str = arg("out", "checkpoints root (reads sft, reward, calibration; writes <out_dir>/ctrl...)", form=named)
     reward: str = arg("model", "the reward r: model (out/reward), gold (the world's: a perfect reward model) or "
                                "scaled (out/reward times a per-prompt scale); calibrated by `--stage calibrate "
                                "--reward` the same", one_of=REWARDS)
@@ -165,14 +165,18 @@ def rl_update(ddp, policy, reference, optimizer, rows: list[list[int]], response
     return kl
 
 
-def final_evaluation(policy, reference, reward, tokenizer, cfg: "CTRLConfig") -> dict:
-    """The policy against pi_ref on held-out prompts: the world's, judged by r and by the gold reward,
+def evaluation_prompts(cfg: "CTRLConfig") -> list[str]:
+    """The final evaluation's held-out prompts, read before training so a bad file stops the run first:
+    ``--eval_data``'s, the world's held-out prompts, or none (``--eval_prompts 0``)."""
+    if cfg.eval_data:
+        return load_prompts(cfg.eval_data)
+    return [p.text for p in world.eval_prompts(cfg.eval_prompts, world_seed(cfg.out_dir))] if cfg.eval_prompts else []
+
+
+def final_evaluation(policy, reference, reward, tokenizer, eval_prompts: list[str], cfg: "CTRLConfig") -> dict:
+    """The policy against pi_ref on ``eval_prompts``: the world's, judged by r and by the gold reward,
     or ``--eval_data``'s, judged by r alone (real data has no gold reward). ``reward`` is r: the reward
     model, or the gold reward itself under ``--reward gold`` (then the two judges agree)."""
-    if cfg.eval_data:
-        eval_prompts = load_prompts(cfg.eval_data)
-    else:
-        eval_prompts = [p.text for p in world.eval_prompts(cfg.eval_prompts, world_seed(cfg.out_dir))]
     return compare_policies(policy.eval(), reference, tokenizer, eval_prompts, cfg.eval_samples, cfg.eval_n,
                             reward, cfg.max_new_tokens, cfg.seed)
 
@@ -202,6 +206,7 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
     rank under torchrun); rank 0 evaluates at the end. Returns the policy and the evaluation summary."""
     d = setup(pick_device(cfg.device))
     folder = ctrl_folder(cfg)
+    eval_prompts = evaluation_prompts(cfg)  # first: a bad prompt file stops the run before it trains
     reference, meta = load_model(f"{cfg.out_dir}/sft")
     tokenizer = get_tokenizer(meta["tokenizer"])
     reward = reward_function(cfg.reward, cfg.out_dir, d.device, tokenizer)  # r, or the gold reward
@@ -216,7 +221,7 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
     run = TrainingState(make_optimizer(policy, cfg.lr, 0.0, d.device),
                         {"generator": torch.Generator().manual_seed(cfg.seed),  # the same prompt order on every rank
                          "sample_generator": torch.Generator(d.device).manual_seed(cfg.seed + 1 + d.rank)},  # by rank
-                        load_state(folder) if cfg.resume else None)
+                        load_state(folder) if cfg.resume else None, f"{folder}/state.pt")
     log = MetricsLog(f"{cfg.out_dir}/logs/{cfg.name or 'ctrl'}.jsonl", enabled=d.is_main)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
 
@@ -240,7 +245,7 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
                 checkpoint(metrics)
     if not d.is_main:
         return policy, {}
-    summary = final_evaluation(policy, reference, reward, tokenizer, cfg) if cfg.eval_prompts or cfg.eval_data else {}
+    summary = final_evaluation(policy, reference, reward, tokenizer, eval_prompts, cfg) if eval_prompts else {}
     log.write(step=run.step, final=summary)
     checkpoint(summary)
     print_summary(summary, cfg.eval_n)

@@ -118,6 +118,8 @@ def _jsonl_rows(path: str):
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
+        except RecursionError:
+            raise DataError(f"{path}, line {number}: JSON nested too deeply to be a row.") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}, line {number}: expected a JSON object.")
         yield number, row
@@ -160,8 +162,12 @@ def load_documents(path: str) -> list[str]:
             if not isinstance(text, str):
                 raise DataError(f"{path}, line {number}: expected a \"text\" (or HH \"chosen\") string field.")
             docs.append(text)
-        return docs
-    return [d.strip() for d in "\n".join(read_lines(path)).split("\n\n") if d.strip()]
+    else:
+        docs = [d.strip() for d in "\n".join(read_lines(path)).split("\n\n") if d.strip()]
+    if not docs:
+        raise DataError(f"{path} holds no documents; give text documents separated by blank lines "
+                        "(or a .jsonl with a \"text\" field).")
+    return docs
 
 
 def load_prompts(path: str) -> list[str]:
@@ -169,11 +175,14 @@ def load_prompts(path: str) -> list[str]:
     if path.removesuffix(".gz").endswith(".jsonl"):
         prompts = []
         for number, row in _jsonl_rows(path):
-            if not isinstance(row.get("prompt"), str):
-                raise DataError(f"{path}, line {number}: expected a \"prompt\" string field.")
+            if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise DataError(f"{path}, line {number}: expected a non-empty \"prompt\" string field.")
             prompts.append(row["prompt"])
-        return prompts
-    return [line for line in read_lines(path) if line.strip()]
+    else:
+        prompts = [line for line in read_lines(path) if line.strip()]  # blank lines separate nothing
+    if not prompts:
+        raise DataError(f"{path} holds no prompts; give one per line (or a .jsonl with a \"prompt\" field).")
+    return prompts
 
 
 def right_pad(rows: list[list[int]], pad: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:

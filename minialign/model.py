@@ -1,4 +1,4 @@
-"""A small GPT with the GPT-2 architecture, a rewindable KV cache, and GPT-2 weight loading.
+"""A small GPT with the GPT-2 architecture, a KV cache with a length per row, and GPT-2 weight loading.
 
 Architecture (Radford et al. 2019, as in nanoGPT): token + learned position embeddings, pre-LayerNorm
 blocks (attention, then a tanh-GELU MLP of width 4C), a final LayerNorm, and an output head tied to
@@ -12,6 +12,7 @@ a cache: each tree node keeps its own tokens' keys/values, and a search continue
 them into rows of a cache (``rain_cache.CachePool``). Module and parameter names follow GPT-2's, so
 ``from_pretrained`` maps a Hugging Face checkpoint onto this model key by key.
 """
+import dataclasses
 import json
 import math
 import os
@@ -42,6 +43,70 @@ class ModelError(RuntimeError):
     """A checkpoint or model folder that cannot be used, with a sentence saying why."""
 
 
+MAX_JSON_BYTES = 16 * 2**20  # a config.json is a few hundred bytes; anything this large is not one
+
+
+def read_json(path: str, error: type[Exception]):
+    """The JSON value of a small file, or ``error`` with one sentence: missing, not a regular file (a
+    device, a folder), too large, not JSON, nested too deep."""
+    if not os.path.isfile(path):
+        raise error(f"{path} is missing or not a regular file.")
+    if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise error(f"{path} is {os.path.getsize(path) / 2**20:.0f} MiB, too large for a config file.")
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # ValueError covers bad JSON and bad UTF-8
+        reason = "nested too deeply" if isinstance(err, RecursionError) else " ".join(str(err).split())[:120]
+        raise error(f"{path} is not valid JSON ({reason}).") from None
+
+
+GPT_SIZES = tuple(f.name for f in dataclasses.fields(GPTConfig))
+MAX_PARAMETERS = 2_000_000_000  # GPT-2 XL has 1.56e9; a config asking for more is refused before allocating
+
+
+def config_defects(sizes: dict, prefix: str = "") -> list[str]:
+    """One sentence per defect of a model's sizes (``GPT_SIZES`` -> value), checked before anything is
+    allocated: each a positive integer, ``n_embd`` a multiple of ``n_head``, and a bounded size."""
+    bad = [key for key in GPT_SIZES if not (type(sizes.get(key)) is int and sizes[key] > 0)]
+    if bad:
+        return [f"'{prefix}{key}' should be a positive integer." for key in sorted(bad)]
+    defects = []
+    if sizes["n_embd"] % sizes["n_head"]:
+        defects.append(f"'{prefix}n_embd' ({sizes['n_embd']}) is not a multiple of '{prefix}n_head' ({sizes['n_head']}).")
+    d = sizes["n_embd"]
+    parameters = (sizes["vocab_size"] + sizes["block_size"]) * d + 12 * sizes["n_layer"] * d * d  # tied embeddings
+    if parameters > MAX_PARAMETERS:
+        defects.append(f"the sizes describe about {parameters:.2g} parameters, more than the {MAX_PARAMETERS:.0e} "
+                       "any GPT-2 has.")
+    return defects
+
+
+def all_finite(module: nn.Module) -> bool:
+    """Whether every floating-point weight of ``module`` is finite (a diverged run's are not)."""
+    return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if t.is_floating_point())
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device``: free GPU memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:  # MemAvailable counts the page cache the kernel can reclaim
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_cache_fits(config: GPTConfig, rows: int, positions: int, device: torch.device, dtype=torch.float32) -> None:
+    """Refuse, before allocating it, a KV cache that cannot fit in ``device``'s free memory."""
+    needed = 2 * config.n_layer * rows * positions * config.n_embd * torch.finfo(dtype).bits // 8  # keys and values
+    if needed > 2**28 and needed > free_memory(device):  # small caches always fit: no need to ask
+        raise ModelError(f"a KV cache of {rows} rows x {positions} positions needs {needed / 2**30:.1f} GiB, more "
+                         f"than the {free_memory(device) / 2**30:.1f} GiB free on {device}: ask for fewer samples "
+                         "or candidates at once.")
+
+
 class KVCache:
     """Preallocated keys and values for every layer, with a length per row.
 
@@ -54,6 +119,7 @@ class KVCache:
         max_len = max_len or config.block_size
         hd = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, max_len, config.n_head, hd)
+        check_cache_fits(config, batch_size, max_len, torch.device(device or "cpu"), dtype)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -298,7 +364,10 @@ def _read_state_dict(folder: str) -> dict:
     st_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
     if os.path.exists(st_path):
         from safetensors.torch import load_file
-        return load_file(st_path)
+        try:
+            return load_file(st_path)
+        except Exception as err:  # a header that lies about its tensors, a file cut short
+            raise ModelError(f"{st_path} could not be read as safetensors ({' '.join(str(err).split())[:160]}).") from None
     if os.path.exists(bin_path):
         try:
             return torch.load(bin_path, map_location="cpu", weights_only=True)
@@ -315,14 +384,16 @@ def from_pretrained(path_or_name: str, cache_dir: str = "~/.cache/minialign") ->
             raise ModelError(f"{path_or_name!r} is neither a folder nor one of {', '.join(HUB_NAMES)}.")
         folder = _download_hub_model(path_or_name, os.path.expanduser(cache_dir))
     config_path = os.path.join(folder, "config.json")
-    try:
-        with open(config_path) as f:
-            hf = json.load(f)
-        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"{config_path} is not a readable GPT-2 config ({err}).") from None
-    model = GPT(config)
+    hf = read_json(config_path, ModelError)
+    if not isinstance(hf, dict):
+        raise ModelError(f"{config_path} is a JSON {type(hf).__name__}, not a GPT-2 config object.")
+    sizes = {"vocab_size": hf.get("vocab_size"), "block_size": hf.get("n_positions"), "n_layer": hf.get("n_layer"),
+             "n_head": hf.get("n_head"), "n_embd": hf.get("n_embd")}
+    defects = config_defects(sizes)
+    if defects:
+        raise ModelError(f"{config_path} is not a usable GPT-2 config (block_size is its n_positions): "
+                         + " ".join(defects))
+    model = GPT(GPTConfig(**sizes))
     ours = model.state_dict()
     theirs = {}
     for key, tensor in _read_state_dict(folder).items():
@@ -343,4 +414,6 @@ def from_pretrained(path_or_name: str, cache_dir: str = "~/.cache/minialign") ->
     with torch.no_grad():
         for key, tensor in theirs.items():
             ours[key].copy_(tensor.to(torch.float32))
+    if not all_finite(model):
+        raise ModelError(f"{folder}: its weights are not all finite (nan or inf); use another checkpoint.")
     return model

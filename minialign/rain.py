@@ -53,12 +53,20 @@ from .rain_judge import Judge
 from .tokenizer import Tokenizer
 
 
+def lengths_form(text: str) -> str | None:
+    """What is wrong with a ``set_lengths`` value (None if nothing): it lists token-set lengths >= 1."""
+    parts = text.split(",")
+    if all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        return None
+    return "takes comma-separated token-set lengths of at least 1 (by depth, e.g. 1,2,4,10)"
+
+
 @dataclass
 class RainParams:
     candidates: int = arg(10, "K: children per expansion", at_least=1)
     sample_top_k: int = arg(15, "top-k truncation of the sampled candidate chains", at_least=0)
     rollout_top_k: int = arg(0, "top-k truncation of rollouts; 0 = the full distribution (official)", at_least=0)
-    set_lengths: str = arg("1,2,4,10", "token-set length for children of depth-0, 1, 2, >=3 nodes")
+    set_lengths: str = arg("1,2,4,10", "token-set length for children of depth-0, 1, 2, >=3 nodes", form=lengths_form)
     c: float = arg(2.0, "PUCT exploration constant (0 = no exploration)", at_least=0)
     sibling_visits: bool = arg(False, "PUCT with the sum of sibling visits (paper Eq. 1) instead of parent.n (official)")
     root_mix: float = arg(0.25, "root priors: p <- (1 - mix) p + mix / K", at_least=0, at_most=1)
@@ -76,6 +84,14 @@ class RainParams:
     rollout_tokens: int = arg(32, "longest rollout to the end of a clause", at_least=1)
 
 
+def check_params(params: RainParams, model: GPT) -> None:
+    """Refuse parameters the model cannot serve: each of these is a top-k of its vocabulary."""
+    for name in ("candidates", "max_children", "sample_top_k", "rollout_top_k"):
+        if getattr(params, name) > model.config.vocab_size:
+            raise ModelError(f"--{name} is {getattr(params, name)}, more than the model's vocabulary of "
+                             f"{model.config.vocab_size} tokens; give at most {model.config.vocab_size}.")
+
+
 def pool_rows(params: RainParams) -> int:
     """Cache rows a lone search holds at most at once: an expansion's K chains and the leaf's rollout,
     or a dynamic addition's top tokens (a larger request makes the pool grow)."""
@@ -91,6 +107,7 @@ class Rain:
                  max_new_tokens: int = 128, generator: torch.Generator | None = None, trace=None,
                  pool: CachePool | None = None):
         self.tok, self.params, self.trace = tokenizer, params, trace
+        check_params(params, model)
         self.lengths = [int(x) for x in params.set_lengths.split(",")]
         self.pool = pool or CachePool(model, pool_rows(params))
         self.proposer = Proposer(model, tokenizer, params.sample_top_k, params.rollout_top_k,

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from . import world
 from .checkpoint import load_meta, load_model, load_state, world_seed
-from .config import arg
+from .config import arg, named
 from .data import DataError, load_pairs, split_transcript
 from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import from_pretrained, row_chunks
@@ -55,7 +55,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 @dataclass
 class RewardConfig:
-    out_dir: str = arg("out", "checkpoints root (reads <out_dir>/sft, writes <out_dir>/reward)")
+    out_dir: str = arg("out", "checkpoints root (reads <out_dir>/sft, writes <out_dir>/reward)", form=named)
     init: str = arg("", "trunk from: '' = <out_dir>/sft, 'gpt2' or a local GPT-2 folder")
     tokenizer: str = arg("auto", "with --init: the tokenizer (auto = gpt2); otherwise the sft checkpoint's", one_of=("auto", "bytes", "gpt2"))
     data: str = arg("", "HH-format JSONL of preference pairs; '' = world pairs")
@@ -155,7 +155,7 @@ def train_reward(cfg: RewardConfig) -> dict:
     model.to(device).train()
     ddp = wrap(model, d)
     run = TrainingState(make_optimizer(model, cfg.lr, cfg.weight_decay, device),
-                        {"generator": torch.Generator().manual_seed(cfg.seed)}, state)  # the pairs' order
+                        {"generator": torch.Generator().manual_seed(cfg.seed)}, state, f"{folder}/state.pt")  # pair order
     metrics = {}
     log = MetricsLog(f"{cfg.out_dir}/logs/reward.jsonl", enabled=d.is_main)
     announce_precision("reward", bf16, device, log, run.step)

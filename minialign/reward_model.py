@@ -17,7 +17,7 @@ from . import world
 from .checkpoint import load_meta, load_weights
 from .config import ConfigError
 from .data import right_pad
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, check_cache_fits
 from .sampling import complete
 from .tokenizer import Tokenizer
 from .training import autocast
@@ -80,8 +80,13 @@ def best_of_n(model: GPT, reward_model, tokenizer: Tokenizer, prompts: list[str]
     response per prompt and all rewards (P, N). Worst-of-N is the attacker's view in InfAlign: a
     jailbreaker samples N times and keeps the most harmful answer.
     """
+    rows = max(n, batch_size // n * n)  # rows decoded together: whole groups of N
+    longest = max(len(tokenizer.encode(p)) for p in prompts)
+    weight = model.lm_head.weight  # the N samples' cache must fit before N copies of every prompt are made
+    check_cache_fits(model.config, min(rows, n * len(prompts)), min(model.config.block_size, longest + max_new_tokens),
+                     weight.device, weight.dtype)
     expanded = [p for p in prompts for _ in range(n)]
-    responses = complete(model, tokenizer, expanded, max_new_tokens, batch_size=max(n, batch_size // n * n), **sampling)
+    responses = complete(model, tokenizer, expanded, max_new_tokens, batch_size=rows, **sampling)
     rewards = score(reward_model, tokenizer, expanded, responses).view(len(prompts), n)
     picks = (rewards.argmin(1) if worst else rewards.argmax(1)).tolist()
     return [responses[i * n + j] for i, j in enumerate(picks)], rewards

@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from . import world
 from .checkpoint import load_model, load_state
-from .config import ConfigError, arg
-from .data import load_documents, pack_rows, random_rows
+from .config import ConfigError, arg, named
+from .data import DataError, load_documents, pack_rows, random_rows
 from .distributed import setup, shard, wait_for_rank0, wrap
 from .model import GPT, GPTConfig, from_pretrained
 from .tokenizer import check_pairing, get_tokenizer
@@ -28,7 +28,7 @@ from .training import (MetricsLog, TrainingState, announce_precision, autocast, 
 
 @dataclass
 class SFTConfig:
-    out_dir: str = arg("out", "folder for every stage's checkpoint (this stage writes <out_dir>/sft)")
+    out_dir: str = arg("out", "folder for every stage's checkpoint (this stage writes <out_dir>/sft)", form=named)
     init: str = arg("", "start from: '' random weights, 'gpt2' (hub) or a local GPT-2 folder")
     data: str = arg("", "training corpus (.txt split at blank lines, or .jsonl with a text field); '' = the world")
     tokenizer: str = arg("auto", "tokenizer: bytes (offline), gpt2, or auto (gpt2 with --init, else bytes)", one_of=("auto", "bytes", "gpt2"))
@@ -98,6 +98,9 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
     tokenizer = get_tokenizer(cfg.tokenizer if cfg.tokenizer != "auto" else "gpt2" if cfg.init else "bytes")
     folder = f"{cfg.out_dir}/sft"
     docs = load_documents(cfg.data) if cfg.data else world.corpus(cfg.corpus_dialogues, cfg.seed)
+    if len(docs) < 2:
+        raise DataError(f"{cfg.data} holds {len(docs)} document; SFT holds out one in twenty (at least one) to "
+                        "measure its held-out loss, so it needs at least 2.")
     n_val = max(1, len(docs) // 20)  # held-out documents for the loss
     model, state = sft_model(cfg, folder, tokenizer.vocab_size)
     check_pairing(tokenizer, model.config.vocab_size, cfg.init or folder)
@@ -107,7 +110,7 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
     model.to(device).train()
     ddp = torch.compile(wrap(model, d)) if cfg.compile else wrap(model, d)
     run = TrainingState(make_optimizer(model, cfg.lr, cfg.weight_decay, device),
-                        {"generator": torch.Generator().manual_seed(cfg.seed)}, state)  # the data order
+                        {"generator": torch.Generator().manual_seed(cfg.seed)}, state, f"{folder}/state.pt")  # data order
     log = MetricsLog(f"{cfg.out_dir}/logs/sft.jsonl", enabled=d.is_main)
     announce_precision("sft", bf16, device, log, run.step)
     last = cfg.stop_at if 0 < cfg.stop_at < cfg.steps else cfg.steps

@@ -44,7 +44,7 @@ def cpu_has_native_bf16() -> bool:
 
     Without them oneDNN emulates bf16 and a bf16 step is many times slower than fp32. Setting
     ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` makes a bf16 CPU behave like an AVX2-only one
-    (checked: the bf16 matmul drops from 459 to 2.6 GFLOP/s), and this function then says False.
+    (its bf16 matmuls fall back to emulation), and this function then says False.
     """
     hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
@@ -144,13 +144,18 @@ class TrainingState:
     random generators (by name, as ``state.pt`` stores them) and the step count."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator],
-                 state: dict | None = None):
+                 state: dict | None = None, source: str = "state.pt"):
         self.optimizer, self.generators, self.step = optimizer, generators, 0
-        if state is not None:  # resuming: the saved state replaces the fresh one
+        if state is None:
+            return
+        try:  # resuming: the saved state replaces the fresh one
             optimizer.load_state_dict(state["optimizer"])
             for name, generator in generators.items():
                 generator.set_state(state[name])
-            self.step = state["step"]
+            self.step = int(state["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:  # another stage's or a damaged state
+            raise ConfigError(f"{source} is not this stage's resume state ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:100]}); start over with --force.") from None
 
     def save(self, folder: str, model: torch.nn.Module, meta: dict) -> None:
         """The weights, ``meta`` (``config.json``) and this state, written atomically (``checkpoint.save``)."""

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import world
-from ..checkpoint import atomic_write_text, load_model, newest_copy, world_seed
-from ..config import arg, build, parse_flags, usage
+from ..checkpoint import atomic_write_text, check_writable, load_model, newest_copy, world_seed
+from ..config import arg, build, named, parse_flags, usage
 from ..fast.graphs import GraphDecoder
 from ..model import GPT, GPTConfig
 from ..rain import RainParams
@@ -46,12 +46,12 @@ class BenchConfig:
     train_steps: int = arg(10, "timed training steps (after 3 warm-up steps)", at_least=1)
     decode_tokens: int = arg(0, "tokens decoded per row; 0 = 256 on a GPU, 64 on a CPU", at_least=0)
     compile: bool = arg(False, "torch.compile the training model")
-    out_dir: str = arg("out", "checkpoints root: with a trained sft model, RAIN is timed too")
+    out_dir: str = arg("out", "checkpoints root: with a trained sft model, RAIN is timed too", form=named)
     rain_prompts: int = arg(32, "held-out prompts per kind for the RAIN timings (0: no RAIN timing)", at_least=0)
     rain_batch: int = arg(16, "RAIN searches run at once in the batched timing", at_least=1)
     bf16: str = arg("auto", "the RAIN timing's decoding in bf16: auto (where the device does bf16 natively), true or false",
                     one_of=("auto", "true", "false"))
-    out: str = arg("out/bench.json", "where to write the results")
+    out: str = arg("out/bench.json", "where to write the results", form=named)
     device: str = arg("auto", "auto, cpu or cuda")
 
 
@@ -239,6 +239,7 @@ def main(argv: list[str]) -> None:
         print(__doc__ + "\n" + usage(BenchConfig))
         return
     cfg = build(BenchConfig, parse_flags(argv))
+    check_writable(cfg.out, "--out")  # before the measurements, not after them
     device = pick_device(cfg.device)
     on_gpu = device.type == "cuda"
     tokens = cfg.decode_tokens or (256 if on_gpu else 64)

@@ -11,7 +11,7 @@ RAIN evaluation and ablation.
     python -m minialign.lab rain-batch      # the batched search against the serial one -> out/rain_batch.md
     python -m minialign.lab combined        # pi_ref and CTRL, each greedy / best-of-4 / RAIN -> out/combined.md
     python -m minialign.lab bon             # BoN_N / WoN_N of pi_ref by the reward model -> out/bon.md
-    python -m minialign.lab calibration-noise  # variance of r and C_hat the gold reward cannot see
+    python -m minialign.lab calibration-noise  # variance of r and C_hat the gold reward cannot see -> out/calibration_noise.md
 
 Each needs ``python train.py`` (sft, reward, calibrate; combined also ctrl) to have run first; flags are listed by --help.
 """
@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import world
-from ..checkpoint import atomic_write_text, load_model, world_seed
-from ..config import ConfigError, arg, build, check_known, parse_flags, usage
+from ..checkpoint import atomic_write_text, check_writable, load_model, world_seed
+from ..config import ConfigError, arg, build, check_known, named, parse_flags, usage
 from ..calibrate import calibration_folder, load_calibration
 from ..calibrated_reward import calibrated
 from ..evaluate import self_eval_accuracy, world_rates
@@ -158,7 +158,7 @@ def within_judge_share(model, reward_model, tokenizer, out_dir: str, samples: in
 
 @dataclass
 class ExperimentConfig:
-    out_dir: str = arg("out", "checkpoints root (needs sft; infalign also reward and calibration)")
+    out_dir: str = arg("out", "checkpoints root (needs sft; infalign also reward and calibration)", form=named)
     n_eval: int = arg(32, "sft, rain, bon: held-out prompts per kind", at_least=1)
     batch: int = arg(16, "rain, rain-ablation, rain-batch, combined: prompts searched at once (1 = one after another)",
                      at_least=1)
@@ -189,8 +189,11 @@ def bon_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") 
     return bon_markdown(bon_table(models.pi_ref, models.reward(), models.tokenizer, models.prompts, seed=cfg.seed))
 
 
-def calibration_noise_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> None:
-    print(within_judge_share(models.pi_ref, models.reward(), models.tokenizer, cfg.out_dir))
+def calibration_noise_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> str:
+    share = within_judge_share(models.pi_ref, models.reward(), models.tokenizer, cfg.out_dir)
+    return ("| share of the per-prompt variance among samples gold scores the same | raw r | C_hat |\n|---|---|---|\n"
+            f"| {share['prompts']} calibration prompts x {share['samples']} pi_ref samples | {share['raw_r']:.3f} "
+            f"| {share['c_hat']:.3f} |")
 
 
 def tilt_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> None:
@@ -265,6 +268,7 @@ def main(argv: list[str]) -> None:
     flags = parse_flags(argv[1:])
     check_known(flags, ExperimentConfig, RainParams)
     cfg, params = build(ExperimentConfig, flags, strict=False), build(RainParams, flags, strict=False)
+    check_writable(cfg.out_dir, "--out_dir", folder=True)  # where the tables go: checked before the work
     if name == "infalign":  # trains its own policies: nothing to load first
         infalign_study(cfg)
         return
