@@ -54,7 +54,7 @@ from .distributed import setup, shard, wrap
 from .evaluate import compare_policies
 from .model import GPT, micro_batches, sequence_logprobs, token_logprobs
 from .reward_model import REWARDS, reward_function
-from .sampling import generate, stop_ids
+from .sampling import generate, response_text, stop_ids
 from .tokenizer import get_tokenizer
 from .training import MetricsLog, TrainingState, check_resume, clip_gradients, make_optimizer, pick_device
 
@@ -193,7 +193,7 @@ def ctrl_step(ddp, policy, reference, run: TrainingState, reward, tokenizer, pro
     responses, logp_old = generate(policy, rows, cfg.max_new_tokens, stop_ids(tokenizer), temperature=1.0,
                                    generator=run.generators["sample_generator"], keep_stop=True, logprobs=True)
     policy.train()
-    texts = [tokenizer.decode(r) for r in responses]
+    texts = [response_text(tokenizer, r, stop_ids(tokenizer)) for r in responses]  # as calibration scores them
     raw = reward([prompts[i] for i in picked], texts).view(-1, cfg.group)  # (P, G): r
     R = transformed_reward(cfg.transform, cfg.t, raw, sorted_reference[pick])  # (P, G): Phi(C_hat)
     kl = rl_update(ddp, policy, reference, run.optimizer, rows, responses, logp_old, R.to(d.device), cfg, d.device)

@@ -11,7 +11,7 @@ import torch
 from . import world
 from .data import pad_with_lengths
 from .model import sequence_logprobs
-from .sampling import generate, stop_ids
+from .sampling import generate, response_text, stop_ids
 from .selfeval import self_evaluate
 
 
@@ -155,7 +155,7 @@ def sample_responses(model, tokenizer, prompts: list[str], samples: int, max_new
             logp_ref = (sequence_logprobs(reference, ids, 32, lengths) * mask).sum(1).cpu()  # (B,)
             log_ratio.append(torch.stack([d.sum() for d in drawn_with]).cpu() - logp_ref)
     log_ratio = torch.cat(log_ratio) if reference is not None else None
-    return [tokenizer.decode(r).strip() for r in responses], log_ratio
+    return [response_text(tokenizer, r, stop) for r in responses], log_ratio
 
 
 @torch.no_grad()

@@ -179,6 +179,15 @@ def generate_uncached(model: GPT, prompts: list[list[int]], max_new_tokens: int,
     return out
 
 
+def response_text(tokenizer: Tokenizer, tokens: list[int], stop: set[int]) -> str:
+    """The one text every stage scores and shows for a response's tokens (calibration, CTRL's rewards,
+    the support of the exact optimum, the evaluation): without a final stop token (end of text, or the
+    end of the turn), decoded, stripped of the whitespace around it."""
+    if tokens and tokens[-1] in stop:
+        tokens = tokens[:-1]
+    return tokenizer.decode(tokens).strip()
+
+
 def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 128,
              batch_size: int = 64, **sampling) -> list[str]:
     """Text in, text out: batched ``generate`` over many prompts (responses lose their leading space)."""
@@ -187,5 +196,5 @@ def complete(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_token
     for i in range(0, len(prompts), batch_size):
         ids = [tokenizer.encode(p) for p in prompts[i: i + batch_size]]
         for new in generate(model, ids, max_new_tokens, stop, **sampling):
-            texts.append(tokenizer.decode(new).strip())
+            texts.append(response_text(tokenizer, new, stop))
     return texts

@@ -112,3 +112,37 @@ def test_micro_batches_cut_to_their_longest_row_give_the_whole_batch_step(tiny_m
         ppo_step(model, model, optimizer, ids, logp_old, mask, advantages, 0.2, micro_batch, lens)
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_ctrl_scores_each_sample_as_calibration_scores_the_same_text(tiny_model, monkeypatch):
+    """One rule for the scored text: the texts a CTRL step hands its reward are the texts ``complete``
+    (calibration, the support, the evaluation) makes of the same tokens, a reply's leading space and
+    closing newline included in the tokens and in neither text."""
+    import copy
+    from minialign import ctrl, sampling
+    from minialign.distributed import setup
+    from minialign.tokenizer import get_tokenizer
+    from minialign.training import TrainingState
+    tokenizer = get_tokenizer("bytes")
+    replies = [" It is l.\n", " No, that would be wrong.", "  Fine, here is how:\n"]  # ended by a stop, or cut
+
+    def scripted_generate(model, prompts, max_new_tokens, stop, keep_stop=False, logprobs=False, **sampling_args):
+        rows = [tokenizer.encode(replies[i % 3]) for i in range(len(prompts))]
+        rows = [r if keep_stop or r[-1] not in stop else r[:-1] for r in rows]
+        return (rows, [torch.full((len(r),), -1.0) for r in rows]) if logprobs else rows
+    monkeypatch.setattr(sampling, "generate", scripted_generate)
+    monkeypatch.setattr(ctrl, "generate", scripted_generate)
+    prompts = ["Human: Hi?\nAssistant:", "Human: Why?\nAssistant:"]
+    scored = []
+
+    def reward(ps, texts):
+        scored.extend(texts)
+        return torch.zeros(len(texts))
+    policy = copy.deepcopy(tiny_model)
+    run = TrainingState(torch.optim.SGD(policy.parameters(), lr=0.0),
+                        {"generator": torch.Generator().manual_seed(0), "sample_generator": torch.Generator()})
+    ctrl.ctrl_step(policy, policy, tiny_model, run, reward, tokenizer, prompts, [tokenizer.encode(p) for p in prompts],
+                   torch.zeros(2, 4), ctrl.CTRLConfig(prompts_per_step=2, group=3, device="cpu"),
+                   setup(torch.device("cpu")))
+    assert scored == sampling.complete(tiny_model, tokenizer, prompts * 3, 24)
+    assert scored[:3] == ["It is l.", "No, that would be wrong.", "Fine, here is how:"]
