@@ -424,3 +424,97 @@ def test_a_batched_rollout_goes_on_alone_through_the_cache():
     with torch.no_grad():
         hidden = model.hidden(torch.tensor([context.tokens + rollout.tokens]))[0, len(context.tokens):]
     torch.testing.assert_close(rollout.hidden, hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_a_float64_search_past_its_commits_matches_uncached_forwards_everywhere(monkeypatch):
+    """A real search on a float64 GPT, run through several commits, against full forwards of each text:
+    every node's keys, values, hidden states and next-token logits, every one-token candidate's prior,
+    every rollout's hidden states, and every judged text starting from the prompt's committed answer."""
+    import minialign.rain as rain
+    torch.manual_seed(4)
+    model = GPT(GPTConfig(vocab_size=V, block_size=256, n_layer=2, n_head=2, n_embd=32)).double().eval()
+    prompt = "Human: Hi\nAssistant:"
+    search = Rain(model, TOK, RainParams(max_visits=8, min_new_visits=4), prompt, "Hi", 24,
+                  torch.Generator().manual_seed(2))
+    rollouts, judged, commits = [], [], []
+    rollout_and_candidates, verdict = search.rollout_and_candidates, search.judge.verdict
+
+    def recording_rollouts(path, expandable, needs_rollout):
+        rollout, children = yield from rollout_and_candidates(path, expandable, needs_rollout)
+        rollouts.append(([t for n in path for t in n.tokens], rollout))
+        return rollout, children
+
+    def recording_verdicts(reply, finished):
+        judged.append((TOK.decode(search.reply_tokens(search.root)).strip(), reply, finished))
+        return (yield from verdict(reply, finished))
+
+    def recording_embeddings(path, tail, embed=rain.continuation_embeddings):
+        embeddings.append(([n.tokens for n in path[1:]], embed(path, tail)))
+        return embeddings[-1][1]
+
+    def checked_additions(node, children, is_root, mix, add=rain.add_children):
+        assert is_root == (node is search.root)  # the root mix applies at the search root, wherever it has moved
+        return add(node, children, is_root, mix)
+    embeddings = []
+    monkeypatch.setattr(search, "rollout_and_candidates", recording_rollouts)
+    monkeypatch.setattr(search.judge, "verdict", recording_verdicts)
+    monkeypatch.setattr(rain, "continuation_embeddings", recording_embeddings)
+    monkeypatch.setattr(rain, "add_children", checked_additions)
+    monkeypatch.setattr(rain, "remix_after_commit", lambda best, mix, remix=rain.remix_after_commit:
+                        commits.append(best) or remix(best, mix))
+    drive(search.answer())
+    assert len(commits) >= 2 and max(n.depth for n in walk(search.context)) >= 3
+
+    @torch.no_grad()
+    def uncached(ids):
+        cache = model.new_cache(1, len(ids))
+        hidden = model.hidden(torch.tensor([ids]), cache)[0]  # (T, C)
+        return cache, hidden, model.lm_head(hidden[-1])
+    for node in walk(search.context):  # the prompt node, the committed path and every sibling ever made
+        path = node.path_from(search.context)
+        ids = [t for n in path for t in n.tokens]
+        cache, hidden, logits = uncached(ids)
+        torch.testing.assert_close(torch.cat([n.state.k for n in path], 1), cache.k[:, 0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(torch.cat([n.state.v for n in path], 1), cache.v[:, 0], rtol=1e-9, atol=1e-9)
+        tol = 1e-9 if node.state.hidden.dtype == torch.float64 else 1e-6  # the prompt node keeps float32
+        torch.testing.assert_close(node.state.hidden.double(), hidden[-len(node.tokens):], rtol=tol, atol=tol)
+        if node.state.next_logits is not None:
+            torch.testing.assert_close(node.state.next_logits.double(), logits, rtol=tol, atol=tol)
+        if node.parent is not None and len(node.tokens) == 1 and node.depth == 1:  # a one-token candidate
+            _, _, parent_logits = uncached(ids[:-1])
+            assert node.raw_prior == pytest.approx(float(parent_logits.softmax(-1)[node.tokens[0]]), rel=1e-6)  # float32 logits
+    for ids, rollout in rollouts:  # each rollout continues its leaf's text, as a full forward would
+        if rollout.tokens:
+            _, hidden, _ = uncached(ids + rollout.tokens)
+            torch.testing.assert_close(rollout.hidden, hidden[len(ids): len(ids) + len(rollout.hidden)],
+                                       rtol=1e-9, atol=1e-9)
+    assert any(answer for answer, _, _ in judged)  # some texts were judged after a commit
+    assert all(reply.startswith(answer) for answer, reply, _ in judged)
+    stop = stop_ids(TOK)
+    assert len(judged) == len(rollouts) == len(embeddings)  # one of each per iteration
+    for (ids, rollout), (_, _, finished), (sets, embedded) in zip(rollouts, judged, embeddings):
+        assert finished == ((ids + rollout.tokens)[-1] in stop)  # the turn ended in the leaf or in its rollout
+        _, hidden, _ = uncached(ids + rollout.tokens)
+        end = len(ids) + len(rollout.hidden)  # the text's hidden states: a clause-ending last token has none
+        start = end - len(rollout.hidden) - sum(map(len, sets))
+        for tokens, e in zip(sets, embedded):  # Eq. 2's text: from each node's tokens to the rollout's end
+            torch.testing.assert_close(e.double(), F.normalize(hidden[start:end].mean(0), dim=-1), rtol=1e-6, atol=1e-6)
+            start += len(tokens)
+
+
+def test_after_a_commit_the_root_mix_moves_with_the_search_root(monkeypatch):
+    """Every expansion and dynamic addition mixes priors at the search root, which moves down at each
+    commit: here every node whose children all look bad gets one more, so the new roots grow too."""
+    import minialign.rain as rain
+    search = Rain(real_model(), TOK, RainParams(candidates=3, max_visits=12, min_new_visits=6, add_norm=1e9),
+                  "Human: Hi\nAssistant:", "Hi", 24, torch.Generator().manual_seed(0))
+    search.judge = ScriptedJudge(fixed=-1.0)  # every text harmful: every node with children wants an addition
+    at_moved_root = []
+
+    def checked(node, children, is_root, mix, add=rain.add_children):
+        assert is_root == (node is search.root)
+        at_moved_root.append(is_root and node is not search.context)
+        return add(node, children, is_root, mix)
+    monkeypatch.setattr(rain, "add_children", checked)
+    drive(search.answer())
+    assert any(at_moved_root)  # the check ran where the two differ

@@ -192,3 +192,56 @@ def test_similarity_threshold_is_inclusive():
 
 def test_a_childless_root_is_never_ready():
     assert not ready_to_commit(Node([0], 1.0), 6, 0.8)
+
+
+# --- fractional visits: after Eq. 2 a node's visits n exceed its real visits, and each rule reads one ------
+
+def fractional():
+    """A root with real visits 5 and visits 5.6; children (prior, n, real visits, q) with n != real visits."""
+    root = Node([0], 1.0)
+    root.n, root.real_visits = 5.6, 5
+    for i, (prior, n, real, q) in enumerate([(0.5, 2.4, 2, 0.5), (0.3, 2.0, 2, 0.1), (0.2, 1.2, 1, -0.2)]):
+        child = Node([i + 1], prior, root)
+        child.n, child.real_visits, child.q = n, real, q
+        root.children.append(child)
+    return root
+
+
+def test_puct_counts_fractional_visits():
+    root = fractional()
+    a = root.children[0]
+    assert puct(a, root, 2.0) == pytest.approx(0.75 + 2 * 0.5 * math.sqrt(5.6) / (1 + 2.4))  # n, not real visits
+    assert puct(a, root, 2.0, sibling_visits=True) == pytest.approx(0.75 + 2 * 0.5 * math.sqrt(5.6) / 3.4)
+
+
+def test_backup_steps_n_and_real_visits_by_one_and_averages_q_over_n_the_embedding_over_real_visits():
+    root = fractional()
+    a = root.children[0]
+    a.embedding = torch.tensor([1.0, 0.0])
+    e = torch.tensor([0.0, 1.0])
+    backup([root, a], -1.0, [e], gamma=0.2, threshold=0.95, similarity=False)
+    assert (a.n, a.real_visits) == (pytest.approx(3.4), 3)
+    assert a.q == pytest.approx(0.5 + (-1.0 - 0.5) / 3.4)              # q += (s - q) / n
+    assert a.embedding == pytest.approx(torch.tensor([2 / 3, 1 / 3]))  # a mean over the 3 real visits
+    assert (root.n, root.real_visits) == (pytest.approx(6.6), 6) and root.q == pytest.approx(-1 / 6.6)
+
+
+def test_eq_2_adds_to_a_siblings_fractional_visits():
+    root = fractional()
+    node, sib, _ = root.children
+    node.embedding = sib.embedding = F.normalize(torch.tensor([1.0, 1.0]), dim=0)
+    share_with_similar_siblings(node, 1.0, 0.2, 0.95)
+    assert sib.n == pytest.approx(2.2) and sib.real_visits == 2          # n' = n + gamma sim; real visits unchanged
+    assert sib.q == pytest.approx((0.1 * 2.0 + 0.2 * 1.0) / 2.2)       # q' = (q n + gamma sim s) / n'
+
+
+def test_commit_and_stop_rule_pick_by_visits_and_test_real_visits():
+    root = Node([0], 1.0)
+    for prior, n, real, q in [(0.5, 7.5, 6, 0.9), (0.5, 7.0, 7, 0.9)]:  # the first has the most visits, fewer real ones
+        child = Node([len(root.children) + 1], prior, root)
+        child.n, child.real_visits, child.q = n, real, q
+        root.children.append(child)
+    assert best_child(root) is root.children[0]                        # the most visits n
+    assert not ready_to_commit(root, commit_visits=6, commit_value=0.8)  # its real visits (6) are not > T_m
+    root.children[0].real_visits = 7
+    assert ready_to_commit(root, commit_visits=6, commit_value=0.8)
