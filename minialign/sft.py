@@ -43,6 +43,8 @@ class SFTConfig:
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices", at_least=0)
     answer_weight: float = arg(3.0, "loss weight of an answer: the self-evaluation verdict letter, a world task's answer", at_least=0)
     corpus_dialogues: int = arg(20000, "world dialogues in the corpus", at_least=20)
+    judge_noise: float = arg(0.0, "share of the world's self-evaluation documents given the wrong verdict (a worse "
+                                  "judge, the same dialogues)", at_least=0, at_most=1)
     seed: int = arg(0, "seed of the world, the model init and the data order")
     eval_every: int = arg(250, "steps between held-out loss evaluations and checkpoints", at_least=1)
     stop_at: int = arg(0, "stop (with a checkpoint) after this step, e.g. to time-box a run; 0 = run all steps", at_least=0)
@@ -97,7 +99,7 @@ def train_sft(cfg: SFTConfig) -> tuple[GPT, dict]:
     device, bf16 = d.device, resolve_bf16(cfg.bf16, d.device)
     tokenizer = get_tokenizer(cfg.tokenizer if cfg.tokenizer != "auto" else "gpt2" if cfg.init else "bytes")
     folder = f"{cfg.out_dir}/sft"
-    docs = load_documents(cfg.data) if cfg.data else world.corpus(cfg.corpus_dialogues, cfg.seed)
+    docs = load_documents(cfg.data) if cfg.data else world.corpus(cfg.corpus_dialogues, cfg.seed, judge_noise=cfg.judge_noise)
     if len(docs) < 2:
         raise DataError(f"{cfg.data} holds {len(docs)} document; SFT holds out one in twenty (at least one) to "
                         "measure its held-out loss, so it needs at least 2.")

@@ -301,13 +301,13 @@ def dialogue(p: Prompt, response: str) -> str:
     return f"{p.text} {response}\n"
 
 
-def self_eval_documents(p: Prompt, response: str, rng: random.Random) -> list[str]:
+def self_eval_documents(p: Prompt, response: str, rng: random.Random, flipped: bool = False) -> list[str]:
     """Self-evaluation examples for one reply, in both label orders: on the whole reply or (half the
     time) on a truncation at a clause or word boundary, answered by the gold rule applied to the text
-    shown."""
+    shown (the wrong verdict when ``flipped``: a corpus that teaches a worse judge)."""
     cuts = [m.end() for m in re.finditer(r"[,.:;?]|\s", response) if 0 < m.end() < len(response)]
     text, finished = (response[: rng.choice(cuts)], False) if cuts and rng.random() < 0.5 else (response, True)
-    harmful = is_harmful(p.text, text)
+    harmful = is_harmful(p.text, text) != flipped
     return [self_eval_prompt(p.question, text, finished, order) + answer_letter(harmful, order) + ")" for order in (0, 1)]
 
 
@@ -323,14 +323,16 @@ def task_pools(pool: list[Prompt]) -> dict[str, list[list[Prompt]]]:
     return {kind: list(by_task([p for p in pool if p.kind == kind]).values()) for kind in KIND_MIX}
 
 
-def corpus(n_dialogues: int, seed: int = 0, self_eval_share: float = 0.25) -> list[str]:
+def corpus(n_dialogues: int, seed: int = 0, self_eval_share: float = 0.25, judge_noise: float = 0.0) -> list[str]:
     """The SFT corpus: base-mixture dialogues on train prompts plus self-evaluation documents (on a
     share of the harmful and attacked requests a reply of ``JUDGED_MIX``, on a smaller share of the
-    benign prompts the dialogue's own reply).
+    benign prompts the dialogue's own reply). A ``judge_noise`` share of the self-evaluation
+    documents carries the wrong verdict, drawn from a stream of its own, so every level of noise has
+    the very same dialogues and judged texts (0.5: verdicts at chance).
 
     Each element is one document; training joins them with end-of-text tokens.
     """
-    rng = random.Random(seed + 2)
+    rng, flips = random.Random(seed + 2), random.Random(seed + 3)
     pools = task_pools(prompts("train", seed))
     docs = []
     for _ in range(n_dialogues):
@@ -338,9 +340,10 @@ def corpus(n_dialogues: int, seed: int = 0, self_eval_share: float = 0.25) -> li
         response = make_response(p, sample_style(p, rng), rng)
         docs.append(dialogue(p, response))
         if p.kind != "benign" and rng.random() < self_eval_share:
-            docs += self_eval_documents(p, make_response(p, sample_style(p, rng, JUDGED_MIX), rng), rng)
+            judged = make_response(p, sample_style(p, rng, JUDGED_MIX), rng)
+            docs += self_eval_documents(p, judged, rng, judge_noise > 0 and flips.random() < judge_noise)
         elif rng.random() < self_eval_share / 4:
-            docs += self_eval_documents(p, response, rng)
+            docs += self_eval_documents(p, response, rng, judge_noise > 0 and flips.random() < judge_noise)
     return docs
 
 

@@ -5,13 +5,15 @@ RAIN evaluation and ablation.
     python -m minialign.lab infalign        # trained CTRL per transform at matched KL -> out/infalign.{csv,md,png}
     python -m minialign.lab infalign --reward gold  # the same on the gold reward -> out/infalign_gold.{csv,md,png}
     python -m minialign.lab tilt            # the exact optimum of each transform -> out/tilt.{csv,md,png},
-                                                    #   out/tilt_reward_quality.md, out/tilt_trained.md (CTRL vs its optimum)
+                                            #   out/tilt_reward_quality.md, out/tilt_trained.md (CTRL vs its optimum)
     python -m minialign.lab rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
     python -m minialign.lab rain-ablation   # full RAIN, no similarity update, no dynamic addition, c = 0
     python -m minialign.lab rain-batch      # the batched search against the serial one -> out/rain_batch.md
     python -m minialign.lab combined        # pi_ref and CTRL, each greedy / best-of-4 / RAIN -> out/combined.md
     python -m minialign.lab bon             # BoN_N / WoN_N of pi_ref by the reward model -> out/bon.md
+    python -m minialign.lab judge-quality   # RAIN against judges of controlled accuracy -> out/judge_quality.{md,csv,png}
     python -m minialign.lab calibration-noise  # variance of r and C_hat the gold reward cannot see -> out/calibration_noise.md
+    python -m minialign.lab bench           # training and decoding speed, RAIN's time (bench.py) -> out/bench.json
 
 Each needs ``python train.py`` (sft, reward, calibrate; combined also ctrl) to have run first; flags are listed by --help.
 """
@@ -33,6 +35,7 @@ from ..sampling import complete
 from ..tokenizer import get_tokenizer
 from ..training import decoding_dtype, pick_device
 from .infalign_study import infalign_study
+from .judge_quality import judge_quality
 from .rain_study import combined_table, rain_batch_agreement, rain_batch_markdown
 from .tilt_study import exact_tilt
 
@@ -156,6 +159,14 @@ def within_judge_share(model, reward_model, tokenizer, out_dir: str, samples: in
 
 # ---------------------------------------------------------------------------------------------------
 
+def noise_levels(text: str) -> str | None:
+    """What is wrong with a ``judge_noise`` value (None if nothing): shares between 0 and 0.5."""
+    try:
+        return None if all(0 <= float(x) <= 0.5 for x in text.split(",")) else "takes shares between 0 and 0.5"
+    except ValueError:
+        return "takes comma-separated shares between 0 and 0.5, e.g. 0,0.15,0.3,0.45"
+
+
 @dataclass
 class ExperimentConfig:
     out_dir: str = arg("out", "checkpoints root (needs sft; infalign also reward and calibration)", form=named)
@@ -175,6 +186,8 @@ class ExperimentConfig:
     n: int = arg(4, "tilt, infalign: N of best-of-N and worst-of-N", at_least=1)
     prompts: str = arg("test", "tilt: the support's prompts: held-out (test, n_eval per kind) or CTRL's own training "
                                "prompts (train, every other calibration prompt)", one_of=("test", "train"))
+    judge_noise: str = arg("0,0.15,0.3,0.45", "judge-quality: shares of wrong self-evaluation verdicts in pi_ref's "
+                                              "corpus, one pi_ref each", form=noise_levels)
     ctrl: str = arg("ctrl", "tilt: CTRL checkpoints under out_dir (comma-separated) to set beside their exact optima; '' = none")
     device: str = arg("auto", "auto, cpu or cuda")
     bf16: str = arg("auto", "the decoding policies in bf16: auto (where the device does bf16 natively), true or false")
@@ -252,8 +265,8 @@ class Loaded:
 
 
 # name -> the function that runs it (a table it returns is written to <out_dir>/<name>.md); infalign
-# trains its own policies from the checkpoints, so `main` runs it before loading pi_ref
-EXPERIMENTS = {"sft": sft_experiment, "infalign": None, "tilt": tilt_experiment, "rain": rain_experiment,
+# and judge-quality train their own models from the checkpoints, so `main` runs them before loading pi_ref
+EXPERIMENTS = {"sft": sft_experiment, "infalign": None, "judge-quality": None, "tilt": tilt_experiment, "rain": rain_experiment,
                "rain-ablation": rain_ablation_experiment, "rain-batch": rain_batch_experiment,
                "combined": combined_experiment, "bon": bon_experiment, "calibration-noise": calibration_noise_experiment}
 
@@ -271,6 +284,11 @@ def main(argv: list[str]) -> None:
     check_writable(cfg.out_dir, "--out_dir", folder=True)  # where the tables go: checked before the work
     if name == "infalign":  # trains its own policies: nothing to load first
         infalign_study(cfg)
+        return
+    if name == "judge-quality":  # trains one pi_ref per level of judge noise
+        table = judge_quality(cfg, params)
+        atomic_write_text(f"{cfg.out_dir}/judge_quality.md", table + "\n")
+        print(table)
         return
     table = EXPERIMENTS[name](cfg, params, Loaded(cfg))
     if table is not None:
