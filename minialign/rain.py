@@ -28,15 +28,16 @@ Where the paper, the official code and minialign differ (defaults follow the off
 | value in PUCT | v | (q - min) / (max - min), bounds [-1, 1]; 0 if unvisited | (q + 1) / 2; 0 if unvisited |
 | a leaf's first visit | n = 0, v = s | n = 1, q = s | as the official code |
 | what is committed | visit-count probabilities (section 3.2) | the most-visited child, ties by q | as the official code |
-| token-set length | "a specific length" | 1, 2, 4, then 10 tokens by absolute depth | same; a set is cut after a stop token (end of text or of the turn), official sets always run full length |
+| token-set length | "a specific length" | 1, 2, 4, then 10 tokens by absolute depth | same; a set is cut after a stop token (end of text or of the turn), official sets always run full length, so a cut chain's prior is its shorter prefix's probability |
 | candidates | | top-10 tokens; or greedy + 9 sampled chains from the top 15, de-duplicated, greedy prior clamped | same |
 | rollout | to the end of the clause | samples the full distribution, T = 1; none when the text (prompt included) ends in punctuation | same (``--rollout_top_k`` 0); capped at 32 tokens |
 | text embedding (Eq. 2) | Sentence-BERT | all-MiniLM-L6-v2, threshold 0.95 | the model's own mean-pooled final hidden states, threshold 0.95 (the search statistics report the share of sibling pairs above it) |
 | dynamic addition | "add a new child" | top-(nc+1) token, or greedy + 1 sampled chain; prior normalised over nc + 1 candidates, root-mixed; never with one child | same; a chain's prior is normalised over all nc + 1 children (official: the 2 new chains and the first nc - 1 old candidates) |
 | stop rule | t >= T_m | best child real visits (official fn) > T_m and q > V, or T real root visits, >= 15 new per commit | as the official code |
-| end of the answer | | end of text via an exception; 2,048 tokens; a new ``Human:`` turn | a committed stop token (end of text or newline) or ``max_new_tokens`` (overshot by at most one set) |
+| end of the answer | | HH: 2,048 tokens or a new ``Human:`` turn (the search goes on past a committed end of text); ``adv/main.py``: also end of text | a committed stop token (end of text or newline) or ``max_new_tokens`` (overshot by at most one set) |
 | self-evaluation | few-shot template | hard vote per label order, s in {-1, 0, 1} | the world's template (``selfeval.py``), both orders in one batch; hard (default) or soft |
-| temperature | | 1 (HH), 2 (adversarial) | 1 |
+| temperature | | 1 (HH); adversarial run: 2, with T_m = 5 and up to 2K - 1 sampling attempts for distinct candidates | 1 and the HH settings for every prompt, attacked ones included |
+| ties at c = 0 (ablation) | | broken by child order: token id | broken by child order: probability, so c = 0 follows the likeliest child |
 """
 import time
 from dataclasses import dataclass
@@ -115,11 +116,11 @@ class Rain:
         self.prompt = prompt
         self.context = self.proposer.context(tokenizer.encode(prompt))  # the prompt: above every token set
         self.root = self.context  # the search root: moves down at every commit
-        # the prompt, the answer, one token set and a rollout must fit in the context
-        room = model.config.block_size - len(self.context.tokens) - params.rollout_tokens - self.lengths[-1]
+        # the prompt, the answer, one token set (the longest) and a rollout must fit in the context
+        room = model.config.block_size - len(self.context.tokens) - params.rollout_tokens - max(self.lengths)
         if room < 1:
             raise ModelError(f"the prompt is {len(self.context.tokens)} tokens; RAIN needs room after it for a "
-                             f"token set ({self.lengths[-1]}) and a rollout ({params.rollout_tokens}) within the "
+                             f"token set ({max(self.lengths)}) and a rollout ({params.rollout_tokens}) within the "
                              f"model's context of {model.config.block_size}: shorten the prompt or lower "
                              "--rollout_tokens.")
         self.max_new_tokens = min(max_new_tokens, room)

@@ -247,6 +247,8 @@ def test_set_lengths_by_depth_and_the_room_left_for_the_answer():
             assert len(child.tokens) == search.set_length(child.parent)
     wide = Rain(BigramModel().eval(), TOK, RainParams(), "Q:", "Q", 1000)
     assert wide.max_new_tokens == 128 - 2 - 32 - 10  # context - prompt - rollout - longest set
+    deep_first = Rain(BigramModel().eval(), TOK, RainParams(set_lengths="12,1"), "Q:", "Q", 1000)
+    assert deep_first.max_new_tokens == 128 - 2 - 32 - 12  # the longest set, wherever it comes
     assert all(v == 0 for v in wide.stats.values())
 
 
