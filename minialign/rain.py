@@ -36,7 +36,7 @@ Where the paper, the official code and minialign differ (defaults follow the off
 | stop rule | t >= T_m | best child real visits (official fn) > T_m and q > V, or T real root visits, >= 15 new per commit | as the official code |
 | end of the answer | | HH: 2,048 tokens or a new ``Human:`` turn (the search goes on past a committed end of text); ``adv/main.py``: also end of text | a committed stop token (end of text or newline) or ``max_new_tokens`` (overshot by at most one set) |
 | self-evaluation | few-shot template | hard vote per label order, s in {-1, 0, 1} | the world's template (``selfeval.py``), both orders in one batch; hard (default) or soft |
-| temperature | | 1 (HH); adversarial run: 2, with T_m = 5 and up to 2K - 1 sampling attempts for distinct candidates | 1 and the HH settings for every prompt, attacked ones included |
+| temperature | | 1 (HH); adversarial run: 2, with T_m = 5 and up to 2K - 1 sampling attempts for distinct candidates | 1 and the HH settings; ``--preset adv`` gives the adversarial run's (``--temperature``, ``--more_attempts``, ``--commit_visits``) |
 | ties at c = 0 (ablation) | | broken by child order: token id | broken by child order: probability, so c = 0 follows the likeliest child |
 """
 import time
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import arg
+from .config import ConfigError, arg
 from .model import GPT, ModelError
 from .rain_cache import CachePool, drive
 from .rain_proposer import CLAUSE_END, Proposer, Rollout
@@ -83,6 +83,22 @@ class RainParams:
     similarity: bool = arg(True, "apply the similarity update (ablation: false)")
     dynamic: bool = arg(True, "apply dynamic node addition (ablation: false)")
     rollout_tokens: int = arg(32, "longest rollout to the end of a clause", at_least=1)
+    temperature: float = arg(1.0, "temperature of the candidates' priors and sampled chains (official: 1 HH, 2 adv)",
+                             above=0)
+    more_attempts: bool = arg(False, "draw up to 2K - 1 sampled chains for K - 1 distinct ones (official adv)")
+
+
+# The official runs' settings (SafeAILab/RAIN HH/main.py and adv/main.py), as flags: `--preset adv`.
+PRESETS = {"hh": {}, "adv": {"commit_visits": "5", "temperature": "2", "more_attempts": "true"}}
+
+
+def with_preset(flags: dict) -> dict:
+    """Command-line flags with ``--preset``'s values filled in where no flag of their own is given."""
+    flags = dict(flags)
+    preset = flags.pop("preset", "hh")
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset takes one of {', '.join(PRESETS)}, not {preset!r}.")
+    return {**PRESETS[preset], **flags}
 
 
 def check_params(params: RainParams, model: GPT) -> None:
@@ -111,8 +127,8 @@ class Rain:
         check_params(params, model)
         self.lengths = [int(x) for x in params.set_lengths.split(",")]
         self.pool = pool or CachePool(model, pool_rows(params))
-        self.proposer = Proposer(model, tokenizer, params.sample_top_k, params.rollout_top_k,
-                                 params.rollout_tokens, generator, self.pool)
+        self.proposer = Proposer(model, tokenizer, params.sample_top_k, params.rollout_top_k, params.rollout_tokens,
+                                 generator, self.pool, params.temperature, params.more_attempts)
         self.prompt = prompt
         self.context = self.proposer.context(tokenizer.encode(prompt))  # the prompt: above every token set
         self.root = self.context  # the search root: moves down at every commit

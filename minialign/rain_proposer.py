@@ -52,13 +52,20 @@ class Rollout:
 
 class Proposer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, sample_top_k: int, rollout_top_k: int,
-                 rollout_tokens: int, generator: torch.Generator | None = None, pool: CachePool | None = None):
+                 rollout_tokens: int, generator: torch.Generator | None = None, pool: CachePool | None = None,
+                 temperature: float = 1.0, more_attempts: bool = False):
         if generator is not None and generator.device.type != "cpu":
             raise ValueError(f"RAIN samples on the host: give it a CPU torch.Generator, not one on {generator.device}.")
         self.model, self.tok, self.generator = model, tokenizer, generator
         self.pool = pool or CachePool(model, 16)
         self.sample_top_k, self.rollout_top_k, self.rollout_tokens = sample_top_k, rollout_top_k, rollout_tokens
+        self.temperature = temperature  # of the candidates (priors and chains); rollouts sample at 1 (official getv)
+        self.more_attempts = more_attempts  # 2K - 1 sampled chains for K - 1 distinct ones (official adv group_getp)
         self.stop = stop_ids(tokenizer)
+
+    def scaled(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits at the candidates' temperature (official ``getp(..., temperature)``)."""
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
     def ends_clause(self, token: int) -> bool:
         """A stop token, or a token whose text ends in clause punctuation."""
@@ -95,7 +102,7 @@ class Proposer:
     def top_tokens(self, path: list[Node], k: int):
         """Children of ``path[-1]`` for its k likeliest next tokens; raw prior = the token's probability."""
         leaf = path[-1]
-        probs = F.softmax(leaf.state.next_logits, -1)  # (V,)
+        probs = F.softmax(self.scaled(leaf.state.next_logits), -1)  # (V,)
         top = torch.topk(probs, k)
         rows, start = self.rows_for(path, k)
         h, logits = yield from self.step(rows, top.indices, start)  # (k, C), (k, V)
@@ -107,8 +114,10 @@ class Proposer:
 
     @torch.no_grad()
     def chains(self, path: list[Node], k: int, length: int, with_rollout: bool = False):
-        """Children of ``path[-1]``: row 0 the greedy chain, rows 1..k-1 sampled chains (top-``sample_top_k``,
-        temperature 1), ``length`` tokens each, decoded as one batch; identical chains are kept once.
+        """Children of ``path[-1]``: row 0 the greedy chain, then sampled chains (top-``sample_top_k``, at the
+        candidates' temperature), ``length`` tokens each, decoded as one batch; identical chains are kept
+        once. K - 1 chains are sampled, or with ``more_attempts`` 2K - 1 of which the first K - 1 distinct
+        are kept (the official adversarial run draws them one by one and stops there: the same children).
         Returns (children, the rollout or None).
 
         A chain is cut after its first stop token (the turn ends there; official chains always run
@@ -117,11 +126,12 @@ class Proposer:
         leaf's rollout is one more row of the same batch (it starts at the same place and depends on
         no chain), then goes on alone: fewer forward passes, the same result."""
         leaf = path[-1]
+        want, k = k, (2 * k if self.more_attempts else k)  # K children from the greedy and K - 1 (or 2K - 1) samples
         rows, start = self.rows_for(path, k + with_rollout)
         logits = leaf.state.next_logits.expand(len(rows), -1)  # (R, V)
         tokens, hiddens, logps = [], [], []
         for i in range(length):  # one batched forward per token for all chains
-            filtered = filter_logits(logits[:k], self.sample_top_k)  # (k, V): each chain's truncated distribution
+            filtered = filter_logits(self.scaled(logits[:k]), self.sample_top_k)  # (k, V): each chain's distribution
             t = self.draw(filtered)  # (k,)
             t[0] = logits[0].argmax()  # row 0 is the greedy chain
             logps.append(F.log_softmax(filtered, -1).gather(-1, t[:, None]))
@@ -141,7 +151,7 @@ class Proposer:
         children, seen = [], set()
         for b, row in enumerate(chain_tokens):
             cut = next((i + 1 for i, t in enumerate(row) if t in self.stop), length)
-            if tuple(row[:cut]) in seen:
+            if tuple(row[:cut]) in seen or len(children) == want:
                 continue
             seen.add(tuple(row[:cut]))
             terminal = row[cut - 1] in self.stop

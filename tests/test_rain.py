@@ -520,3 +520,33 @@ def test_after_a_commit_the_root_mix_moves_with_the_search_root(monkeypatch):
     monkeypatch.setattr(rain, "add_children", checked)
     drive(search.answer())
     assert any(at_moved_root)  # the check ran where the two differ
+
+
+def test_the_adversarial_preset_is_the_official_adv_settings_and_flags_still_win():
+    from minialign.config import ConfigError, build
+    from minialign.rain import with_preset
+    adv = build(RainParams, with_preset({"preset": "adv"}))
+    assert (adv.commit_visits, adv.temperature, adv.more_attempts) == (5, 2.0, True)  # adv/main.py: minT, group_getp
+    assert build(RainParams, with_preset({"preset": "adv", "commit_visits": "7"})).commit_visits == 7
+    assert build(RainParams, with_preset({})) == RainParams()  # hh: the defaults
+    with pytest.raises(ConfigError, match="--preset takes one of hh, adv, not 'ad'"):
+        with_preset({"preset": "ad"})
+
+
+def test_candidates_at_a_temperature_and_with_more_attempts():
+    from minialign.rain_proposer import Proposer
+    model = real_model()
+    root = Rain(model, TOK, RainParams(), "Human: Hi\nAssistant:", "Hi", 24).context
+    hot = Proposer(model, TOK, 15, 0, 32, torch.Generator().manual_seed(0), temperature=2.0)
+    children = drive(hot.top_tokens([root], 10))
+    expected = torch.softmax(root.state.next_logits / 2.0, -1)  # official getp: logits / T, then softmax
+    assert [c.raw_prior for c in children] == pytest.approx(expected.topk(10).values.tolist(), rel=1e-6)
+    asked = []
+    more = Proposer(model, TOK, 15, 0, 32, torch.Generator().manual_seed(0), more_attempts=True)
+    rows_for = more.rows_for
+    more.rows_for = lambda path, n: asked.append(n) or rows_for(path, n)
+    chains = drive(more.chains([root], 4, 3))[0]
+    assert asked == [8]  # the greedy chain and 2K - 1 = 7 samples
+    greedy = [int(root.state.next_logits.argmax())]
+    assert chains[0].tokens[0] == greedy[0] and 1 < len(chains) <= 4  # at most K children, the greedy first
+    assert len({tuple(c.tokens) for c in chains}) == len(chains)

@@ -29,7 +29,7 @@ from ..calibrate import calibration_folder, load_calibration
 from ..calibrated_reward import calibrated
 from ..evaluate import self_eval_accuracy, world_rates
 from ..fast.rain_eval import rain_markdown, rain_table
-from ..rain import RainParams
+from ..rain import RainParams, with_preset
 from ..reward_model import load_reward, score
 from ..sampling import complete
 from ..tokenizer import get_tokenizer
@@ -278,7 +278,7 @@ def main(argv: list[str]) -> None:
     name = argv[0]
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}, or bench.")
-    flags = parse_flags(argv[1:])
+    flags = with_preset(parse_flags(argv[1:]))  # RAIN's --preset hh|adv
     check_known(flags, ExperimentConfig, RainParams)
     cfg, params = build(ExperimentConfig, flags, strict=False), build(RainParams, flags, strict=False)
     check_writable(cfg.out_dir, "--out_dir", folder=True)  # where the tables go: checked before the work
