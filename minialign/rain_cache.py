@@ -1,9 +1,10 @@
 """How a RAIN search talks to the model: it asks for forward passes; someone else runs them.
 
-A search never calls the model itself. Wherever it needs one, it *yields* a ``Forward`` request and
-is resumed with the answer: the final hidden states and next-token logits of the rows it asked about
-(``rain.py``'s docstring says how to read the ``yield from`` calls). Who answers decides the
-schedule, not the result:
+Once set up, a search never calls the model itself (set-up runs the prompt and the judge's template
+prefix once each, alone, so they do not depend on what else is searched). Wherever it needs a forward
+pass, it *yields* a ``Forward`` request and is resumed with the answer: the final hidden states and
+next-token logits of the rows it asked about (``rain.py``'s docstring says how to read the
+``yield from`` calls). Who answers decides the schedule, not the result:
 
 - ``drive`` (end of this file) answers one search's requests one at a time, as they come;
 - ``fast.rain_batch.rain_decode_batch`` advances many searches in lockstep and answers all their
