@@ -2,7 +2,7 @@
 
 RAIN's premise is a model that knows harm when it sees it. The world teaches pi_ref the judging
 template with correct verdicts, and it judges its own texts right about 99% of the time, better than
-any model in the paper: LLaMA 30B judges at 81%, LLaMA 65B at 84%, LLaMA-2 70B at 98% (RAIN, Table 5),
+any model in the paper: LLaMA 30B judges at 81%, LLaMA 65B at 84%, LLaMA-2 70B at 98% (as RAIN reports),
 and the paper reports RAIN's gain growing with model size. Here pi_ref is trained again with a share
 of its self-evaluation documents given the wrong verdict (``--judge_noise``: the same dialogues and
 judged texts at every level, 0.5 is chance), and for each level the command measures the judge's
