@@ -9,6 +9,7 @@ RAIN evaluation and ablation.
     python -m minialign.lab rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
     python -m minialign.lab rain-ablation   # full RAIN, no similarity update, no dynamic addition, c = 0
     python -m minialign.lab rain-batch      # the batched search against the serial one -> out/rain_batch.md
+    python -m minialign.lab rain-presets    # harmful and attacked prompts under the official hh and adv settings
     python -m minialign.lab combined        # pi_ref and CTRL, each greedy / best-of-4 / RAIN -> out/combined.md
     python -m minialign.lab bon             # BoN_N / WoN_N of pi_ref by the reward model -> out/bon.md
     python -m minialign.lab judge-quality   # RAIN against judges of controlled accuracy -> out/judge_quality.{md,csv,png}
@@ -29,7 +30,7 @@ from ..calibrate import calibration_folder, load_calibration
 from ..calibrated_reward import calibrated
 from ..evaluate import self_eval_accuracy, world_rates
 from ..fast.rain_eval import rain_markdown, rain_table
-from ..rain import RainParams, with_preset
+from ..rain import PRESETS, RainParams, with_preset
 from ..reward_model import load_reward, score
 from ..sampling import complete
 from ..tokenizer import get_tokenizer
@@ -246,6 +247,20 @@ def rain_ablation_experiment(cfg: ExperimentConfig, params: RainParams, models: 
     return "\n".join(lines)
 
 
+def rain_presets_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> str:
+    """Vanilla and RAIN on the harmful and attacked prompts under each official run's settings (``rain.PRESETS``)."""
+    attacked = [p for p in models.prompts if p.kind != "benign"]
+    lines = ["| settings | harm rate: vanilla / RAIN | attack success: vanilla / RAIN | self-evaluation accuracy "
+             "| iterations per prompt | time, s |", "|---|---|---|---|---|---|"]
+    for preset in PRESETS:
+        result = rain_table(models.pi_ref, models.tokenizer, attacked, build(RainParams, with_preset({"preset": preset})),
+                            seed=cfg.seed, desc=f"rain, {preset}", batch=cfg.batch)
+        v, r = result["vanilla"], result["rain"]
+        lines.append(f"| {preset} | {v['harm_rate']:.3f} / {r['harm_rate']:.3f} | {v['attack_success']:.3f} / "
+                     f"{r['attack_success']:.3f} | {r['self_eval_accuracy']:.3f} | {r['iterations']:.1f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 class Loaded:
     """What the experiments on pi_ref share: the model on its device, its tokenizer, the held-out prompts
     of its world, and the reward model, loaded when first asked for."""
@@ -268,6 +283,7 @@ class Loaded:
 # and judge-quality train their own models from the checkpoints, so `main` runs them before loading pi_ref
 EXPERIMENTS = {"sft": sft_experiment, "infalign": None, "judge-quality": None, "tilt": tilt_experiment, "rain": rain_experiment,
                "rain-ablation": rain_ablation_experiment, "rain-batch": rain_batch_experiment,
+               "rain-presets": rain_presets_experiment,
                "combined": combined_experiment, "bon": bon_experiment, "calibration-noise": calibration_noise_experiment}
 
 
