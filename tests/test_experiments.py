@@ -36,3 +36,12 @@ def test_judge_quality_trains_a_pi_ref_per_noise_level_once(tmp_path):
     before = (trained / "model.pt").read_bytes()
     experiments.main(["judge-quality", *flags])
     assert (trained / "model.pt").read_bytes() == before
+
+
+def test_rain_presets_tabulates_each_official_setting(tmp_path):
+    out = tmp_path / "out"
+    train_sft(SFTConfig(out_dir=str(out), n_layer=1, n_head=2, n_embd=32, block_size=256, batch_size=2, steps=1,
+                        corpus_dialogues=100, eval_every=1, device="cpu"))
+    experiments.main(["rain-presets", f"--out_dir={out}", "--n_eval=1", "--device=cpu"])
+    rows = (out / "rain_presets.md").read_text().splitlines()
+    assert [row.split(" | ")[0] for row in rows[2:]] == ["| hh", "| adv"]

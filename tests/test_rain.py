@@ -550,3 +550,24 @@ def test_candidates_at_a_temperature_and_with_more_attempts():
     greedy = [int(root.state.next_logits.argmax())]
     assert chains[0].tokens[0] == greedy[0] and 1 < len(chains) <= 4  # at most K children, the greedy first
     assert len({tuple(c.tokens) for c in chains}) == len(chains)
+
+
+def test_below_the_root_a_chain_addition_gets_its_share_unmixed_and_the_greedy_chain_is_clamped():
+    """Away from the root (a depth-1 node with 2-token chains, on a real GPT whose top-15 branches): an
+    added chain's prior is its raw prior over all the node's candidates, with no root mix, and the greedy
+    chain's raw prior sits within the official clamp of its sampled siblings."""
+    search = Rain(real_model(), TOK, RainParams(candidates=4), "Human: Hi\nAssistant:", "Hi", 24,
+                  torch.Generator().manual_seed(1))
+    search.judge = ScriptedJudge(fixed=-1.0)
+    for _ in range(3):
+        drive(search.iterate())
+    node = next(c for c in search.root.children if len(c.children) > 1)  # a depth-1 node, expanded with chains
+    greedy, sampled = node.children[0], [c.raw_prior for c in node.children[1:]]
+    assert max(sampled) + min(sampled) - 1e-12 <= greedy.raw_prior <= sum(sampled) + 1e-12  # clamp_greedy_prior
+    before, total = list(node.children), sum(c.raw_prior for c in node.children)
+    assert [c.prior for c in before] == pytest.approx([c.raw_prior / total for c in before])  # no root mix below it
+    drive(search.add_candidate(node))
+    added = [c for c in node.children if c not in before]
+    assert added and all(len(c.tokens) == 2 for c in added)
+    for c in added:
+        assert c.prior == pytest.approx(c.raw_prior / (total + sum(a.raw_prior for a in added)))
