@@ -20,12 +20,30 @@ import tempfile
 
 import torch
 
-from .model import GPT, GPT_SIZES, GPTConfig, all_finite, config_defects, read_json
+from .model import GPT, GPT_SIZES, GPTConfig, all_finite, config_defects
 from .tokenizer import VOCAB_SIZES, pairing_defect
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing or unreadable, with a sentence saying what to do."""
+
+
+MAX_JSON_BYTES = 16 * 2**20  # a config.json is a few hundred bytes; anything this large is not one
+
+
+def read_json(path: str, error: type[Exception]):
+    """The JSON value of a small file, or ``error`` with one sentence: missing, not a regular file (a
+    device, a folder), too large, not JSON, nested too deep."""
+    if not os.path.isfile(path):
+        raise error(f"{path} is missing or not a regular file.")
+    if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise error(f"{path} is {os.path.getsize(path) / 2**20:.0f} MiB, too large for a config file.")
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # ValueError covers bad JSON and bad UTF-8
+        reason = "nested too deeply" if isinstance(err, RecursionError) else " ".join(str(err).split())[:120]
+        raise error(f"{path} is not valid JSON ({reason}).") from None
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -1,4 +1,4 @@
-"""A small GPT with the GPT-2 architecture, a KV cache with a length per row, and GPT-2 weight loading.
+"""A small GPT with the GPT-2 architecture and a KV cache with a length per row.
 
 Architecture (Radford et al. 2019, as in nanoGPT): token + learned position embeddings, pre-LayerNorm
 blocks (attention, then a tanh-GELU MLP of width 4C), a final LayerNorm, and an output head tied to
@@ -10,13 +10,11 @@ from its length, and lowering a length forgets the row's tail (``truncate``: aft
 prefill, each row is cut back to its own prompt). RAIN's "rewind" is a move in its search tree, not in
 a cache: each tree node keeps its own tokens' keys/values, and a search continues a path by loading
 them into rows of a cache (``rain_cache.CachePool``). Module and parameter names follow GPT-2's, so
-``from_pretrained`` maps a Hugging Face checkpoint onto this model key by key.
+``gpt2.from_pretrained`` maps a Hugging Face checkpoint onto this model key by key.
 """
 import dataclasses
-import json
 import math
 import os
-import urllib.request
 from dataclasses import dataclass
 
 import torch
@@ -41,24 +39,6 @@ class GPTConfig:
 
 class ModelError(RuntimeError):
     """A checkpoint or model folder that cannot be used, with a sentence saying why."""
-
-
-MAX_JSON_BYTES = 16 * 2**20  # a config.json is a few hundred bytes; anything this large is not one
-
-
-def read_json(path: str, error: type[Exception]):
-    """The JSON value of a small file, or ``error`` with one sentence: missing, not a regular file (a
-    device, a folder), too large, not JSON, nested too deep."""
-    if not os.path.isfile(path):
-        raise error(f"{path} is missing or not a regular file.")
-    if os.path.getsize(path) > MAX_JSON_BYTES:
-        raise error(f"{path} is {os.path.getsize(path) / 2**20:.0f} MiB, too large for a config file.")
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as err:  # ValueError covers bad JSON and bad UTF-8
-        reason = "nested too deeply" if isinstance(err, RecursionError) else " ".join(str(err).split())[:120]
-        raise error(f"{path} is not valid JSON ({reason}).") from None
 
 
 GPT_SIZES = tuple(f.name for f in dataclasses.fields(GPTConfig))
@@ -333,87 +313,3 @@ def sequence_logprobs(model: nn.Module, ids: torch.Tensor, micro_batch: int,
     for rows, width in micro_batches(ids, micro_batch, lengths):
         out[rows, : width - 1] = token_logprobs(model, ids[rows, :width])
     return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading GPT-2 weights (Hugging Face layout) into this model.
-
-HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-HUB_URL = "https://huggingface.co/{name}/resolve/main/{file}"
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def _download_hub_model(name: str, cache_dir: str) -> str:
-    """Fetch config.json and model.safetensors of a hub GPT-2 once into ``cache_dir/name``; return the folder."""
-    folder = os.path.join(cache_dir, name)
-    os.makedirs(folder, exist_ok=True)
-    for file in ("config.json", "model.safetensors"):
-        target = os.path.join(folder, file)
-        if os.path.exists(target):
-            continue
-        try:
-            urllib.request.urlretrieve(HUB_URL.format(name=name, file=file), target + ".part")
-        except OSError as err:
-            raise ModelError(f"Could not download {name} ({err}); offline, pass the path of a local GPT-2 "
-                             "folder (config.json + model.safetensors or pytorch_model.bin) instead.") from None
-        os.replace(target + ".part", target)  # only a complete file ever carries the final name
-    return folder
-
-
-def _read_state_dict(folder: str) -> dict:
-    st_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(st_path):
-        from safetensors.torch import load_file
-        try:
-            return load_file(st_path)
-        except Exception as err:  # a header that lies about its tensors, a file cut short
-            raise ModelError(f"{st_path} could not be read as safetensors ({' '.join(str(err).split())[:160]}).") from None
-    if os.path.exists(bin_path):
-        try:
-            return torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ModelError(f"{bin_path} could not be read as a weights-only torch file ({err}).") from None
-    raise ModelError(f"{folder} has neither model.safetensors nor pytorch_model.bin.")
-
-
-def from_pretrained(path_or_name: str, cache_dir: str = "~/.cache/minialign") -> GPT:
-    """A GPT with GPT-2 weights from a local Hugging Face folder or a hub name (downloaded once)."""
-    folder = path_or_name
-    if not os.path.isdir(folder):
-        if path_or_name not in HUB_NAMES:
-            raise ModelError(f"{path_or_name!r} is neither a folder nor one of {', '.join(HUB_NAMES)}.")
-        folder = _download_hub_model(path_or_name, os.path.expanduser(cache_dir))
-    config_path = os.path.join(folder, "config.json")
-    hf = read_json(config_path, ModelError)
-    if not isinstance(hf, dict):
-        raise ModelError(f"{config_path} is a JSON {type(hf).__name__}, not a GPT-2 config object.")
-    sizes = {"vocab_size": hf.get("vocab_size"), "block_size": hf.get("n_positions"), "n_layer": hf.get("n_layer"),
-             "n_head": hf.get("n_head"), "n_embd": hf.get("n_embd")}
-    defects = config_defects(sizes)
-    if defects:
-        raise ModelError(f"{config_path} is not a usable GPT-2 config (block_size is its n_positions): "
-                         + " ".join(defects))
-    model = GPT(GPTConfig(**sizes))
-    ours = model.state_dict()
-    theirs = {}
-    for key, tensor in _read_state_dict(folder).items():
-        key = key.removeprefix("transformer.")
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-            continue  # causal-mask buffers of the hub files; the head is tied to wte
-        key = key if key.startswith("lm_head") else "transformer." + key
-        if key.endswith(CONV1D):
-            tensor = tensor.t()  # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
-        theirs[key] = tensor
-    expected = set(ours) - {"lm_head.weight"}
-    if set(theirs) != expected:
-        missing, extra = sorted(expected - set(theirs)), sorted(set(theirs) - expected)
-        raise ModelError(f"{folder}: weights do not match GPT-2 (missing {missing[:5]}, unexpected {extra[:5]}).")
-    for key, tensor in theirs.items():
-        if tensor.shape != ours[key].shape:
-            raise ModelError(f"{folder}: {key} has shape {tuple(tensor.shape)}, expected {tuple(ours[key].shape)}.")
-    with torch.no_grad():
-        for key, tensor in theirs.items():
-            ours[key].copy_(tensor.to(torch.float32))
-    if not all_finite(model):
-        raise ModelError(f"{folder}: its weights are not all finite (nan or inf); use another checkpoint.")
-    return model

@@ -17,7 +17,8 @@ from .checkpoint import load_meta, load_model, load_state, world_seed
 from .config import arg, named
 from .data import DataError, load_pairs, split_transcript
 from .distributed import setup, shard, wait_for_rank0, wrap
-from .model import from_pretrained, row_chunks
+from .gpt2 import from_pretrained
+from .model import row_chunks
 from .reward_model import RewardModel, encode_batch, load_reward, score
 from .tokenizer import check_pairing, get_tokenizer
 from .training import (MetricsLog, TrainingState, announce_precision, autocast, check_resume, clip_gradients, cosine_lr,

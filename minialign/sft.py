@@ -20,7 +20,8 @@ from .checkpoint import load_model, load_state
 from .config import ConfigError, arg, named
 from .data import DataError, load_documents, pack_rows, random_rows
 from .distributed import setup, shard, wait_for_rank0, wrap
-from .model import GPT, GPTConfig, from_pretrained
+from .gpt2 import from_pretrained
+from .model import GPT, GPTConfig
 from .tokenizer import check_pairing, get_tokenizer
 from .training import (MetricsLog, TrainingState, announce_precision, autocast, check_resume, clip_gradients, cosine_lr,
                        make_optimizer, pick_device, precision_name, resolve_bf16, set_lr)

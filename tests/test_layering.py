@@ -25,6 +25,7 @@ MUST_NOT_LOAD = {
     "minialign.rain_tree": EVERYTHING_ELSE,
     "minialign.calibrated_reward": EVERYTHING_ELSE,
     "minialign.model": EVERYTHING_ELSE,
+    "minialign.gpt2": RAIN + STAGES + ["minialign.world", "minialign.sampling"],
     "minialign.tasks": EVERYTHING_ELSE,
     "minialign.tokenizer": EVERYTHING_ELSE,
     "minialign.world": RAIN + STAGES + ["minialign.sampling", "minialign.reward_model"],

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from minialign.model import ModelError, from_pretrained
+from minialign.gpt2 import from_pretrained
+from minialign.model import ModelError
 from minialign.sampling import generate
 
 transformers = pytest.importorskip("transformers")
