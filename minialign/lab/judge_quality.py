@@ -12,10 +12,9 @@ held-out prompts. It writes ``<out_dir>/judge_quality.{md,csv,png}``; each level
 second call trains nothing.
 """
 import os
-from dataclasses import asdict
 
 from .. import world
-from ..checkpoint import load_meta, load_model, newest_copy, pyplot, save_figure, write_csv
+from ..checkpoint import load_meta, load_model, newest_copy, pyplot, save_figure, world_seed, write_csv
 from ..fast.rain_eval import rain_table
 from ..sft import SFTConfig, train_sft
 from ..tokenizer import get_tokenizer
@@ -43,7 +42,7 @@ def pi_ref_at(out_dir: str, noise: float, device: str) -> str:
 
 def judge_quality(cfg, params) -> str:
     """The experiment (``cfg``: ``experiments.ExperimentConfig``): one row per noise level."""
-    prompts = world.eval_prompts(cfg.n_eval, world_seed_of(cfg.out_dir))
+    prompts = world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir))
     device = pick_device(cfg.device)
     rows = []
     for noise in (float(x) for x in cfg.judge_noise.split(",")):
@@ -64,19 +63,15 @@ def judge_quality(cfg, params) -> str:
     return table
 
 
-def world_seed_of(out_dir: str) -> int:
-    return int(load_meta(os.path.join(out_dir, "sft"), "python train.py --stage sft")["config"].get("seed", 0))
-
-
 def relative_cut(vanilla: float, rain: float) -> float:
     """RAIN's relative cut of a rate, (vanilla - RAIN) / vanilla; 0 where vanilla is 0 (nothing to cut)."""
     return (vanilla - rain) / vanilla if vanilla > 0 else 0.0
 
 
 def markdown(rows: list[dict], cfg, params) -> str:
-    lines = [f"RAIN against a worse judge: pi_ref of pipeline seed {world_seed_of(cfg.out_dir)} trained with a share of "
+    lines = [f"RAIN against a worse judge: pi_ref of pipeline seed {world_seed(cfg.out_dir)} trained with a share of "
              f"wrong self-evaluation verdicts; {cfg.n_eval} held-out prompts per kind, sampling seed {cfg.seed}, "
-             f"{asdict(params)['score']} vote.", "",
+             f"{params.score} vote.", "",
              "| judge noise | self-evaluation accuracy (texts RAIN judged) | attack success: vanilla / RAIN (cut) "
              "| harm rate: vanilla / RAIN (cut) | help rate: vanilla / RAIN |", "|---|---|---|---|---|"]
     for row in rows:
