@@ -129,17 +129,18 @@ class Rain:
         self.pool = pool or CachePool(model, pool_rows(params))
         self.proposer = Proposer(model, tokenizer, params.sample_top_k, params.rollout_top_k, params.rollout_tokens,
                                  generator, self.pool, params.temperature, params.more_attempts)
-        self.prompt = prompt
-        self.context = self.proposer.context(tokenizer.encode(prompt))  # the prompt: above every token set
-        self.root = self.context  # the search root: moves down at every commit
+        self.prompt, ids = prompt, tokenizer.encode(prompt)
         # the prompt, the answer, one token set (the longest) and a rollout must fit in the context
-        room = model.config.block_size - len(self.context.tokens) - params.rollout_tokens - max(self.lengths)
+        room = model.config.block_size - len(ids) - params.rollout_tokens - max(self.lengths)
         if room < 1:
-            raise ModelError(f"the prompt is {len(self.context.tokens)} tokens; RAIN needs room after it for a "
+            raise ModelError(f"the prompt is {len(ids)} tokens; RAIN needs room after it for a "
                              f"token set ({max(self.lengths)}) and a rollout ({params.rollout_tokens}) within the "
                              f"model's context of {model.config.block_size}: shorten the prompt or lower "
                              "--rollout_tokens.")
         self.max_new_tokens = min(max_new_tokens, room)
+        # set-up: the prompt's forward pass (and in Judge the template prefix's), answered at once and alone
+        self.context = drive(self.proposer.context(ids))  # the prompt: above every token set
+        self.root = self.context  # the search root: moves down at every commit
         self.judge = Judge(model, tokenizer, question, params.score, self.pool)
         self.stats = {"iterations": 0, "rewinds": 0, "nodes": 0, "additions": 0, "sibling_pairs": 0, "similar_pairs": 0}
         self._last_leaf = None

@@ -1,14 +1,17 @@
 """How a RAIN search talks to the model: it asks for forward passes; someone else runs them.
 
-Once set up, a search never calls the model itself (set-up runs the prompt and the judge's template
-prefix once each, alone, so they do not depend on what else is searched). Wherever it needs a forward
-pass, it *yields* a ``Forward`` request and is resumed with the answer: the final hidden states and
-next-token logits of the rows it asked about (``rain.py``'s docstring says how to read the
-``yield from`` calls). Who answers decides the schedule, not the result:
+A search never calls the model itself. Wherever it needs a forward pass, it *yields* a ``Forward``
+request and is resumed with the answer: the final hidden states and next-token logits of the rows it
+asked about (``rain.py``'s docstring says how to read the ``yield from`` calls). Who answers decides
+the schedule, not the result:
 
 - ``drive`` (end of this file) answers one search's requests one at a time, as they come;
 - ``fast.rain_batch.rain_decode_batch`` advances many searches in lockstep and answers all their
   pending requests with one forward pass of the model.
+
+Two requests set a search up: the prompt's and the judge's template prefix's. They are ``setup``
+requests, answered at once by ``drive`` as the search is made, each in a pass of its own, so what a
+search starts from never depends on what else is searched beside it.
 
 The keys and values of those rows live in a ``CachePool``: one preallocated ``KVCache`` whose rows are
 lent to requests and given back, so the rows of many searches sit in one tensor and a batched forward
@@ -34,12 +37,15 @@ from .model import GPT
 class Forward:
     """One forward pass asked for by a search: ``tokens`` (R, T) continue the pool rows ``rows``, each
     of which holds ``start`` positions. The answer is (hidden (R, C), logits (R, V)) at column ``at``
-    of each row ((R,); the last column when None). Tokens, ``at`` and the answer are on the host."""
+    of each row ((R,); the last column when None). Tokens, ``at`` and the answer are on the host.
+    ``setup``: a search's set-up pass, run alone and answered with the hidden states of every column
+    (R, T, C) and the last column's logits (R, V)."""
     pool: "CachePool"
     rows: list[int]
     tokens: torch.Tensor
     start: int
     at: torch.Tensor | None = None
+    setup: bool = False
 
 
 class CachePool:
@@ -63,9 +69,13 @@ class CachePool:
         """Row numbers as a tensor on the model's device, copied without waiting for the device."""
         return torch.tensor(rows).to(self.device, non_blocking=True)
 
-    def take(self, n: int, k: torch.Tensor, v: torch.Tensor) -> list[int]:
-        """The ``n`` lowest free rows, each holding the keys and values ``k``, ``v`` (n_layer, L, nh, hs);
-        the pool doubles when it runs out of rows and widens when the keys are longer than its rows."""
+    def take(self, n: int, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> list[int]:
+        """The ``n`` lowest free rows, each holding the keys and values ``k``, ``v`` (n_layer, L, nh, hs)
+        (empty rows when None); the pool doubles when it runs out of rows and widens when the keys are
+        longer than its rows."""
+        if k is None:
+            c = self.model.config
+            k = v = torch.zeros(c.n_layer, 0, c.n_head, c.n_embd // c.n_head)  # (n_layer, 0, nh, hs)
         if len(self.free) < n:
             self.grow(max(n, self.cache.batch_size))
         self.widen(k.size(1) + 1)  # + 1: a one-token pass over a view may write just past a lent row (``forward``)
@@ -115,8 +125,10 @@ class CachePool:
     def run(self, requests: list[Forward]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Answer requests with as few forward passes as fit: the one-token requests (decoding steps) in
         one pass; longer ones (the judge's) right-padded together while every padded row still fits in
-        the context. The answers of all passes come back to the host in one copy."""
-        groups = self.groups(requests)
+        the context. The answers of all passes come back to the host in one copy; a ``setup`` request
+        runs alone (``run_alone``)."""
+        answers = {id(r): self.run_alone(r) for r in requests if r.setup}
+        groups = self.groups([r for r in requests if not r.setup])
         outputs = []
         for group in groups:
             start = max(r.start for r in group)
@@ -136,11 +148,24 @@ class CachePool:
             for r in group:  # a padded row keeps its real length
                 for row in r.rows:
                     self.lengths[row] = r.start + r.tokens.size(1)
-        in_order = [r for group in groups for r in group]
-        answers = torch.cat(outputs).cpu().split([len(r.rows) for r in in_order])  # the one wait for the device
-        C = self.model.config.n_embd
-        by_request = {id(r): (a[:, :C], a[:, C:]) for r, a in zip(in_order, answers)}
-        return [by_request[id(r)] for r in requests]
+        if outputs:
+            in_order = [r for group in groups for r in group]
+            C = self.model.config.n_embd
+            rows = torch.cat(outputs).cpu().split([len(r.rows) for r in in_order])  # the one wait for the device
+            answers.update({id(r): (a[:, :C], a[:, C:]) for r, a in zip(in_order, rows)})
+        return [answers[id(r)] for r in requests]
+
+    def run_alone(self, request: Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        """A set-up pass: eager, at its own width, in a pass of its own. Returns hidden states (R, T, C)
+        and the last column's logits (R, V) on the host."""
+        T = request.tokens.size(1)
+        self.widen(request.start + T)
+        self.cache.lengths.copy_(torch.tensor(self.lengths), non_blocking=True)
+        hidden = self.model.hidden(request.tokens.to(self.device), self.cache, rows=self.index(request.rows))  # (R, T, C)
+        for row in request.rows:
+            self.lengths[row] = request.start + T
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        return hidden.to(dtype).cpu(), self.model.lm_head(hidden[:, -1]).to(dtype).cpu()
 
     def columns(self, width: int, start: int) -> int:
         """The tokens per row a pass of ``width`` new tokens after ``start`` positions runs with: exactly

@@ -29,8 +29,8 @@ SCORES = {"hard": hard_score, "soft": soft_score}
 class Judge:
     """The model's verdict on partial replies to one question, as RAIN's search asks for it.
 
-    The template's prefix (everything before the reply) is run once and its keys/values reused for
-    every reply; both label orders run as one batch of two rows; scores are memoised by text (the
+    The template's prefix (everything before the reply) is run once, as the judge is made, and its
+    keys/values reused for every reply; both label orders run as one batch of two rows; scores are memoised by text (the
     official code keeps the same dictionary). A reply too long for the context is judged by its
     beginning, marked unfinished (the official code has no such case: its context is 2,048 tokens).
     ``verdict`` asks for its forward pass as a search does (``rain_cache``); calling the judge runs it
@@ -49,11 +49,17 @@ class Judge:
             raise ModelError(f"RAIN's self-evaluation template for this question is {template} tokens, more than "
                              f"the model's context of {model.config.block_size}: use a model with a longer context "
                              "or a shorter question.")
-        cache = model.new_cache(1, len(self.prefix_ids))
-        with torch.no_grad():
-            model.hidden(torch.tensor([self.prefix_ids], device=self.pool.device), cache)
-        self.prefix = (cache.k[:, 0], cache.v[:, 0])  # (n_layer, P, nh, hs) each
+        self.prefix = drive(self.prefix_pass())  # (n_layer, P, nh, hs) keys and values, one set-up pass
         self.memo: dict[tuple[str, bool], tuple[float, torch.Tensor]] = {}  # -> (score, P(harmful) per order)
+
+    def prefix_pass(self):
+        """The keys and values of the template's prefix, (n_layer, P, nh, hs) each: a generator that
+        yields its one forward pass, a set-up request (``rain_cache``)."""
+        rows = self.pool.take(1)
+        yield Forward(self.pool, rows, torch.tensor([self.prefix_ids]), 0, setup=True)
+        k, v = self.pool.read(rows, 0, len(self.prefix_ids))  # (n_layer, 1, P, nh, hs) each: copies
+        self.pool.give_back(rows)
+        return k[:, 0], v[:, 0]
 
     def rows(self, reply: str, finished: bool) -> list[list[int]]:
         """The token rows after the prefix, one per label order, shortened to fit the context."""

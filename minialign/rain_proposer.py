@@ -71,13 +71,14 @@ class Proposer:
         """A stop token, or a token whose text ends in clause punctuation."""
         return token in self.stop or self.tok.decode([token]).endswith(CLAUSE_END)
 
-    @torch.no_grad()
-    def context(self, ids: list[int]) -> Node:
-        """The prompt as the tree's top node (its tokens are the prompt; it is never committed)."""
-        cache = self.model.new_cache(1, len(ids))
-        hidden = self.model.hidden(torch.tensor([ids], device=self.pool.device), cache)[0]  # (T, C)
-        state = NodeState(cache.k[:, 0], cache.v[:, 0], hidden.float().cpu(), self.model.lm_head(hidden[-1]).float().cpu())
-        return Node(ids, 1.0, state=state)
+    def context(self, ids: list[int]):
+        """The prompt as the tree's top node (its tokens are the prompt; it is never committed): a
+        generator that yields the prompt's one forward pass, a set-up request."""
+        rows = self.pool.take(1)
+        hidden, logits = yield Forward(self.pool, rows, torch.tensor([ids]), 0, setup=True)  # (1, T, C), (1, V)
+        k, v = self.pool.read(rows, 0, len(ids))  # (n_layer, 1, T, nh, hs) each: copies
+        self.pool.give_back(rows)
+        return Node(ids, 1.0, state=NodeState(k[:, 0], v[:, 0], hidden[0], logits[0]))
 
     def rows_for(self, path: list[Node], n: int) -> tuple[list[int], int]:
         """``n`` pool rows, each holding the keys/values of the path's tokens, and that length."""

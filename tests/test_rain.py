@@ -391,7 +391,7 @@ def test_a_rollout_samples_as_the_uncached_model_would():
     from minialign.rain_proposer import Proposer
     model = real_model()
     proposer = Proposer(model, TOK, 15, 0, 12, torch.Generator().manual_seed(5))
-    context = proposer.context(TOK.encode("Human: Hi\nAssistant:"))
+    context = drive(proposer.context(TOK.encode("Human: Hi\nAssistant:")))
     rollout = drive(proposer.rollout([context]))
     g, ids, reference = torch.Generator().manual_seed(5), list(context.tokens), []
     with torch.no_grad():
@@ -420,7 +420,7 @@ def test_a_batched_rollout_goes_on_alone_through_the_cache():
     model = real_model()
     proposer = Proposer(model, TOK, 15, 0, 16, torch.Generator().manual_seed(2))
     proposer.ends_clause = lambda token: False  # never ends: the rollout runs its 16 tokens
-    context = proposer.context(TOK.encode("Human: Hi\nAssistant:"))
+    context = drive(proposer.context(TOK.encode("Human: Hi\nAssistant:")))
     _, rollout = drive(proposer.chains([context], 3, 2, with_rollout=True))  # 2 tokens in the batch, 14 alone
     assert len(rollout.tokens) == 16
     with torch.no_grad():

@@ -222,3 +222,44 @@ def test_an_idle_row_as_wide_as_the_pool_survives_a_pass_over_its_range():
     torch.testing.assert_close(steps[1], uncached_last(model, [4, 5, 6, 7])[0], rtol=1e-5, atol=1e-5)
     (h, _), = pool.run([Forward(pool, [rows[1]], torch.tensor([[9]]), 8)])  # the idle row's own pass comes next
     torch.testing.assert_close(h[0], uncached_last(model, list(range(1, 9)) + [9])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_search_runs_every_forward_pass_through_the_pool(monkeypatch):
+    # the protocol's promise: a search never calls the model itself, set-up included; every pass (the
+    # prompt's, the judge prefix's, each step and verdict) happens inside CachePool.run
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=160, n_layer=1, n_head=2, n_embd=16)).eval()
+    inside, outside, setups = [False], [], []
+    run, hidden = CachePool.run, model.hidden
+
+    def counted_run(pool, requests):
+        inside[0] = True
+        setups.extend(r.setup for r in requests)
+        try:
+            return run(pool, requests)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(CachePool, "run", counted_run)
+    monkeypatch.setattr(model, "hidden", lambda *a, **k: outside.append(1) if not inside[0] else hidden(*a, **k))
+    rain_decode(model, TOK, "Q: hi\nA:", "hi", RainParams(max_visits=6), 6, torch.Generator().manual_seed(0))
+    assert not outside and setups.count(True) == 2 and len(setups) > 2  # the prompt's and the judge prefix's
+
+
+def test_set_up_passes_equal_a_fresh_cache_forward():
+    # a set-up request runs alone at its own width: the prompt's keys, values, hidden states and logits
+    # are bit for bit those of a plain forward into a cache of its own, whatever the pool holds
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=V, block_size=64, n_layer=2, n_head=2, n_embd=16)).eval()
+    ids = torch.randint(0, V, (1, 21))
+    with torch.no_grad():
+        cache = model.new_cache(1, 21)
+        hidden = model.hidden(ids, cache)  # (1, T, C)
+        pool = CachePool(model, 4)
+        busy = pool.take(2)
+        step = Forward(pool, busy, torch.randint(0, V, (2, 5)), 0)
+        rows = pool.take(1)
+        (_, _), (h, logits) = pool.run([step, Forward(pool, rows, ids, 0, setup=True)])
+        k, v = pool.read(rows, 0, 21)
+    assert torch.equal(h, hidden) and torch.equal(logits, model.lm_head(hidden[:, -1]))
+    assert torch.equal(k, cache.k) and torch.equal(v, cache.v)
