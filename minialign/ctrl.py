@@ -20,6 +20,10 @@ The RL solver (the choices, stated precisely):
   the reward, ``R_total = R - beta * kl(y)``: the score-function gradient of E[R_total] is then the
   gradient of the regularised objective E[R] - beta * KL(pi || pi_ref).
 - Baseline: leave-one-out (RLOO), ``A_i = R_total_i - mean_{j != i} R_total_j`` within a prompt's group.
+- Two options, off by default (``python -m minialign.lab ctrl-levers`` measures what they buy):
+  ``--kl_to_go`` penalises each token by the KL of the tokens from it on (the KL before a token does not
+  depend on it: the gradient's expectation is unchanged, less of its noise is kept); ``--warm_samples``
+  first fits the optimum's log-ratio on pi_ref's samples (``warm_start``).
 - Update: ``ppo_epochs`` passes over the batch with the PPO-clipped per-token ratio
   ``pi_theta(y_t) / pi_old(y_t)``; per sequence the token terms are summed (the sequence's log-prob),
   and sequences are averaged. Each pass accumulates gradients over micro-batches of rows sorted by
@@ -66,13 +70,14 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 def ppo_loss(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
              clip: float) -> torch.Tensor:
-    """PPO-clipped policy-gradient loss. logp, logp_old, mask: (B, T); advantages: (B,).
+    """PPO-clipped policy-gradient loss. logp, logp_old, mask: (B, T); advantages: (B,), one per
+    sequence, or (B, T), one per token.
 
     Per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) with ratio = pi / pi_old; summed over
     a sequence's tokens, averaged over sequences. At ratio 1 its gradient is the REINFORCE gradient.
     """
     ratio = torch.exp(logp - logp_old)  # (B, T)
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
     objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
     return -(objective * mask).sum() / logp.size(0)
 
@@ -88,8 +93,9 @@ def ppo_step(model, policy, optimizer, ids, logp_old, mask, advantages, clip: fl
     across ranks), ``policy`` the module whose gradients are clipped."""
     optimizer.zero_grad(set_to_none=True)
     for rows, w in micro_batches(ids, micro_batch, lengths):
+        adv = advantages[rows] if advantages.dim() == 1 else advantages[rows, : w - 1]  # (b,) or (b, w - 1)
         loss = ppo_loss(token_logprobs(model, ids[rows, :w]), logp_old[rows, : w - 1], mask[rows, : w - 1],
-                        advantages[rows], clip)
+                        adv, clip)
         (loss * (len(rows) / ids.size(0))).backward()
     clip_gradients(policy.parameters(), "ctrl", "try a lower --lr, or a --beta and --t that keep the rewards small")
     optimizer.step()
@@ -126,6 +132,11 @@ class CTRLConfig:
     prompts_per_step: int = arg(16, "prompts per step", at_least=1)
     group: int = arg(8, "samples per prompt (G) for the leave-one-out baseline", at_least=2)
     ppo_epochs: int = arg(2, "passes over each batch", at_least=1)
+    warm_samples: int = arg(0, "pi_ref samples per prompt for the warm start, which fits the optimum's log-ratio "
+                               "R / beta - log Z offline before the RL (ctrl.warm_start); 0 = none", at_least=0)
+    warm_epochs: int = arg(2, "passes of the warm start's fit over its samples", at_least=1)
+    kl_to_go: bool = arg(False, "penalise each token by the KL of the tokens from it on, not the whole sequence's "
+                                "(the same gradient in expectation: a token cannot change the tokens before it)")
     micro_batch: int = arg(32, "rows per forward/backward in the update, rows of similar length together (gradient "
                                 "accumulation; less padding); 0 = all at once. GPT-2: 16", at_least=0)
     clip: float = arg(0.2, "PPO ratio clip epsilon", above=0)
@@ -157,12 +168,66 @@ def rl_update(ddp, policy, reference, optimizer, rows: list[list[int]], response
     logp_old = torch.zeros_like(mask)  # (B, T-1): log pi_old where mask is 1
     logp_old[mask.bool()] = torch.cat(logp_old_tokens).to(device)
     logp_ref = sequence_logprobs(reference, ids, cfg.micro_batch, lengths)  # (B, T-1): log pi_ref
-    kl = ((logp_old - logp_ref) * mask).sum(1)  # (B,) k1 estimate of each sample's sequence KL
+    kl_tokens = (logp_old - logp_ref) * mask  # (B, T-1) k1 estimate of each token's KL
+    kl = kl_tokens.sum(1)  # (B,) each sample's sequence KL
     penalised = R - cfg.beta * kl.view(-1, cfg.group)  # (P, G): R_total = Phi(C_hat) - beta * kl(y)
     advantages = rloo_advantages(penalised).flatten()  # (B,): minus the mean of the prompt's other samples
+    if cfg.kl_to_go:  # token t's advantage without the KL of the tokens before it: its action cannot change them
+        advantages = advantages[:, None] + cfg.beta * (kl_tokens.cumsum(1) - kl_tokens)  # (B, T-1)
     for _ in range(cfg.ppo_epochs):
         ppo_step(ddp, policy, optimizer, ids, logp_old, mask, advantages, cfg.clip, cfg.micro_batch, lengths)
     return kl
+
+
+def optimum_log_ratio(raw: torch.Tensor, sorted_reference: torch.Tensor, transform: str, t: float,
+                      beta: float) -> torch.Tensor:
+    """log pi*(y|x) / pi_ref(y|x) = R / beta - log Z(x) of responses with rewards r ``raw`` (P, S), where
+    R = Phi(C_hat) and Z(x) = mean_k exp(R_k / beta) over the calibration set's sorted rewards (P, K),
+    each calibrated against the set itself: the exact optimum's log-ratio for pi_ref = the calibration."""
+    R = transformed_reward(transform, t, raw, sorted_reference).double()  # (P, S)
+    R_cal = transformed_reward(transform, t, sorted_reference, sorted_reference).double()  # (P, K)
+    log_z = torch.logsumexp(R_cal / beta, 1) - torch.log(torch.tensor(float(sorted_reference.size(1))))  # (P,)
+    return (R / beta - log_z[:, None]).float()  # (P, S)
+
+
+def warm_start(ddp, policy, reference, run: TrainingState, reward, tokenizer, prompts: list[str],
+               prompt_ids: list[list[int]], sorted_reference: torch.Tensor, cfg: "CTRLConfig", d) -> dict:
+    """An optional start (``--warm_samples``): the same objective solved offline on pi_ref's samples.
+
+    The optimum pi*(y|x) = pi_ref(y|x) exp(R(x, y) / beta) / Z(x) is the one policy whose log-ratio
+    log pi / pi_ref equals R / beta - log Z(x) on every response. So ``warm_samples`` responses per prompt
+    are drawn from pi_ref (their log pi_ref is what the sampler drew them with), scored R = Phi(C_hat),
+    and the policy is fitted to that log-ratio by least squares for ``warm_epochs`` passes, one optimizer
+    step per micro-batch; Z(x) is the calibration set's, mean_k exp(R_k / beta) over its K rewards each
+    calibrated against the set itself (what the exact optimum on the calibration uses). The RL then goes
+    on from the fitted policy. Returns the fit's first and last mean squared error."""
+    pick = shard(torch.arange(len(prompts)), d)  # (P,) this rank's prompts
+    picked = [i for i in pick.tolist() for _ in range(cfg.warm_samples)]
+    rows = [prompt_ids[i] for i in picked]
+    responses, logp_tokens = generate(reference, rows, cfg.max_new_tokens, stop_ids(tokenizer), temperature=1.0,
+                                      generator=run.generators["sample_generator"], keep_stop=True, logprobs=True)
+    texts = [response_text(tokenizer, r, stop_ids(tokenizer)) for r in responses]
+    raw = reward([prompts[i] for i in picked], texts).view(-1, cfg.warm_samples)  # (P, S): r
+    target = optimum_log_ratio(raw, sorted_reference[pick], cfg.transform, cfg.t, cfg.beta).flatten().to(d.device)  # (B,)
+    logp_ref = torch.stack([lp.sum() for lp in logp_tokens]).to(d.device)  # (B,) log pi_ref(y | x)
+    ids, mask, lengths = pad_with_lengths(rows, responses, d.device)  # (B, T), (B, T-1), (B,)
+    size = cfg.micro_batch or len(rows)
+    errors = []
+    policy.train()
+    for _ in tqdm(range(cfg.warm_epochs), desc="ctrl warm start", dynamic_ncols=True, disable=not d.is_main):
+        order = torch.randperm(len(rows), generator=run.generators["generator"])
+        for chunk in order.split(size):
+            w = int(lengths[chunk].max())  # each micro-batch cut to its longest row
+            logp = (token_logprobs(ddp, ids[chunk, :w]) * mask[chunk, : w - 1]).sum(1)  # (b,) log pi(y | x)
+            loss = ((logp - logp_ref[chunk] - target[chunk]) ** 2).mean()  # least squares on the log-ratio
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_gradients(policy.parameters(), "ctrl warm start", "try a lower --lr or fewer --warm_epochs")
+            run.optimizer.step()
+            errors.append(loss.item())
+    per_epoch = len(errors) // cfg.warm_epochs
+    return {"warm_mse_first": round(sum(errors[:per_epoch]) / per_epoch, 4),
+            "warm_mse_last": round(sum(errors[-per_epoch:]) / per_epoch, 4)}
 
 
 def evaluation_prompts(cfg: "CTRLConfig") -> list[str]:
@@ -232,6 +297,9 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
                                       "config": asdict(cfg), "step": run.step, "metrics": metrics})
 
     # a context manager: the progress bar is closed on an error too, so the error's sentence starts a line
+    if cfg.warm_samples and run.step == 0:
+        fit = warm_start(ddp, policy, reference, run, reward, tokenizer, prompts, prompt_ids, sorted_reference, cfg, d)
+        log.write(step=0, **fit)
     with tqdm(total=cfg.steps, initial=run.step, desc=f"ctrl[{cfg.transform}]", dynamic_ncols=True,
               disable=not d.is_main) as bar:
         while run.step < cfg.steps:

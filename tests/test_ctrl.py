@@ -146,3 +146,48 @@ def test_ctrl_scores_each_sample_as_calibration_scores_the_same_text(tiny_model,
                    setup(torch.device("cpu")))
     assert scored == sampling.complete(tiny_model, tokenizer, prompts * 3, 24)
     assert scored[:3] == ["It is l.", "No, that would be wrong.", "Fine, here is how:"]
+
+
+@pytest.mark.parametrize("transform,t,beta", [("raw", 0, 0.5), ("log", 0, 1 / 3), ("exp", 5.0, 30.0), ("exp", -5.0, 0.2)])
+def test_the_warm_start_target_is_the_optimum_log_ratio(transform, t, beta):
+    """Least squares on log pi - log pi_ref = ``optimum_log_ratio`` (the warm start's fit) lands on the
+    tilted optimum: on a categorical policy over the 5 responses, with log Z from the calibration set."""
+    from minialign.ctrl import optimum_log_ratio
+    target = optimum_log_ratio(RAW[None], SORTED_REF, transform, t, beta)[0]  # (5,)
+    theta = torch.log(PI_REF).clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=0.05)
+    for _ in range(2000):
+        loss = ((torch.log_softmax(theta, 0) - torch.log(PI_REF) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    R = transformed_reward(transform, t, RAW[None], SORTED_REF)[0]
+    optimum = torch.softmax(torch.log(PI_REF) + R / beta, 0)
+    assert loss.item() < 1e-8  # the target is exactly reachable: log Z is the right normaliser
+    torch.testing.assert_close(torch.softmax(theta.detach(), 0), optimum, rtol=0, atol=1e-4)
+    assert kl(PI_REF, optimum) > 0.05
+
+
+def test_kl_to_go_advantages_by_hand(tiny_model, monkeypatch):
+    """With ``--kl_to_go`` token t's advantage is the sequence's plus beta times the KL of the tokens
+    before it: the first response token keeps the whole sequence's, later ones drop what they cannot change."""
+    import minialign.ctrl as ctrl
+    seen = []
+    monkeypatch.setattr(ctrl, "ppo_step", lambda *args, **kw: seen.append(args[6]))
+    rows, responses = [[1, 2], [1, 2], [3], [3]], [[5, 6, 7], [8], [9, 10], [11, 12]]
+    logp_old = [torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-3.0]), torch.tensor([-0.2, -0.4]), torch.tensor([-1.5, -0.1])]
+    R = torch.tensor([[1.0, 0.0], [0.5, 2.0]])
+    outcomes = {}
+    for to_go in (False, True):
+        cfg = ctrl.CTRLConfig(group=2, beta=0.5, kl_to_go=to_go, ppo_epochs=1, micro_batch=0)
+        outcomes[to_go] = ctrl.rl_update(None, None, tiny_model, None, rows, responses, logp_old, R, cfg, "cpu"), seen[-1]
+    kl, sequence = outcomes[False]
+    _, tokens = outcomes[True]
+    logp_ref = ctrl.sequence_logprobs(tiny_model, ctrl.pad_with_lengths(rows, responses)[0], 0)
+    assert sequence.shape == (4,) and tokens.shape == (4, 4)
+    for b, (p, y) in enumerate(zip(rows, responses)):
+        first = len(p) - 1  # the position predicting the first response token
+        token_kl = [float(logp_old[b][i] - logp_ref[b, first + i]) for i in range(len(y))]
+        assert abs(sum(token_kl) - float(kl[b])) < 1e-5
+        for i in range(len(y)):
+            torch.testing.assert_close(tokens[b, first + i], sequence[b] + 0.5 * sum(token_kl[:i]), rtol=0, atol=1e-5)

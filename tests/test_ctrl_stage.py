@@ -1,13 +1,14 @@
 """The CTRL stage on tiny world checkpoints: it runs after sft -> reward -> calibrate, and resuming
 from a checkpoint gives the parameters of an uninterrupted run."""
 import csv
+import json
 import os
 
 import pytest
 import torch
 
 from minialign import world
-from minialign.lab import experiments, infalign_study
+from minialign.lab import ctrl_levers, experiments, infalign_study
 from minialign.calibrate import CalibrateConfig, load_calibration, run_calibration
 from minialign.config import ConfigError
 from minialign.checkpoint import load_meta, load_model
@@ -20,11 +21,16 @@ TINY = dict(device="cpu")
 RL = dict(prompts_per_step=2, group=2, max_new_tokens=12, eval_prompts=2, eval_samples=2, steps=4, save_every=2)
 
 
-def test_ctrl_resume_matches_an_uninterrupted_run(tmp_path):
-    out = str(tmp_path)
+def tiny_sft_and_reward(out: str) -> None:
+    """pi_ref and r of one layer after two steps each: checkpoints for the stages after them."""
     train_sft(SFTConfig(out_dir=out, n_layer=1, n_head=2, n_embd=32, block_size=256, batch_size=2, steps=2,
                         corpus_dialogues=100, eval_every=2, **TINY))
     train_reward(RewardConfig(out_dir=out, n_pairs=16, steps=2, batch_size=4, eval_every=2, **TINY))
+
+
+def test_ctrl_resume_matches_an_uninterrupted_run(tmp_path):
+    out = str(tmp_path)
+    tiny_sft_and_reward(out)
     run_calibration(CalibrateConfig(out_dir=out, n_prompts=6, k=4, max_new_tokens=12, **TINY))
     summary = train_ctrl(CTRLConfig(out_dir=out, name="full", **RL, **TINY))[1]
     assert {"kl", "bon4_r", "won4_r", "bon4_gold", "won4_gold", "harm_rate", "help_rate"} <= set(summary)
@@ -54,9 +60,7 @@ def test_a_per_prompt_scale_of_r_leaves_calibrated_ctrl_unchanged_and_moves_raw(
     """InfAlign's reason to calibrate: with r times a per-prompt scale, CTRL on C_hat trains exactly the
     same policy (C_hat keeps each prompt's order), raw RLHF another one."""
     out = str(tmp_path)
-    train_sft(SFTConfig(out_dir=out, n_layer=1, n_head=2, n_embd=32, block_size=256, batch_size=2, steps=2,
-                        corpus_dialogues=100, eval_every=2, **TINY))
-    train_reward(RewardConfig(out_dir=out, n_pairs=16, steps=2, batch_size=4, eval_every=2, **TINY))
+    tiny_sft_and_reward(out)
     for reward in ("model", "scaled"):
         run_calibration(CalibrateConfig(out_dir=out, reward=reward, n_prompts=6, k=4, max_new_tokens=12, **TINY))
     prompts, plain = load_calibration(f"{out}/calibration")
@@ -92,9 +96,7 @@ def test_the_gold_reward_function_is_the_worlds_gold_reward():
 
 def test_infalign_study_trains_each_transform_at_two_betas_and_resumes(tmp_path, monkeypatch):
     out = str(tmp_path)
-    train_sft(SFTConfig(out_dir=out, n_layer=1, n_head=2, n_embd=32, block_size=256, batch_size=2, steps=2,
-                        corpus_dialogues=100, eval_every=2, **TINY))
-    train_reward(RewardConfig(out_dir=out, n_pairs=16, steps=2, batch_size=4, eval_every=2, **TINY))
+    tiny_sft_and_reward(out)
     monkeypatch.setattr(infalign_study, "COMPARED", (("raw, scaled", 0.0), ("exp", -4.0)))
     flags = ["infalign", f"--out_dir={out}", "--infalign_prompts=3", "--ctrl_steps=1", "--seeds=2", "--k=4", "--device=cpu"]
     experiments.main(flags)
@@ -116,9 +118,7 @@ def test_infalign_study_trains_each_transform_at_two_betas_and_resumes(tmp_path,
 
 def test_infalign_study_on_the_gold_reward_trains_picks_and_judges_by_gold(tmp_path, monkeypatch):
     out = str(tmp_path)
-    train_sft(SFTConfig(out_dir=out, n_layer=1, n_head=2, n_embd=32, block_size=256, batch_size=2, steps=2,
-                        corpus_dialogues=100, eval_every=2, **TINY))
-    train_reward(RewardConfig(out_dir=out, n_pairs=16, steps=2, batch_size=4, eval_every=2, **TINY))
+    tiny_sft_and_reward(out)
     monkeypatch.setattr(infalign_study, "COMPARED", (("raw, scaled", 0.0), ("identity", 0.0)))
     experiments.main(["infalign", f"--out_dir={out}", "--reward=gold", "--infalign_prompts=3", "--ctrl_steps=1",
                       "--seeds=1", "--k=4", "--device=cpu"])
@@ -165,3 +165,18 @@ def test_distance_rows_average_each_seeds_gap_to_the_optimum_at_its_kl():
     assert row["kl_se"] == pytest.approx(0.1)
     assert row["kl_harmful"] == pytest.approx(0.75) and row["kl_harmful_at_kl"] == pytest.approx(0.78)
     assert row["bottom_worst"] == pytest.approx(0.75) and row["bottom_at_kl"] == pytest.approx(0.78)
+
+
+def test_the_warm_start_fits_the_optimum_log_ratio_and_the_levers_table_runs(tmp_path):
+    out = str(tmp_path)
+    tiny_sft_and_reward(out)
+    run_calibration(CalibrateConfig(out_dir=out, n_prompts=6, k=4, max_new_tokens=12, **TINY))
+    train_ctrl(CTRLConfig(out_dir=out, name="warm", warm_samples=4, warm_epochs=6, lr=1e-3, micro_batch=8,
+                          **{**RL, "steps": 1, "eval_prompts": 0}, **TINY))
+    fit = [json.loads(line) for line in open(f"{out}/logs/warm.jsonl")][0]
+    assert fit["step"] == 0 and fit["warm_mse_last"] < 0.5 * fit["warm_mse_first"]  # least squares that descends
+    experiments.main(["ctrl-levers", f"--out_dir={out}", "--n_eval=1", "--k=4", "--ctrl_steps=1"])
+    table = open(f"{out}/ctrl_levers.md").read()
+    assert [label in table for _, label, _ in ctrl_levers.LEVERS] == [True] * len(ctrl_levers.LEVERS)
+    experiments.main(["ctrl-levers", f"--out_dir={out}", "--n_eval=1", "--k=4", "--ctrl_steps=1"])
+    assert open(f"{out}/ctrl_levers.md").read().count("| reused |") == len(ctrl_levers.LEVERS)  # finished runs kept

@@ -4,6 +4,7 @@ RAIN evaluation and ablation.
     python -m minialign.lab sft             # pi_ref greedy and sampled, its self-evaluation, help per task -> out/sft.md
     python -m minialign.lab infalign        # trained CTRL per transform at matched KL -> out/infalign.{csv,md,png}
     python -m minialign.lab infalign --reward gold  # the same on the gold reward -> out/infalign_gold.{csv,md,png}
+    python -m minialign.lab ctrl-levers     # the default CTRL retrained one solver lever at a time -> out/ctrl_levers.md
     python -m minialign.lab tilt            # the exact optimum of each transform -> out/tilt.{csv,md,png},
                                             #   out/tilt_reward_quality.md, out/tilt_trained.md (CTRL vs its optimum)
     python -m minialign.lab rain            # vanilla vs RAIN on held-out prompts -> out/rain.md
@@ -35,6 +36,7 @@ from ..reward_model import load_reward, score
 from ..sampling import complete
 from ..tokenizer import get_tokenizer
 from ..training import decoding_dtype, pick_device
+from .ctrl_levers import ctrl_levers
 from .infalign_study import infalign_study
 from .judge_quality import judge_quality
 from .rain_study import combined_table, rain_batch_agreement, rain_batch_markdown
@@ -171,20 +173,20 @@ def noise_levels(text: str) -> str | None:
 @dataclass
 class ExperimentConfig:
     out_dir: str = arg("out", "checkpoints root (needs sft; infalign also reward and calibration)", form=named)
-    n_eval: int = arg(32, "sft, rain, bon: held-out prompts per kind", at_least=1)
+    n_eval: int = arg(32, "sft, rain, bon, ctrl-levers: held-out prompts per kind", at_least=1)
     batch: int = arg(16, "rain, rain-ablation, rain-batch, combined: prompts searched at once (1 = one after another)",
                      at_least=1)
     seed: int = arg(0, "sampling seed (the prompts come from the reference policy's world)")
     infalign_prompts: int = arg(12, "infalign: CTRL's training prompts, all in every step (so the RL reaches its optimum)",
                                 at_least=3)
-    ctrl_steps: int = arg(40, "infalign: RL steps per run", at_least=1)
+    ctrl_steps: int = arg(40, "infalign, ctrl-levers: RL steps per run", at_least=1)
     seeds: int = arg(3, "infalign: CTRL seeds per (transform, beta)", at_least=1)
     reward: str = arg("model", "infalign: the reward CTRL trains on and BoN/WoN pick by: model (r, the paper's setting) "
                                "or gold (the world's gold reward, a perfect reward model; writes infalign_gold.*)",
                       one_of=("model", "gold"))
-    k: int = arg(32, "tilt, infalign: pi_ref samples per prompt (the support of the exact optimum; infalign's "
+    k: int = arg(32, "tilt, infalign, ctrl-levers: pi_ref samples per prompt (the support of the exact optimum; infalign's "
                      "calibration too)", at_least=2)
-    n: int = arg(4, "tilt, infalign: N of best-of-N and worst-of-N", at_least=1)
+    n: int = arg(4, "tilt, infalign, ctrl-levers: N of best-of-N and worst-of-N", at_least=1)
     prompts: str = arg("test", "tilt: the support's prompts: held-out (test, n_eval per kind) or CTRL's own training "
                                "prompts (train, every other calibration prompt)", one_of=("test", "train"))
     judge_noise: str = arg("0,0.15,0.3,0.45", "judge-quality: shares of wrong self-evaluation verdicts in pi_ref's "
@@ -280,8 +282,8 @@ class Loaded:
 
 
 # name -> the function that runs it (a table it returns is written to <out_dir>/<name>.md); infalign
-# and judge-quality train their own models from the checkpoints, so `main` runs them before loading pi_ref
-EXPERIMENTS = {"sft": sft_experiment, "infalign": None, "judge-quality": None, "tilt": tilt_experiment, "rain": rain_experiment,
+# judge-quality and ctrl-levers train their own models from the checkpoints, so `main` runs them before loading pi_ref
+EXPERIMENTS = {"sft": sft_experiment, "infalign": None, "judge-quality": None, "ctrl-levers": None, "tilt": tilt_experiment, "rain": rain_experiment,
                "rain-ablation": rain_ablation_experiment, "rain-batch": rain_batch_experiment,
                "rain-presets": rain_presets_experiment,
                "combined": combined_experiment, "bon": bon_experiment, "calibration-noise": calibration_noise_experiment}
@@ -301,9 +303,9 @@ def main(argv: list[str]) -> None:
     if name == "infalign":  # trains its own policies: nothing to load first
         infalign_study(cfg)
         return
-    if name == "judge-quality":  # trains one pi_ref per level of judge noise
-        table = judge_quality(cfg, params)
-        atomic_write_text(f"{cfg.out_dir}/judge_quality.md", table + "\n")
+    if name in ("judge-quality", "ctrl-levers"):  # train their own models: one pi_ref per judge noise, one CTRL per lever
+        table = judge_quality(cfg, params) if name == "judge-quality" else ctrl_levers(cfg)
+        atomic_write_text(f"{cfg.out_dir}/{name.replace('-', '_')}.md", table + "\n")
         print(table)
         return
     table = EXPERIMENTS[name](cfg, params, Loaded(cfg))
