@@ -25,6 +25,7 @@ from ..checkpoint import atomic_write_text, load_model, world_seed
 from ..ctrl import CTRLConfig, train_ctrl
 from ..reward_model import load_reward
 from ..tokenizer import get_tokenizer
+from ..training import pick_device
 from .infalign_study import finished
 from .tilt_study import tilt_support, trained_against_optimum
 
@@ -42,9 +43,10 @@ LEVERS = (  # (name, what changes, CTRL flags)
 def ctrl_levers(cfg) -> str:
     """Train each of ``LEVERS`` (``cfg``: ``experiments.ExperimentConfig``) and tabulate it against its
     optimum on ``cfg.n_eval`` held-out prompts per kind."""
+    device = pick_device(cfg.device)
     reference, meta = load_model(f"{cfg.out_dir}/sft", "python train.py")
-    reference.eval()  # fp32 on the CPU: the KL estimate compares two models' log-probabilities
-    reward_model = load_reward(f"{cfg.out_dir}/reward")[0].eval()
+    reference.to(device).eval()  # fp32 (not --bf16): the KL estimate compares two models' log-probabilities
+    reward_model = load_reward(f"{cfg.out_dir}/reward")[0].to(device).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
     prompts = world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir))
     support = tilt_support(reference, reward_model, tokenizer, prompts, cfg.k, cfg.seed)
@@ -55,14 +57,14 @@ def ctrl_levers(cfg) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, label, flags in LEVERS:
         ctrl = CTRLConfig(out_dir=cfg.out_dir, name=f"levers_{name}", eval_prompts=0, steps=cfg.ctrl_steps,
-                          device="cpu", **flags)
+                          device=cfg.device, **flags)
         seconds = "reused"
         if not finished(f"{cfg.out_dir}/{ctrl.name}", ctrl):
             print(f"[ctrl-levers] {label}")
             started = time.time()
             train_ctrl(ctrl)
             seconds = f"{time.time() - started:.0f}"
-        policy = load_model(f"{cfg.out_dir}/{ctrl.name}")[0].eval()
+        policy = load_model(f"{cfg.out_dir}/{ctrl.name}")[0].to(device).eval()
         trained, _, optimum = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts, support,
                                                       asdict(ctrl), cfg.n, cfg.seed)
         cells = [f"{trained[f'{key}_r']:.3f} ± {trained[f'{key}_r_se']:.3f} ({trained[f'{key}_r'] - optimum[f'{key}_r']:+.3f})"
