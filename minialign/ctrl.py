@@ -296,10 +296,10 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
                                       "precision": "fp32",  # rollouts and PPO ratios: no autocast, on every device
                                       "config": asdict(cfg), "step": run.step, "metrics": metrics})
 
-    # a context manager: the progress bar is closed on an error too, so the error's sentence starts a line
-    if cfg.warm_samples and run.step == 0:
+    if cfg.warm_samples and run.step == 0:  # a resumed run was warm-started already
         fit = warm_start(ddp, policy, reference, run, reward, tokenizer, prompts, prompt_ids, sorted_reference, cfg, d)
         log.write(step=0, **fit)
+    # a context manager: the progress bar is closed on an error too, so the error's sentence starts a line
     with tqdm(total=cfg.steps, initial=run.step, desc=f"ctrl[{cfg.transform}]", dynamic_ncols=True,
               disable=not d.is_main) as bar:
         while run.step < cfg.steps:

@@ -50,7 +50,8 @@ def ctrl_levers(cfg) -> str:
     tokenizer = get_tokenizer(meta["tokenizer"])
     prompts = world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir))
     support = tilt_support(reference, reward_model, tokenizer, prompts, cfg.k, cfg.seed)
-    lines = [f"CTRL exp(+4), beta 20, {cfg.ctrl_steps} steps, one lever at a time, against the exact optimum at the KL "
+    default = CTRLConfig()
+    lines = [f"CTRL {default.transform}({default.t:+g}), beta {default.beta:g}, {cfg.ctrl_steps} steps, one lever at a time, against the exact optimum at the KL "
              f"it reached ({len(prompts)} held-out prompts, a support of {cfg.k} pi_ref samples each, selected and "
              "judged by r; gap = trained - optimum, ± SE over prompts of the trained rate):", "",
              "| lever | KL | win rate (gap) | BoN_4 (gap) | WoN_4 (gap) | bottom tenth (optimum) | train seconds |",
