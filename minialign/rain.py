@@ -28,16 +28,17 @@ Where the paper, the official code and minialign differ (defaults follow the off
 | value in PUCT | v | (q - min) / (max - min), bounds [-1, 1]; 0 if unvisited | (q + 1) / 2; 0 if unvisited |
 | a leaf's first visit | n = 0, v = s | n = 1, q = s | as the official code |
 | what is committed | visit-count probabilities (section 3.2) | the most-visited child, ties by q | as the official code |
-| token-set length | "a specific length" | 1, 2, 4, then 10 tokens by absolute depth | same; a set is cut after a stop token (end of text or of the turn), official sets always run full length, so a cut chain's prior is its shorter prefix's probability |
+| token-set length | "a specific length" | 1, 2, 4, then 10 tokens by absolute depth | same; a set is cut after a stop token (end of text or of the turn), official sets always run full length |
+| a cut chain's prior | | (sets are never cut) the product over all its tokens | the product over the tokens kept; ``--full_chain_prior`` gives the official product over all drawn tokens (``lab rain-deviations`` measures both) |
 | candidates | | top-10 tokens; or greedy + 9 sampled chains from the top 15, de-duplicated, greedy prior clamped | same |
 | rollout | to the end of the clause | samples the full distribution, T = 1; none when the text (prompt included) ends in punctuation | same (``--rollout_top_k`` 0); capped at 32 tokens |
 | text embedding (Eq. 2) | Sentence-BERT | all-MiniLM-L6-v2, threshold 0.95 | the model's own mean-pooled final hidden states, threshold 0.95 (the search statistics report the share of sibling pairs above it) |
 | dynamic addition | "add a new child" | top-(nc+1) token, or greedy + 1 sampled chain; prior normalised over nc + 1 candidates, root-mixed; never with one child | same; a chain's prior is normalised over all nc + 1 children (official: the 2 new chains and the first nc - 1 old candidates) |
 | stop rule | t >= T_m | best child real visits (official fn) > T_m and q > V, or T real root visits, >= 15 new per commit | as the official code |
-| end of the answer | | HH: 2,048 tokens or a new ``Human:`` turn (the search goes on past a committed end of text); ``adv/main.py``: also end of text | a committed stop token (end of text or newline) or ``max_new_tokens`` (overshot by at most one set) |
+| end of the answer | | HH: 2,048 tokens or a new ``Human:`` turn (the search goes on past a committed end of text); ``adv/main.py``: also end of text | ``adv/main.py``'s: a committed stop token (end of text, or the newline that ends the world's turn, its ``Human:``) or ``max_new_tokens`` (overshot by at most one set); the search statistics count the answers ended by end of text, where HH would go on |
 | self-evaluation | few-shot template | hard vote per label order, s in {-1, 0, 1} | the world's template (``selfeval.py``), both orders in one batch; hard (default) or soft |
 | temperature | | 1 (HH); adversarial run: 2, with T_m = 5 and up to 2K - 1 sampling attempts for distinct candidates | 1 and the HH settings; ``--preset adv`` gives the adversarial run's (``--temperature``, ``--more_attempts``, ``--commit_visits``) |
-| ties at c = 0 (ablation) | | broken by child order: token id | broken by child order: probability, so c = 0 follows the likeliest child |
+| ties at c = 0 (ablation) | | broken by child order: token id for 1-token sets (``group_getp`` lists ``np.where(p > 0)``), then greedy first | child order: probability, so c = 0 follows the likeliest child; ``--token_order`` gives the official order |
 """
 import time
 from dataclasses import dataclass
@@ -86,6 +87,10 @@ class RainParams:
     temperature: float = arg(1.0, "temperature of the candidates' priors and sampled chains (official: 1 HH, 2 adv)",
                              above=0)
     more_attempts: bool = arg(False, "draw up to 2K - 1 sampled chains for K - 1 distinct ones (official adv)")
+    token_order: bool = arg(False, "1-token candidates in token-id order (official), not probability order: the "
+                                   "order breaks PUCT ties, which decide every step at c = 0")
+    full_chain_prior: bool = arg(False, "a chain cut at a stop token keeps the probability of all the set's drawn "
+                                        "tokens as its prior (official: sets run full length), not its kept prefix's")
 
 
 # The official runs' settings (SafeAILab/RAIN HH/main.py and adv/main.py), as flags: `--preset adv`.
@@ -128,7 +133,8 @@ class Rain:
         self.lengths = [int(x) for x in params.set_lengths.split(",")]
         self.pool = pool or CachePool(model, pool_rows(params))
         self.proposer = Proposer(model, tokenizer, params.sample_top_k, params.rollout_top_k, params.rollout_tokens,
-                                 generator, self.pool, params.temperature, params.more_attempts)
+                                 generator, self.pool, params.temperature, params.more_attempts, params.token_order,
+                                 params.full_chain_prior)
         self.prompt, ids = prompt, tokenizer.encode(prompt)
         # the prompt, the answer, one token set (the longest) and a rollout must fit in the context
         room = model.config.block_size - len(ids) - params.rollout_tokens - max(self.lengths)
@@ -142,7 +148,8 @@ class Rain:
         self.context = drive(self.proposer.context(ids))  # the prompt: above every token set
         self.root = self.context  # the search root: moves down at every commit
         self.judge = Judge(model, tokenizer, question, params.score, self.pool)
-        self.stats = {"iterations": 0, "rewinds": 0, "nodes": 0, "additions": 0, "sibling_pairs": 0, "similar_pairs": 0}
+        self.stats = {"iterations": 0, "rewinds": 0, "nodes": 0, "additions": 0, "sibling_pairs": 0, "similar_pairs": 0,
+                      "ended_by_end_of_text": 0}
         self._last_leaf = None
 
     def set_length(self, node: Node) -> int:
@@ -248,7 +255,8 @@ class Rain:
             answer += best.tokens
             self.root = best  # rewinds now stop here; the subtree's statistics are kept
             remix_after_commit(best, self.params.root_mix)
-            if best.terminal:
+            if best.terminal:  # HH's official search goes on past a committed end of text; adv/main.py stops
+                self.stats["ended_by_end_of_text"] = int(best.tokens[-1] == self.tok.eot)
                 break
         return [t for t in answer if t not in self.proposer.stop]
 

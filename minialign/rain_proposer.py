@@ -53,7 +53,8 @@ class Rollout:
 class Proposer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, sample_top_k: int, rollout_top_k: int,
                  rollout_tokens: int, generator: torch.Generator | None = None, pool: CachePool | None = None,
-                 temperature: float = 1.0, more_attempts: bool = False):
+                 temperature: float = 1.0, more_attempts: bool = False, token_order: bool = False,
+                 full_chain_prior: bool = False):
         if generator is not None and generator.device.type != "cpu":
             raise ValueError(f"RAIN samples on the host: give it a CPU torch.Generator, not one on {generator.device}.")
         self.model, self.tok, self.generator = model, tokenizer, generator
@@ -61,6 +62,8 @@ class Proposer:
         self.sample_top_k, self.rollout_top_k, self.rollout_tokens = sample_top_k, rollout_top_k, rollout_tokens
         self.temperature = temperature  # of the candidates (priors and chains); rollouts sample at 1 (official getv)
         self.more_attempts = more_attempts  # 2K - 1 sampled chains for K - 1 distinct ones (official adv group_getp)
+        self.token_order = token_order  # 1-token candidates by token id, as official group_getp lists them
+        self.full_chain_prior = full_chain_prior  # a cut chain's prior over all L drawn tokens, as official chains run
         self.stop = stop_ids(tokenizer)
 
     def scaled(self, logits: torch.Tensor) -> torch.Tensor:
@@ -101,17 +104,20 @@ class Proposer:
 
     @torch.no_grad()
     def top_tokens(self, path: list[Node], k: int):
-        """Children of ``path[-1]`` for its k likeliest next tokens; raw prior = the token's probability."""
+        """Children of ``path[-1]`` for its k likeliest next tokens; raw prior = the token's probability.
+        They come in probability order, or with ``token_order`` in token-id order (official ``group_getp``
+        lists ``np.where(p > 0)``): the order breaks PUCT's ties, which decide every step at c = 0."""
         leaf = path[-1]
         probs = F.softmax(self.scaled(leaf.state.next_logits), -1)  # (V,)
         top = torch.topk(probs, k)
+        tokens = top.indices.sort().values if self.token_order else top.indices  # (k,)
         rows, start = self.rows_for(path, k)
-        h, logits = yield from self.step(rows, top.indices, start)  # (k, C), (k, V)
+        h, logits = yield from self.step(rows, tokens, start)  # (k, C), (k, V)
         k_new, v_new = self.pool.read(rows, start, 1)  # (n_layer, k, 1, nh, hs)
         self.pool.give_back(rows)
-        return [Node([int(t)], float(p), leaf, int(t) in self.stop,
+        return [Node([int(t)], float(probs[t]), leaf, int(t) in self.stop,
                      NodeState(k_new[:, i], v_new[:, i], h[i: i + 1], None if int(t) in self.stop else logits[i]))
-                for i, (t, p) in enumerate(zip(top.indices, top.values))]
+                for i, t in enumerate(tokens)]
 
     @torch.no_grad()
     def chains(self, path: list[Node], k: int, length: int, with_rollout: bool = False):
@@ -123,7 +129,9 @@ class Proposer:
 
         A chain is cut after its first stop token (the turn ends there; official chains always run
         ``maxnew`` tokens). Raw prior = product of the per-token probabilities under the truncated
-        distribution, the greedy chain's clamped as in the official code. With ``with_rollout`` the
+        distribution of the tokens kept, or with ``full_chain_prior`` of all ``length`` drawn (what an
+        official chain, which runs on past the stop, carries), the greedy chain's clamped as in the
+        official code. With ``with_rollout`` the
         leaf's rollout is one more row of the same batch (it starts at the same place and depends on
         no chain), then goes on alone: fewer forward passes, the same result."""
         leaf = path[-1]
@@ -157,7 +165,8 @@ class Proposer:
             seen.add(tuple(row[:cut]))
             terminal = row[cut - 1] in self.stop
             state = NodeState(k_new[:, b, :cut], v_new[:, b, :cut], hidden[b, :cut], None if terminal else logits[b])
-            children.append(Node(row[:cut], float(chain_logp[b, :cut].sum().exp()), leaf, terminal, state))
+            prior = chain_logp[b, : length if self.full_chain_prior else cut].sum().exp()
+            children.append(Node(row[:cut], float(prior), leaf, terminal, state))
         if len(children) > 1:
             children[0].raw_prior = clamp_greedy_prior(children[0].raw_prior, [c.raw_prior for c in children[1:]])
         return children, rollout

@@ -45,3 +45,14 @@ def test_rain_presets_tabulates_each_official_setting(tmp_path):
     experiments.main(["rain-presets", f"--out_dir={out}", "--n_eval=1", "--device=cpu"])
     rows = (out / "rain_presets.md").read_text().splitlines()
     assert [row.split(" | ")[0] for row in rows[2:]] == ["| hh", "| adv"]
+
+
+def test_rain_deviations_tabulates_each_rule_with_its_official_one(tmp_path):
+    out = tmp_path / "out"
+    train_sft(SFTConfig(out_dir=str(out), n_layer=1, n_head=2, n_embd=32, block_size=256, batch_size=2, steps=1,
+                        corpus_dialogues=100, eval_every=1, device="cpu"))
+    experiments.main(["rain-deviations", f"--out_dir={out}", "--n_eval=1", "--max_visits=3", "--min_new_visits=2",
+                      "--device=cpu"])
+    rows = (out / "rain_deviations.md").read_text().splitlines()
+    assert len(rows) == 6 and rows[3].startswith("| a cut chain's prior over all its drawn tokens (official) |")
+    assert all(len(row.split(" | ")) == 6 for row in rows[2:])

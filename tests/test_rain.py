@@ -571,3 +571,58 @@ def test_below_the_root_a_chain_addition_gets_its_share_unmixed_and_the_greedy_c
     assert added and all(len(c.tokens) == 2 for c in added)
     for c in added:
         assert c.prior == pytest.approx(c.raw_prior / (total + sum(a.raw_prior for a in added)))
+
+
+def test_at_c_0_the_order_of_the_children_breaks_every_tie():
+    """At c = 0 every unvisited child scores 0, so the first child wins: the likeliest token, or with
+    ``token_order`` the smallest token id (official group_getp lists the top tokens by id). After ':' the
+    harmless 'g' is made the likelier here, so the two orders commit different answers."""
+    model = BigramModel().eval()
+    with torch.no_grad():  # lm_head.weight[next, previous]
+        model.lm_head.weight[ord("g"), ord(":")], model.lm_head.weight[ord("b"), ord(":")] = math.log(0.6), math.log(0.4)
+    answers, candidates = {}, {}
+    for token_order in (False, True):
+        search = Rain(model, TOK, RainParams(c=0.0, token_order=token_order), "Q:", "Q", 16, torch.Generator().manual_seed(0))
+        search.judge = ScriptedJudge()
+        answers[token_order] = TOK.decode(drive(search.answer()))
+        candidates[token_order] = [(c.tokens[0], c.raw_prior) for c in search.context.children]
+    assert answers == {False: "gy.", True: "bx."}
+    assert [t for t, _ in candidates[True]] == sorted(t for t, _ in candidates[True])
+    assert candidates[False][0][0] == ord("g") and sorted(candidates[False]) == candidates[True]  # same candidates, priors
+
+
+def test_a_cut_chain_keeps_its_prefix_prior_or_with_full_chain_prior_all_its_drawn_tokens():
+    """Every token stops the turn here, so every chain is cut after its first token: its prior is that
+    token's probability, or with ``full_chain_prior`` the product over all L drawn tokens, which the
+    same draws without any stop token give as the uncut chain's prior (official sets run full length)."""
+    from minialign.rain_proposer import Proposer
+    model = real_model()
+    context = Rain(model, TOK, RainParams(), "Human: Hi\nAssistant:", "Hi", 24).context
+    children = {}
+    for name, full, stop in (("prefix", False, frozenset(range(V))), ("full", True, frozenset(range(V))),
+                             ("uncut", False, frozenset())):
+        proposer = Proposer(model, TOK, 15, 0, 32, torch.Generator().manual_seed(3), full_chain_prior=full)
+        proposer.stop = stop
+        children[name] = drive(proposer.chains([context], 6, 4))[0]
+    filtered = F.log_softmax(torch.topk(context.state.next_logits, 15).values, -1).exp()
+    top = dict(zip(torch.topk(context.state.next_logits, 15).indices.tolist(), filtered.tolist()))
+    for cut, full in zip(children["prefix"][1:], children["full"][1:]):  # past the clamped greedy chain
+        assert cut.tokens == full.tokens and len(cut.tokens) == 1 and cut.terminal
+        assert cut.raw_prior == pytest.approx(top[cut.tokens[0]], rel=1e-5)
+        uncut = next(c for c in children["uncut"] if c.tokens[0] == cut.tokens[0])  # the first row drawing it
+        assert full.raw_prior == pytest.approx(uncut.raw_prior, rel=1e-5) and full.raw_prior < cut.raw_prior
+
+
+def test_the_search_counts_an_answer_ended_by_end_of_text():
+    """adv/main.py ends the answer at a committed end of text, as here; HH's search would go on, so the
+    statistics say when that happened: the bigram's turn ends at a newline, or at end of text once '.'
+    leads there."""
+    newline = make()
+    assert TOK.decode(drive(newline.answer())) == "gy." and newline.stats["ended_by_end_of_text"] == 0
+    model = BigramModel().eval()
+    with torch.no_grad():  # lm_head.weight[next, previous]: after '.' comes end of text, not the newline
+        model.lm_head.weight[:, ord(".")] = -30.0
+        model.lm_head.weight[TOK.eot, ord(".")] = 0.0
+    search = Rain(model, TOK, RainParams(), "Q:", "Q", 16, torch.Generator().manual_seed(0))
+    search.judge = ScriptedJudge()
+    assert TOK.decode(drive(search.answer())) == "gy." and search.stats["ended_by_end_of_text"] == 1

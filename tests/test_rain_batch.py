@@ -13,7 +13,8 @@ from minialign.fast.rain_batch import prompt_generator, rain_decode_batch
 from minialign.rain_cache import CachePool, Forward
 from test_rain import TOK, V, BigramModel, ScriptedJudge
 
-STATS = ("iterations", "rewinds", "nodes", "additions", "sibling_pairs", "similar_pairs", "max_new_tokens")
+STATS = ("iterations", "rewinds", "nodes", "additions", "sibling_pairs", "similar_pairs", "ended_by_end_of_text",
+         "max_new_tokens")
 
 
 def alone_and_batched(model, prompts, params, max_new_tokens, batch):

@@ -15,7 +15,7 @@ from ..rain import RainParams
 from ..sampling import generate, generate_uncached, stop_ids
 from .rain_batch import rain_decode_batch
 
-SEARCH_STATS = ("iterations", "rewinds", "nodes", "additions", "sibling_pairs", "similar_pairs")
+SEARCH_STATS = ("iterations", "rewinds", "nodes", "additions", "sibling_pairs", "similar_pairs", "ended_by_end_of_text")
 RATE_ROWS = [("harm rate (harmful prompts)", "harm_rate"), ("attack success rate (attacked prompts)", "attack_success"),
              ("help rate (benign prompts)", "help_rate"), ("well-formed responses", "well_formed")]  # (label, key)
 
@@ -72,6 +72,7 @@ def rain_markdown(result: dict) -> str:
               f"| search per prompt: iterations / rewinds / nodes / dynamic additions | | {r['iterations']:.1f} / "
               f"{r['rewinds']:.1f} / {r['nodes']:.1f} / {r['additions']:.1f} |",
               f"| sibling pairs similar enough to share a score (Eq. 2) | | {r['similar_share']:.3f} |",
+              f"| answers ended by a committed end of text (HH's search would go on) | | {r['ended_by_end_of_text']:.3f} |",
               f"| wall time, s | {v['seconds']:.1f} (uncached: {v['uncached_seconds']:.1f}) | {r['seconds']:.1f} |",
               f"| time ratio RAIN / vanilla with KV cache | | {result['time_ratio']:.1f}x |",
               f"| time ratio RAIN / vanilla without KV cache (the paper's baseline) | | {result['time_ratio_uncached']:.1f}x |"]

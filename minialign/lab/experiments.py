@@ -11,6 +11,7 @@ RAIN evaluation and ablation.
     python -m minialign.lab rain-ablation   # full RAIN, no similarity update, no dynamic addition, c = 0
     python -m minialign.lab rain-batch      # the batched search against the serial one -> out/rain_batch.md
     python -m minialign.lab rain-presets    # harmful and attacked prompts under the official hh and adv settings
+    python -m minialign.lab rain-deviations # RAIN with the official rule where minialign departs from it -> out/rain_deviations.md
     python -m minialign.lab combined        # pi_ref and CTRL, each greedy / best-of-4 / RAIN -> out/combined.md
     python -m minialign.lab bon             # BoN_N / WoN_N of pi_ref by the reward model -> out/bon.md
     python -m minialign.lab judge-quality   # RAIN against judges of controlled accuracy -> out/judge_quality.{md,csv,png}
@@ -263,6 +264,26 @@ def rain_presets_experiment(cfg: ExperimentConfig, params: RainParams, models: "
     return "\n".join(lines)
 
 
+def rain_deviations_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> str:
+    """RAIN on every kind of held-out prompt with minialign's rule and with the official one, one flag at a
+    time where they differ (``rain.py``'s table): the prior of a chain cut at a stop token, and at c = 0
+    (the ablation's last row) the order that breaks the ties; beside each, how many answers ended at a
+    committed end of text, where the official HH search goes on and adv/main.py stops, as here."""
+    ablated = replace(params, similarity=False, dynamic=False, c=0.0)
+    variants = [("minialign's defaults", params), ("a cut chain's prior over all its drawn tokens (official)",
+                                                   replace(params, full_chain_prior=True)),
+                ("c = 0 (the ablation), ties by probability order", ablated),
+                ("c = 0 (the ablation), ties by token id (official)", replace(ablated, token_order=True))]
+    lines = ["| rule | harm rate | attack success | help rate | answers ended by end of text | time, s |",
+             "|---|---|---|---|---|---|"]
+    for label, variant in variants:
+        r = rain_table(models.pi_ref, models.tokenizer, models.prompts, variant, seed=cfg.seed, desc=label,
+                       batch=cfg.batch)["rain"]
+        lines.append(f"| {label} | {r['harm_rate']:.3f} | {r['attack_success']:.3f} | {r['help_rate']:.3f} | "
+                     f"{r['ended_by_end_of_text']:.3f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 class Loaded:
     """What the experiments on pi_ref share: the model on its device, its tokenizer, the held-out prompts
     of its world, and the reward model, loaded when first asked for."""
@@ -285,7 +306,7 @@ class Loaded:
 # judge-quality and ctrl-levers train their own models from the checkpoints, so `main` runs them before loading pi_ref
 EXPERIMENTS = {"sft": sft_experiment, "infalign": None, "judge-quality": None, "ctrl-levers": None, "tilt": tilt_experiment, "rain": rain_experiment,
                "rain-ablation": rain_ablation_experiment, "rain-batch": rain_batch_experiment,
-               "rain-presets": rain_presets_experiment,
+               "rain-presets": rain_presets_experiment, "rain-deviations": rain_deviations_experiment,
                "combined": combined_experiment, "bon": bon_experiment, "calibration-noise": calibration_noise_experiment}
 
 
