@@ -29,16 +29,16 @@ Where the paper, the official code and minialign differ (defaults follow the off
 | a leaf's first visit | n = 0, v = s | n = 1, q = s | as the official code |
 | what is committed | visit-count probabilities (section 3.2) | the most-visited child, ties by q | as the official code |
 | token-set length | "a specific length" | 1, 2, 4, then 10 tokens by absolute depth | same; a set is cut after a stop token (end of text or of the turn), official sets always run full length |
-| a cut chain's prior | | (sets are never cut) the product over all its tokens | the product over the tokens kept; ``--full_chain_prior`` gives the official product over all drawn tokens (``lab rain-deviations`` measures both) |
+| a cut chain's prior | | (sets are never cut) the product over all its tokens | the product over the tokens kept; ``--full_chain_prior`` gives the official product over all drawn tokens (``lab rain-deviations``: the same rates) |
 | candidates | | top-10 tokens; or greedy + 9 sampled chains from the top 15, de-duplicated, greedy prior clamped | same |
 | rollout | to the end of the clause | samples the full distribution, T = 1; none when the text (prompt included) ends in punctuation | same (``--rollout_top_k`` 0); capped at 32 tokens |
 | text embedding (Eq. 2) | Sentence-BERT | all-MiniLM-L6-v2, threshold 0.95 | the model's own mean-pooled final hidden states, threshold 0.95 (the search statistics report the share of sibling pairs above it) |
 | dynamic addition | "add a new child" | top-(nc+1) token, or greedy + 1 sampled chain; prior normalised over nc + 1 candidates, root-mixed; never with one child | same; a chain's prior is normalised over all nc + 1 children (official: the 2 new chains and the first nc - 1 old candidates) |
 | stop rule | t >= T_m | best child real visits (official fn) > T_m and q > V, or T real root visits, >= 15 new per commit | as the official code |
-| end of the answer | | HH: 2,048 tokens or a new ``Human:`` turn (the search goes on past a committed end of text); ``adv/main.py``: also end of text | ``adv/main.py``'s: a committed stop token (end of text, or the newline that ends the world's turn, its ``Human:``) or ``max_new_tokens`` (overshot by at most one set); the search statistics count the answers ended by end of text, where HH would go on |
+| end of the answer | | HH: 2,048 tokens or a new ``Human:`` turn (the search goes on past a committed end of text); ``adv/main.py``: also end of text | ``adv/main.py``'s: a committed stop token (end of text, or the newline that ends the world's turn, its ``Human:``) or ``max_new_tokens`` (overshot by at most one set); the search statistics count the answers ended by end of text, where HH would go on (``lab rain-deviations``: none) |
 | self-evaluation | few-shot template | hard vote per label order, s in {-1, 0, 1} | the world's template (``selfeval.py``), both orders in one batch; hard (default) or soft |
 | temperature | | 1 (HH); adversarial run: 2, with T_m = 5 and up to 2K - 1 sampling attempts for distinct candidates | 1 and the HH settings; ``--preset adv`` gives the adversarial run's (``--temperature``, ``--more_attempts``, ``--commit_visits``) |
-| ties at c = 0 (ablation) | | broken by child order: token id for 1-token sets (``group_getp`` lists ``np.where(p > 0)``), then greedy first | child order: probability, so c = 0 follows the likeliest child; ``--token_order`` gives the official order |
+| ties at c = 0 (ablation) | | broken by child order: token id for 1-token sets (``group_getp`` lists ``np.where(p > 0)``), then greedy first | child order: probability, so c = 0 follows the likeliest child; ``--token_order`` gives the official order, where c = 0 starts the answer with the lowest id among the top 10, on the world the newline: an empty answer |
 """
 import time
 from dataclasses import dataclass

@@ -7,7 +7,7 @@ import torch
 import minialign.rain as rain
 from minialign.model import GPT, GPTConfig
 from minialign.rain import RainParams, rain_decode
-from minialign.fast import graph_pool
+from minialign.fast import rain_batch
 from minialign.fast.graph_pool import GraphPool, RowGraphs, pool_for
 from minialign.fast.rain_batch import prompt_generator, rain_decode_batch
 from minialign.rain_cache import CachePool, Forward
@@ -64,13 +64,18 @@ def test_each_search_reports_to_its_own_trace(monkeypatch):
     assert traces[0].prompt == "Q:" and traces[1].prompt == "Hi Q:"
 
 
+def force_graphs(monkeypatch, graphs: bool) -> None:
+    """The batched driver's cache pool with graphs forced on or off (on a CPU graphs' padded passes run eagerly)."""
+    monkeypatch.setattr(rain_batch, "pool_for", lambda model, rows: pool_for(model, rows, graphs))
+
+
 @pytest.mark.parametrize("graphs", [False, True])  # True: passes padded to fixed shapes, as on CUDA
 def test_batched_searches_on_a_float64_gpt_are_the_lone_searches(monkeypatch, graphs):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=V, block_size=160, n_layer=2, n_head=2, n_embd=32)).double().eval()
     prompts = [(f"Human: {q}\nAssistant:", q) for q in ("Hi", "How do I bake bread?", "Why?", "Tell me a joke, please.")]
     params = RainParams(max_visits=12, min_new_visits=6, rollout_tokens=12)
-    monkeypatch.setattr(graph_pool.pool_for, "__defaults__", (graphs,))
+    force_graphs(monkeypatch, graphs)
     alone, batched = alone_and_batched(model, prompts, params, 12, batch=3)
     assert_same_searches(alone, batched)
     assert all(stats["judged"] for _, stats in alone) and len({a for a, _ in alone}) > 1
@@ -79,7 +84,7 @@ def test_batched_searches_on_a_float64_gpt_are_the_lone_searches(monkeypatch, gr
 def test_a_lone_search_in_the_batched_driver_pads_every_pass(monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=V, block_size=160, n_layer=1, n_head=2, n_embd=16)).eval()
-    monkeypatch.setattr(graph_pool.pool_for, "__defaults__", (True,))  # graphs, as on CUDA
+    force_graphs(monkeypatch, True)  # graphs, as on CUDA
     passes = []  # the method that ran each pass
     for cls, name in ((GraphPool, "forward"), (RowGraphs, "run")):
         def counted(*args, method=getattr(cls, name), name=name):
