@@ -252,6 +252,13 @@ def test_set_lengths_by_depth_and_the_room_left_for_the_answer():
     assert all(v == 0 for v in wide.stats.values())
 
 
+def test_set_lengths_take_positive_integers_by_depth():
+    from minialign.rain import lengths_form
+    assert all(lengths_form(text) is None for text in ("1,2,4,10", "3", " 2, 5"))
+    for bad in ("", "1,,2", "0,1", "1.5", "a", "-1", "1;2"):
+        assert lengths_form(bad) == "takes comma-separated token-set lengths of at least 1 (by depth, e.g. 1,2,4,10)"
+
+
 def test_one_token_sets_roll_out_on_their_own():
     search = make(RainParams(set_lengths="1,1,1,1"))
     drive(search.iterate())
@@ -626,3 +633,33 @@ def test_the_search_counts_an_answer_ended_by_end_of_text():
     search = Rain(model, TOK, RainParams(), "Q:", "Q", 16, torch.Generator().manual_seed(0))
     search.judge = ScriptedJudge()
     assert TOK.decode(drive(search.answer())) == "gy." and search.stats["ended_by_end_of_text"] == 1
+
+
+def test_the_search_hands_its_parameters_to_the_rules_and_counts_what_they_return(monkeypatch):
+    """Rain.iterate passes each RainParams field to the rule that uses it (PUCT's visits, Eq. 2's gamma,
+    threshold and switch; the proposer's options), and its statistics add up what backup reports."""
+    import minialign.rain as rain
+    params = RainParams(sibling_visits=True, gamma=0.3, sim_threshold=-1.0, similarity=True, more_attempts=True,
+                        token_order=True, full_chain_prior=True, temperature=1.5)
+    selected, backed = [], []
+
+    def recording_select(node, c, sibling_visits, select=rain.select_child):
+        selected.append(sibling_visits)
+        return select(node, c, sibling_visits)
+
+    def recording_backup(path, score, embeddings, gamma, threshold, similarity, backup=rain.backup):
+        backed.append(((gamma, threshold, similarity), backup(path, score, embeddings, gamma, threshold, similarity)))
+        return backed[-1][1]
+    monkeypatch.setattr(rain, "select_child", recording_select)
+    monkeypatch.setattr(rain, "backup", recording_backup)
+    search = Rain(real_model(), TOK, params, "Human: Hi\nAssistant:", "Hi", 24, torch.Generator().manual_seed(0))
+    search.judge = ScriptedJudge(fixed=-1.0)
+    p = search.proposer
+    assert (p.more_attempts, p.token_order, p.full_chain_prior, p.temperature) == (True, True, True, 1.5)
+    for _ in range(6):
+        drive(search.iterate())
+    assert selected and all(s is True for s in selected)
+    assert all(args == (0.3, -1.0, True) for args, _ in backed)
+    assert search.stats["sibling_pairs"] == sum(r[0] for _, r in backed) > 0
+    assert search.stats["similar_pairs"] == sum(r[1] for _, r in backed) > 0  # threshold -1: every pair shares
+    assert any(node.n != node.real_visits for node in walk(search.context))  # fractional visits from Eq. 2
