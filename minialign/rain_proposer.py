@@ -131,9 +131,9 @@ class Proposer:
         ``maxnew`` tokens). Raw prior = product of the per-token probabilities under the truncated
         distribution of the tokens kept, or with ``full_chain_prior`` of all ``length`` drawn (what an
         official chain, which runs on past the stop, carries), the greedy chain's clamped as in the
-        official code. With ``with_rollout`` the
-        leaf's rollout is one more row of the same batch (it starts at the same place and depends on
-        no chain), then goes on alone: fewer forward passes, the same result."""
+        official code. With ``with_rollout`` the leaf's rollout is one more row of the same batch (it
+        starts at the same place and depends on no chain), then goes on alone: fewer forward passes, the
+        same result."""
         leaf = path[-1]
         want, k = k, (2 * k if self.more_attempts else k)  # K children from the greedy and K - 1 (or 2K - 1) samples
         rows, start = self.rows_for(path, k + with_rollout)

@@ -611,8 +611,8 @@ def test_a_cut_chain_keeps_its_prefix_prior_or_with_full_chain_prior_all_its_dra
         proposer = Proposer(model, TOK, 15, 0, 32, torch.Generator().manual_seed(3), full_chain_prior=full)
         proposer.stop = stop
         children[name] = drive(proposer.chains([context], 6, 4))[0]
-    filtered = F.log_softmax(torch.topk(context.state.next_logits, 15).values, -1).exp()
-    top = dict(zip(torch.topk(context.state.next_logits, 15).indices.tolist(), filtered.tolist()))
+    top15 = torch.topk(context.state.next_logits, 15)
+    top = dict(zip(top15.indices.tolist(), F.softmax(top15.values, -1).tolist()))  # the truncated distribution
     for cut, full in zip(children["prefix"][1:], children["full"][1:]):  # past the clamped greedy chain
         assert cut.tokens == full.tokens and len(cut.tokens) == 1 and cut.terminal
         assert cut.raw_prior == pytest.approx(top[cut.tokens[0]], rel=1e-5)
