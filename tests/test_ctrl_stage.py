@@ -167,7 +167,7 @@ def test_distance_rows_average_each_seeds_gap_to_the_optimum_at_its_kl():
     assert row["bottom_worst"] == pytest.approx(0.75) and row["bottom_at_kl"] == pytest.approx(0.78)
 
 
-def test_the_warm_start_fits_the_optimum_log_ratio_and_the_levers_table_runs(tmp_path):
+def test_the_warm_start_fits_the_optimum_log_ratio_and_the_levers_table_runs(tmp_path, monkeypatch):
     out = str(tmp_path)
     tiny_sft_and_reward(out)
     run_calibration(CalibrateConfig(out_dir=out, n_prompts=6, k=4, max_new_tokens=12, **TINY))
@@ -178,5 +178,8 @@ def test_the_warm_start_fits_the_optimum_log_ratio_and_the_levers_table_runs(tmp
     experiments.main(["ctrl-levers", f"--out_dir={out}", "--n_eval=1", "--k=4", "--ctrl_steps=1"])
     table = open(f"{out}/ctrl_levers.md").read()
     assert [label in table for _, label, _ in ctrl_levers.LEVERS] == [True] * len(ctrl_levers.LEVERS)
+    monkeypatch.setattr(ctrl_levers, "trained_against_optimum", None)  # a second run evaluates nothing again
     experiments.main(["ctrl-levers", f"--out_dir={out}", "--n_eval=1", "--k=4", "--ctrl_steps=1"])
-    assert open(f"{out}/ctrl_levers.md").read().count("| reused |") == len(ctrl_levers.LEVERS)  # finished runs kept
+    again = open(f"{out}/ctrl_levers.md").read()
+    assert again.count("| reused |") == len(ctrl_levers.LEVERS)  # finished runs kept, and their evaluations
+    assert [row.rsplit("|", 2)[0] for row in again.splitlines()] == [row.rsplit("|", 2)[0] for row in table.splitlines()]

@@ -4,19 +4,26 @@
 ends below the exact optimum of its own objective. This experiment retrains it with one lever changed
 at a time and sets each policy beside the exact optimum at the KL it reached (``tilt_study.
 trained_against_optimum``: the optimum pi_ref exp(Phi(C_hat) / beta) on a support of ``--k`` pi_ref
-samples per held-out prompt, read off exactly), judged by r, everything in fp32:
+samples per prompt, read off exactly), judged by r, everything in fp32. It does so twice: on held-out
+prompts (what ``python train.py`` reports) and on the prompts CTRL trained on (every other calibration
+prompt), where the policy need not generalise: the difference between the two gaps is generalisation,
+the training prompts' gap is the solver's. The levers:
 
 - one PPO epoch instead of two (a second pass over the same samples);
 - G = 16 samples per prompt (twice the samples per step), with one PPO epoch;
 - the same with twice the learning rate;
+- twice the prompts per step at half the samples each (32 x G = 4: more distinct prompts, the same cost);
 - the KL to go per token (``--kl_to_go``): each token penalised by the KL of the tokens from it on;
 - the offline warm start (``--warm_samples``): the optimum's log-ratio fitted on pi_ref's samples, then
-  the RL, at the learning rate where the fit does not diverge (at 1e-4 its error grows); and with the
-  KL to go.
+  the RL, at the learning rate where the fit does not diverge (at 1e-4 its error grows); with the KL to
+  go; with twice the warm start's samples; and run twice as long, to see whether the RL plateaus.
 
-Each run is a CTRL checkpoint ``<out_dir>/levers_<name>`` (reused when finished with the same config);
-the table goes to ``<out_dir>/ctrl_levers.md``.
+Each run is a CTRL checkpoint ``<out_dir>/levers_<name>`` (reused when finished with the same config),
+its evaluation ``levers_<name>/against_optimum.json`` (reused for the same run and settings); the table
+goes to ``<out_dir>/ctrl_levers.md``.
 """
+import json
+import os
 import time
 from dataclasses import asdict
 
@@ -27,7 +34,7 @@ from ..reward_model import load_reward
 from ..tokenizer import get_tokenizer
 from ..training import pick_device
 from .infalign_study import finished
-from .tilt_study import tilt_support, trained_against_optimum
+from .tilt_study import ctrl_training_prompts, tilt_support, trained_against_optimum
 
 LEVERS = (  # (name, what changes, CTRL flags)
     ("default", "python train.py's CTRL", {}),
@@ -37,41 +44,81 @@ LEVERS = (  # (name, what changes, CTRL flags)
     ("kl_to_go", "KL to go per token", {"kl_to_go": True}),
     ("warm", "warm start (16 samples per prompt, 2 passes), lr 3e-5", {"warm_samples": 16, "lr": 3e-5}),
     ("warm_kl_to_go", "warm start and KL to go, lr 3e-5", {"warm_samples": 16, "lr": 3e-5, "kl_to_go": True}),
+    ("warm32_kl_to_go", "warm start (32 samples per prompt) and KL to go, lr 3e-5",
+     {"warm_samples": 32, "lr": 3e-5, "kl_to_go": True}),
+    ("warm_kl_to_go_twice", "warm start and KL to go, lr 3e-5, twice the steps",
+     {"warm_samples": 16, "lr": 3e-5, "kl_to_go": True, "steps_factor": 2}),
+    ("p32_g4", "32 prompts per step, G = 4", {"prompts_per_step": 32, "group": 4}),
 )
+
+
+def gap_cells(trained: dict, optimum: dict) -> list[str]:
+    """The trained policy's standard, BoN and WoN win rates by r, ± SE over prompts, each with its gap
+    to the optimum at the KL it reached."""
+    return [f"{trained[f'{key}_r']:.3f} ± {trained[f'{key}_r_se']:.3f} ({trained[f'{key}_r'] - optimum[f'{key}_r']:+.3f})"
+            for key in ("win_rate", "bon", "won")]
 
 
 def ctrl_levers(cfg) -> str:
     """Train each of ``LEVERS`` (``cfg``: ``experiments.ExperimentConfig``) and tabulate it against its
-    optimum on ``cfg.n_eval`` held-out prompts per kind."""
+    optimum on ``cfg.n_eval`` held-out prompts per kind and on CTRL's own training prompts."""
     device = pick_device(cfg.device)
     reference, meta = load_model(f"{cfg.out_dir}/sft", "python train.py")
     reference.to(device).eval()  # fp32 (not --bf16): the KL estimate compares two models' log-probabilities
     reward_model = load_reward(f"{cfg.out_dir}/reward")[0].to(device).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
-    prompts = world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir))
-    support = tilt_support(reference, reward_model, tokenizer, prompts, cfg.k, cfg.seed)
+    prompt_sets = {"held out": world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir)),
+                   "training": ctrl_training_prompts(cfg.out_dir)}
+    supports = {}  # drawn when a lever is first evaluated
+    settings = {"n_eval": cfg.n_eval, "k": cfg.k, "n": cfg.n, "seed": cfg.seed}
+
+    def against_optimum(folder: str, ctrl: CTRLConfig) -> dict:
+        """For each prompt set: the trained policy's row and the optimum's at its KL (``trained_against_optimum``)."""
+        path = f"{folder}/against_optimum.json"
+        if os.path.exists(path):
+            with open(path) as f:
+                cached = json.load(f)
+            if cached["settings"] == settings:
+                return cached["rows"]
+        policy = load_model(folder)[0].to(device).eval()
+        rows = {}
+        for name, prompts in prompt_sets.items():
+            if name not in supports:
+                supports[name] = tilt_support(reference, reward_model, tokenizer, prompts, cfg.k, cfg.seed)
+            trained, _, optimum = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts,
+                                                          supports[name], asdict(ctrl), cfg.n, cfg.seed)
+            rows[name] = [trained, optimum]
+        atomic_write_text(path, json.dumps({"settings": settings, "rows": rows}))
+        return rows
+
     default = CTRLConfig()
-    lines = [f"CTRL {default.transform}({default.t:+g}), beta {default.beta:g}, {cfg.ctrl_steps} steps, one lever at a time, against the exact optimum at the KL "
-             f"it reached ({len(prompts)} held-out prompts, a support of {cfg.k} pi_ref samples each, selected and "
-             "judged by r; gap = trained - optimum, ± SE over prompts of the trained rate):", "",
-             "| lever | KL | win rate (gap) | BoN_4 (gap) | WoN_4 (gap) | bottom tenth (optimum) | train seconds |",
-             "|---|---|---|---|---|---|---|"]
+    held_out, training = (len(p) for p in prompt_sets.values())
+    lines = [f"CTRL {default.transform}({default.t:+g}), beta {default.beta:g}, {cfg.ctrl_steps} steps, one lever at a time, "
+             f"against the exact optimum at the KL it reached ({held_out} held-out prompts, and {training} of CTRL's "
+             f"training prompts; a support of {cfg.k} pi_ref samples each, selected and judged by r; gap = trained - "
+             "optimum, ± SE over prompts of the trained rate):", "",
+             f"| lever | KL | win rate (gap) | BoN_{cfg.n} (gap) | WoN_{cfg.n} (gap) | bottom tenth (optimum) "
+             f"| training prompts: KL | win rate (gap) | BoN_{cfg.n} (gap) | WoN_{cfg.n} (gap) | train seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, label, flags in LEVERS:
-        ctrl = CTRLConfig(out_dir=cfg.out_dir, name=f"levers_{name}", eval_prompts=0, steps=cfg.ctrl_steps,
-                          device=cfg.device, **flags)
+        flags = dict(flags)
+        steps = cfg.ctrl_steps * flags.pop("steps_factor", 1)
+        ctrl = CTRLConfig(out_dir=cfg.out_dir, name=f"levers_{name}", eval_prompts=0, steps=steps, device=cfg.device,
+                          **flags)
+        folder = f"{cfg.out_dir}/{ctrl.name}"
         seconds = "reused"
-        if not finished(f"{cfg.out_dir}/{ctrl.name}", ctrl):
+        if not finished(folder, ctrl):
             print(f"[ctrl-levers] {label}")
+            if os.path.exists(f"{folder}/against_optimum.json"):  # a new run: its old evaluation is stale
+                os.remove(f"{folder}/against_optimum.json")
             started = time.time()
             train_ctrl(ctrl)
             seconds = f"{time.time() - started:.0f}"
-        policy = load_model(f"{cfg.out_dir}/{ctrl.name}")[0].to(device).eval()
-        trained, _, optimum = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts, support,
-                                                      asdict(ctrl), cfg.n, cfg.seed)
-        cells = [f"{trained[f'{key}_r']:.3f} ± {trained[f'{key}_r_se']:.3f} ({trained[f'{key}_r'] - optimum[f'{key}_r']:+.3f})"
-                 for key in ("win_rate", "bon", "won")]
-        lines.append(f"| {label} | {trained['kl']:.3f} | " + " | ".join(cells)
-                     + f" | {trained['bottom']:.3f} ({optimum['bottom']:.3f}) | {seconds} |")
+        rows = against_optimum(folder, ctrl)
+        (trained, optimum), (trained_on_own, optimum_on_own) = rows["held out"], rows["training"]
+        cells = [f"{trained['kl']:.3f}", *gap_cells(trained, optimum), f"{trained['bottom']:.3f} ({optimum['bottom']:.3f})",
+                 f"{trained_on_own['kl']:.3f}", *gap_cells(trained_on_own, optimum_on_own)]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds} |")
         print(lines[-1])
     table = "\n".join(lines)
     atomic_write_text(f"{cfg.out_dir}/ctrl_levers.md", table + "\n")

@@ -41,7 +41,7 @@ from .ctrl_levers import ctrl_levers
 from .infalign_study import infalign_study
 from .judge_quality import judge_quality
 from .rain_study import combined_table, rain_batch_agreement, rain_batch_markdown
-from .tilt_study import exact_tilt
+from .tilt_study import ctrl_training_prompts, exact_tilt
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,10 +214,7 @@ def calibration_noise_experiment(cfg: ExperimentConfig, params: RainParams, mode
 
 
 def tilt_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> None:
-    prompts = models.prompts
-    if cfg.prompts == "train":  # where CTRL was trained: no generalisation between policy and optimum
-        calibration_prompts = load_calibration(calibration_folder(cfg.out_dir, "model"))[0]
-        prompts = [world.parse_prompt(p) for p in calibration_prompts[::2]]
+    prompts = ctrl_training_prompts(cfg.out_dir) if cfg.prompts == "train" else models.prompts
     exact_tilt(models.pi_ref, models.reward(), models.tokenizer, prompts, cfg)
 
 

@@ -11,6 +11,7 @@ import math
 import torch
 
 from .. import tilt, world
+from ..calibrate import calibration_folder, load_calibration
 from ..checkpoint import atomic_write_text, load_model, pyplot, save_figure, write_csv
 from ..evaluate import sample_responses, sampled_win_rates
 from ..reward_model import prompt_scale, score
@@ -210,6 +211,12 @@ def bottom_share(weights: torch.Tensor, values: torch.Tensor, support: torch.Ten
     rank = math.ceil(BOTTOM * support.size(1))
     cut = support.sort(1).values[:, rank - 1: rank]  # (P, 1)
     return (weights * (values <= cut)).sum(1)
+
+
+def ctrl_training_prompts(out_dir: str) -> list[world.Prompt]:
+    """Every other prompt of the calibration CTRL trains on (96 of the default 192): where a trained
+    policy is set beside the optimum with no generalisation between them."""
+    return [world.parse_prompt(p) for p in load_calibration(calibration_folder(out_dir, "model"))[0][::2]]
 
 
 def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts: list[world.Prompt], support: dict,
