@@ -51,17 +51,25 @@ def kl_to_reference(weights: torch.Tensor) -> torch.Tensor:
     return torch.xlogy(weights, weights * K).sum(1)  # 0 log 0 = 0
 
 
-def readout(phi: torch.Tensor, inverse_beta: float, selector: torch.Tensor, judge: torch.Tensor, n: int) -> dict:
-    """Mean over prompts of KL and the standard, BoN_n and WoN_n win rates of the tilted policy, each
-    with its standard error across prompts (``<key>_se``)."""
+def per_prompt(phi: torch.Tensor, inverse_beta: float, selector: torch.Tensor, judge: torch.Tensor, n: int) -> dict:
+    """KL and the standard, BoN_n and WoN_n win rates of the tilted policy, per prompt: (P,) each."""
     w = tilt(phi, inverse_beta)
     uniform = torch.full_like(w, 1.0 / w.size(1))
-    return mean_and_se({"kl": kl_to_reference(w), **win_rates(w, uniform, selector, judge, n)})
+    return {"kl": kl_to_reference(w), **win_rates(w, uniform, selector, judge, n)}
+
+
+def readout(phi: torch.Tensor, inverse_beta: float, selector: torch.Tensor, judge: torch.Tensor, n: int) -> dict:
+    """Mean over prompts of ``per_prompt``'s KL and win rates, each with its standard error across
+    prompts (``<key>_se``)."""
+    return mean_and_se(per_prompt(phi, inverse_beta, selector, judge, n))
 
 
 def inverse_beta_at_kl(phi: torch.Tensor, target: float, low: float = 1e-4, high: float = 1e6) -> float:
     """The 1/beta whose optimum has mean KL ``target``: bisection on log(1/beta), since the KL of a
-    tilt grows monotonically with 1/beta. Infinite (math.inf) past the largest KL the support allows."""
+    tilt grows monotonically with 1/beta. Infinite (math.inf) past the largest KL the support allows.
+    The bracket's low end is ``low`` over the widest prompt's spread of Phi: exp(t u) spans e^t, so a
+    large t needs a 1/beta far below ``low`` for the same KL."""
+    low = low / max(1.0, float((phi.max(1).values - phi.min(1).values).max()))
     mean_kl = lambda lam: float(kl_to_reference(tilt(phi, lam)).mean())  # noqa: E731
     if mean_kl(high) < target:
         return math.inf

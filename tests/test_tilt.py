@@ -80,6 +80,9 @@ def test_inverse_beta_at_kl_hits_the_target_and_saturates():
     lam = inverse_beta_at_kl(phi, 0.5)
     assert float(kl_to_reference(tilt(phi, lam)).mean()) == pytest.approx(0.5, abs=1e-6)
     assert inverse_beta_at_kl(phi, math.log(32) + 0.1) == math.inf  # more than a point mass allows
+    steep = transformed("exp", 34.0, torch.randn(4, 32, generator=g).double())  # spans e^34: 1/beta ~ 1e-13
+    for kl in (0.05, 0.5, 2.0):
+        assert float(kl_to_reference(tilt(steep, inverse_beta_at_kl(steep, kl))).mean()) == pytest.approx(kl, abs=1e-6)
 
 
 def test_beta_zero_is_the_limit_of_the_tilt():

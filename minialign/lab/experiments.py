@@ -4,6 +4,7 @@ RAIN evaluation and ablation.
     python -m minialign.lab sft             # pi_ref greedy and sampled, its self-evaluation, help per task -> out/sft.md
     python -m minialign.lab infalign        # trained CTRL per transform at matched KL -> out/infalign.{csv,md,png}
     python -m minialign.lab infalign --reward gold  # the same on the gold reward -> out/infalign_gold.{csv,md,png}
+    python -m minialign.lab paper-gain      # InfAlign's gain at the optimum for N = 2, 4, 8 beside the paper's -> out/paper_gain.md
     python -m minialign.lab ctrl-levers     # the default CTRL retrained one solver lever at a time -> out/ctrl_levers.md
     python -m minialign.lab tilt            # the exact optimum of each transform -> out/tilt.{csv,md,png},
                                             #   out/tilt_reward_quality.md, out/tilt_trained.md (CTRL vs its optimum)
@@ -40,6 +41,7 @@ from ..training import decoding_dtype, pick_device
 from .ctrl_levers import ctrl_levers
 from .infalign_study import infalign_study
 from .judge_quality import judge_quality
+from .paper_gain import paper_gain
 from .rain_study import combined_table, rain_batch_agreement, rain_batch_markdown
 from .tilt_study import ctrl_training_prompts, exact_tilt
 
@@ -174,7 +176,7 @@ def noise_levels(text: str) -> str | None:
 @dataclass
 class ExperimentConfig:
     out_dir: str = arg("out", "checkpoints root (needs sft; infalign also reward and calibration)", form=named)
-    n_eval: int = arg(32, "sft, rain, bon, ctrl-levers: held-out prompts per kind", at_least=1)
+    n_eval: int = arg(32, "sft, rain, bon, ctrl-levers, paper-gain: held-out prompts per kind", at_least=1)
     batch: int = arg(16, "rain, rain-ablation, rain-batch, combined: prompts searched at once (1 = one after another)",
                      at_least=1)
     seed: int = arg(0, "sampling seed (the prompts come from the reference policy's world)")
@@ -185,7 +187,7 @@ class ExperimentConfig:
     reward: str = arg("model", "infalign: the reward CTRL trains on and BoN/WoN pick by: model (r, the paper's setting) "
                                "or gold (the world's gold reward, a perfect reward model; writes infalign_gold.*)",
                       one_of=("model", "gold"))
-    k: int = arg(32, "tilt, infalign, ctrl-levers: pi_ref samples per prompt (the support of the exact optimum; infalign's "
+    k: int = arg(32, "tilt, infalign, ctrl-levers, paper-gain: pi_ref samples per prompt (the support of the exact optimum; infalign's "
                      "calibration too)", at_least=2)
     n: int = arg(4, "tilt, infalign, ctrl-levers: N of best-of-N and worst-of-N", at_least=1)
     prompts: str = arg("test", "tilt: the support's prompts: held-out (test, n_eval per kind) or CTRL's own training "
@@ -216,6 +218,10 @@ def calibration_noise_experiment(cfg: ExperimentConfig, params: RainParams, mode
 def tilt_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> None:
     prompts = ctrl_training_prompts(cfg.out_dir) if cfg.prompts == "train" else models.prompts
     exact_tilt(models.pi_ref, models.reward(), models.tokenizer, prompts, cfg)
+
+
+def paper_gain_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> str:
+    return paper_gain(models.pi_ref, models.reward(), models.tokenizer, models.prompts, cfg)
 
 
 def combined_experiment(cfg: ExperimentConfig, params: RainParams, models: "Loaded") -> str:
@@ -301,7 +307,8 @@ class Loaded:
 
 # name -> the function that runs it (a table it returns is written to <out_dir>/<name>.md); infalign
 # judge-quality and ctrl-levers train their own models from the checkpoints, so `main` runs them before loading pi_ref
-EXPERIMENTS = {"sft": sft_experiment, "infalign": None, "judge-quality": None, "ctrl-levers": None, "tilt": tilt_experiment, "rain": rain_experiment,
+EXPERIMENTS = {"sft": sft_experiment, "infalign": None, "judge-quality": None, "ctrl-levers": None, "tilt": tilt_experiment,
+               "paper-gain": paper_gain_experiment, "rain": rain_experiment,
                "rain-ablation": rain_ablation_experiment, "rain-batch": rain_batch_experiment,
                "rain-presets": rain_presets_experiment, "rain-deviations": rain_deviations_experiment,
                "combined": combined_experiment, "bon": bon_experiment, "calibration-noise": calibration_noise_experiment}
