@@ -16,7 +16,8 @@ the training prompts' gap is the solver's. The levers:
 - the KL to go per token (``--kl_to_go``): each token penalised by the KL of the tokens from it on;
 - the offline warm start (``--warm_samples``): the optimum's log-ratio fitted on pi_ref's samples, then
   the RL, at the learning rate where the fit does not diverge (at 1e-4 its error grows); with the KL to
-  go; with twice the warm start's samples; and run twice as long, to see whether the RL plateaus.
+  go; with twice the warm start's samples; run twice as long, to see whether the RL plateaus; and with
+  G = 16, one epoch and the KL to go, the levers that each bought most.
 
 Each run is a CTRL checkpoint ``<out_dir>/levers_<name>`` (reused when finished with the same config),
 its evaluation ``levers_<name>/against_optimum.json`` (reused for the same run and settings); the table
@@ -49,6 +50,8 @@ LEVERS = (  # (name, what changes, CTRL flags)
     ("warm_kl_to_go_twice", "warm start and KL to go, lr 3e-5, twice the steps",
      {"warm_samples": 16, "lr": 3e-5, "kl_to_go": True, "steps_factor": 2}),
     ("p32_g4", "32 prompts per step, G = 4", {"prompts_per_step": 32, "group": 4}),
+    ("warm_g16_kl_to_go", "warm start, G = 16, 1 PPO epoch, KL to go, lr 3e-5",
+     {"warm_samples": 16, "group": 16, "ppo_epochs": 1, "kl_to_go": True, "lr": 3e-5}),
 )
 
 
