@@ -13,17 +13,28 @@ InfAlign's reason to calibrate (the calibrated transforms ignore it; raw RLHF do
 The RL solver (the choices, stated precisely):
 
 - Samples: for each prompt, G responses from the current policy (temperature 1).
-- KL estimator: the single-sample (k1) estimate of the *sequence* KL,
-  ``kl(y) = sum_t [log pi_old(y_t | ...) - log pi_ref(y_t | ...)]`` over the response tokens (the
-  end-of-turn token included), computed once when the samples are drawn; log pi_old is what the
-  sampler drew each token with (no second forward pass of the policy). It enters as a penalty in
-  the reward, ``R_total = R - beta * kl(y)``: the score-function gradient of E[R_total] is then the
-  gradient of the regularised objective E[R] - beta * KL(pi || pi_ref).
-- Baseline: leave-one-out (RLOO), ``A_i = R_total_i - mean_{j != i} R_total_j`` within a prompt's group.
+- KL estimator (``--kl``), over the response positions s_t (the end-of-turn token included). By the
+  chain rule of KL, KL(pi || pi_ref) = E_pi[sum_t KL(pi(. | s_t) || pi_ref(. | s_t))]; its gradient has
+  two parts, the KL at the positions visited (differentiated where it stands) and the score-function
+  term (each token's action changes which positions come after it). The default, ``analytic``:
+  the exact next-token KL over the whole vocabulary at every visited position, under pi_old, summed
+  over the positions *after* token t and subtracted from token t's reward (the score-function part),
+  plus ``beta * sum_t KL(pi_theta(. | s_t) || pi_ref(. | s_t))`` in the loss, differentiated (the rest).
+  Every token the policy makes likelier at a visited position is charged there, sampled or not.
+  ``sampled``: the single-sample (k1) estimate ``kl(y) = sum_t [log pi_old(y_t | s_t) - log pi_ref(y_t |
+  s_t)]``, a penalty in the reward ``R_total = R - beta * kl(y)``, whose score-function gradient is the
+  whole gradient; a token pi_ref finds unlikely is charged only once it is sampled, and then the whole
+  sequence shares the charge. On the default run the k1 policy spends 0.10 of its 0.19 nats on
+  responses outside pi_ref's own (garbled words pi_ref gives e^-7 to e^-17 of its probability), the
+  analytic one 0.01 of 0.11 (``python -m minialign.lab ctrl-levers``). Both are unbiased
+  (``tests/test_ctrl.py`` enumerates a two-token problem); the analytic one costs a forward pass of
+  the policy and one of pi_ref per pass over the batch.
+- Baseline: leave-one-out (RLOO), ``A_i = R_total_i - mean_{j != i} R_total_j`` within a prompt's group,
+  R_total = R - beta * (the sequence's summed KL terms).
 - Two options, off by default (``python -m minialign.lab ctrl-levers`` measures what they buy):
-  ``--kl_to_go`` penalises each token by the KL of the tokens from it on (the KL before a token does not
-  depend on it: the gradient's expectation is unchanged, less of its noise is kept); ``--warm_samples``
-  first fits the optimum's log-ratio on pi_ref's samples (``warm_start``).
+  ``--kl_to_go`` (with ``--kl sampled``) penalises each token by the k1 of the tokens from it on (the KL
+  before a token does not depend on it: the gradient's expectation is unchanged, less of its noise is
+  kept); ``--warm_samples`` first fits the optimum's log-ratio on pi_ref's samples (``warm_start``).
 - Update: ``ppo_epochs`` passes over the batch with the PPO-clipped per-token ratio
   ``pi_theta(y_t) / pi_old(y_t)``; per sequence the token terms are summed (the sequence's log-prob),
   and sequences are averaged. Each pass accumulates gradients over micro-batches of rows sorted by
@@ -56,7 +67,7 @@ from .config import arg, named
 from .data import load_prompts, pad_with_lengths
 from .distributed import setup, shard, wrap
 from .evaluate import compare_policies
-from .model import GPT, micro_batches, sequence_logprobs, token_logprobs
+from .model import GPT, micro_batches, next_token_logprobs, token_logprobs
 from .reward_model import REWARDS, reward_function
 from .sampling import generate, response_text, stop_ids
 from .tokenizer import get_tokenizer
@@ -82,9 +93,61 @@ def ppo_loss(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor, adv
     return -(objective * mask).sum() / logp.size(0)
 
 
+def state_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """KL(pi(. | s_t) || pi_ref(. | s_t)) over the whole vocabulary at each position, from the two
+    next-token log-probability tables: (B, T, V) x 2 -> (B, T)."""
+    return (logp.exp() * (logp - logp_ref)).sum(-1)
+
+
+def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The analytic estimator's direct term: each sequence's sum over its response positions of the exact
+    next-token KL, averaged over sequences (as ``ppo_loss``). logp, logp_ref: (B, T, V); mask: (B, T)."""
+    return (state_kl(logp, logp_ref) * mask).sum() / logp.size(0)
+
+
+@torch.no_grad()
+def token_kls(policy, reference, ids: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor, estimator: str,
+              micro_batch: int, lengths: torch.Tensor) -> torch.Tensor:
+    """Each response position's KL term (B, T-1), 0 off the ``mask``, ``micro_batch`` rows at a time:
+
+    - ``sampled``: k1 of the drawn token, log pi_old(y_t | s_t) - log pi_ref(y_t | s_t);
+    - ``analytic``: KL(pi_old(. | s_t) || pi_ref(. | s_t)) over the whole vocabulary.
+
+    Either way their sum over a sequence estimates its KL, without bias: KL(pi || pi_ref) over sequences
+    is E_pi[sum_t KL(pi(. | s_t) || pi_ref(. | s_t))] (the chain rule of KL)."""
+    out = torch.zeros_like(mask)  # (B, T-1)
+    for rows, w in micro_batches(ids, micro_batch, lengths):
+        logp_ref = next_token_logprobs(reference, ids[rows, :w])  # (b, w - 1, V)
+        if estimator == "analytic":
+            out[rows, : w - 1] = state_kl(next_token_logprobs(policy, ids[rows, :w]), logp_ref)
+        else:
+            out[rows, : w - 1] = logp_old[rows, : w - 1] - logp_ref.gather(-1, ids[rows, 1:w, None]).squeeze(-1)
+    return out * mask
+
+
+def token_advantages(R: torch.Tensor, kl_tokens: torch.Tensor, beta: float, estimator: str,
+                     kl_to_go: bool = False) -> torch.Tensor:
+    """The advantages of a batch: R (P, G) rewards Phi(C_hat), ``kl_tokens`` (B = P * G, T) from ``token_kls``.
+
+    Each sample's return is R - beta * (its sequence's KL), and its advantage the return minus the mean of
+    its G - 1 siblings' (RLOO). A token's action cannot change what came before it, so it may drop that
+    part of the KL (the gradient's expectation is unchanged, its noise is not): with ``analytic`` token t
+    keeps only the KL of the positions after it (its own position's KL is differentiated directly, in
+    ``kl_penalty``), with ``sampled`` and ``kl_to_go`` the k1 of its own token and those after. Returns
+    (B, T) per token, or (B,) per sequence (``sampled`` without ``kl_to_go``)."""
+    penalised = R - beta * kl_tokens.sum(1).view_as(R)  # (P, G): R_total = Phi(C_hat) - beta * KL(y)
+    advantages = rloo_advantages(penalised).flatten()  # (B,): minus the mean of the prompt's other samples
+    if estimator == "analytic":
+        return advantages[:, None] + beta * kl_tokens.cumsum(1)  # (B, T): the KL of positions <= t added back
+    if kl_to_go:
+        return advantages[:, None] + beta * (kl_tokens.cumsum(1) - kl_tokens)  # (B, T): positions < t added back
+    return advantages
+
+
 def ppo_step(model, policy, optimizer, ids, logp_old, mask, advantages, clip: float, micro_batch: int,
-             lengths: torch.Tensor | None = None) -> None:
-    """One optimizer step on the PPO loss of the whole batch, accumulated over micro-batches of rows.
+             lengths: torch.Tensor | None = None, reference=None, beta: float = 0.0) -> None:
+    """One optimizer step on the PPO loss of the whole batch (plus ``beta`` times ``kl_penalty`` against
+    ``reference`` when given: the analytic KL estimator), accumulated over micro-batches of rows.
 
     ``ppo_loss`` averages over sequences, so each micro-batch's loss is weighted by its share of the
     rows and the accumulated gradient is the whole batch's. With the rows' real ``lengths`` (B,) rows of
@@ -94,8 +157,13 @@ def ppo_step(model, policy, optimizer, ids, logp_old, mask, advantages, clip: fl
     optimizer.zero_grad(set_to_none=True)
     for rows, w in micro_batches(ids, micro_batch, lengths):
         adv = advantages[rows] if advantages.dim() == 1 else advantages[rows, : w - 1]  # (b,) or (b, w - 1)
-        loss = ppo_loss(token_logprobs(model, ids[rows, :w]), logp_old[rows, : w - 1], mask[rows, : w - 1],
-                        adv, clip)
+        logp_all = next_token_logprobs(model, ids[rows, :w])  # (b, w - 1, V)
+        logp = logp_all.gather(-1, ids[rows, 1:w, None]).squeeze(-1)  # (b, w - 1)
+        loss = ppo_loss(logp, logp_old[rows, : w - 1], mask[rows, : w - 1], adv, clip)
+        if reference is not None:  # the analytic estimator: beta * sum_t KL(pi(. | s_t) || pi_ref(. | s_t)), differentiated
+            with torch.no_grad():
+                logp_ref = next_token_logprobs(reference, ids[rows, :w])  # (b, w - 1, V)
+            loss = loss + beta * kl_penalty(logp_all, logp_ref, mask[rows, : w - 1])
         (loss * (len(rows) / ids.size(0))).backward()
     clip_gradients(policy.parameters(), "ctrl", "try a lower --lr, or a --beta and --t that keep the rewards small")
     optimizer.step()
@@ -135,6 +203,9 @@ class CTRLConfig:
     warm_samples: int = arg(0, "pi_ref samples per prompt for the warm start, which fits the optimum's log-ratio "
                                "R / beta - log Z offline before the RL (ctrl.warm_start); 0 = none", at_least=0)
     warm_epochs: int = arg(2, "passes of the warm start's fit over its samples", at_least=1)
+    kl: str = arg("analytic", "KL estimator: analytic (the exact next-token KL at every visited position: "
+                              "differentiated there, and the later positions' in each token's advantage) or "
+                              "sampled (k1 of the drawn tokens, a penalty in the reward)", one_of=("analytic", "sampled"))
     kl_to_go: bool = arg(False, "penalise each token by the KL of the tokens from it on, not the whole sequence's "
                                 "(the same gradient in expectation: a token cannot change the tokens before it)")
     micro_batch: int = arg(32, "rows per forward/backward in the update, rows of similar length together (gradient "
@@ -160,23 +231,20 @@ def ctrl_folder(cfg: CTRLConfig) -> str:
 
 def rl_update(ddp, policy, reference, optimizer, rows: list[list[int]], responses: list[list[int]],
               logp_old_tokens: list[torch.Tensor], R: torch.Tensor, cfg: "CTRLConfig", device) -> torch.Tensor:
-    """CTRL's update on one batch of samples: the k1 KL, the KL-penalised reward, its leave-one-out
-    advantages and ``ppo_epochs`` PPO steps. rows / responses: B = P * G token lists grouped by prompt;
-    ``logp_old_tokens``: each response token's log pi_old (what the sampler drew it with); R: (P, G)
-    transformed rewards Phi(C_hat). Returns the k1 sequence KL per sample (B,)."""
+    """CTRL's update on one batch of samples: each position's KL term (``cfg.kl``: sampled or analytic), the
+    KL-penalised reward's leave-one-out advantages and ``ppo_epochs`` PPO steps. rows / responses: B = P * G
+    token lists grouped by prompt; ``logp_old_tokens``: each response token's log pi_old (what the sampler
+    drew it with); R: (P, G) transformed rewards Phi(C_hat). Returns each sample's sequence KL estimate (B,)."""
     ids, mask, lengths = pad_with_lengths(rows, responses, device)  # (B, T), (B, T-1), (B,)
     logp_old = torch.zeros_like(mask)  # (B, T-1): log pi_old where mask is 1
     logp_old[mask.bool()] = torch.cat(logp_old_tokens).to(device)
-    logp_ref = sequence_logprobs(reference, ids, cfg.micro_batch, lengths)  # (B, T-1): log pi_ref
-    kl_tokens = (logp_old - logp_ref) * mask  # (B, T-1) k1 estimate of each token's KL
-    kl = kl_tokens.sum(1)  # (B,) each sample's sequence KL
-    penalised = R - cfg.beta * kl.view(-1, cfg.group)  # (P, G): R_total = Phi(C_hat) - beta * kl(y)
-    advantages = rloo_advantages(penalised).flatten()  # (B,): minus the mean of the prompt's other samples
-    if cfg.kl_to_go:  # token t's advantage without the KL of the tokens before it: its action cannot change them
-        advantages = advantages[:, None] + cfg.beta * (kl_tokens.cumsum(1) - kl_tokens)  # (B, T-1)
+    kl_tokens = token_kls(policy, reference, ids, logp_old, mask, cfg.kl, cfg.micro_batch, lengths)  # (B, T-1)
+    advantages = token_advantages(R, kl_tokens, cfg.beta, cfg.kl, cfg.kl_to_go)  # (B,) or (B, T-1)
+    direct = reference if cfg.kl == "analytic" else None  # the analytic estimator differentiates each position's KL
     for _ in range(cfg.ppo_epochs):
-        ppo_step(ddp, policy, optimizer, ids, logp_old, mask, advantages, cfg.clip, cfg.micro_batch, lengths)
-    return kl
+        ppo_step(ddp, policy, optimizer, ids, logp_old, mask, advantages, cfg.clip, cfg.micro_batch, lengths,
+                 direct, cfg.beta)
+    return kl_tokens.sum(1)  # (B,) each sample's sequence KL
 
 
 def optimum_log_ratio(raw: torch.Tensor, sorted_reference: torch.Tensor, transform: str, t: float,

@@ -277,12 +277,16 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
 
-def token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """log p(ids[:, t+1] | ids[:, :t+1]) at every position: (B, T-1); the caller masks what it needs.
+def next_token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """log p(. | ids[:, :t+1]) over the whole vocabulary at every position: (B, T-1, V), in fp32.
 
     A function rather than a method so that a DDP-wrapped model goes through DDP's forward."""
-    logits = model(ids[:, :-1]).float()  # (B, T-1, V)
-    return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return torch.log_softmax(model(ids[:, :-1]).float(), -1)
+
+
+def token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t+1] | ids[:, :t+1]) at every position: (B, T-1); the caller masks what it needs."""
+    return next_token_logprobs(model, ids).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
 def row_chunks(n: int, size: int) -> list[slice]:

@@ -172,6 +172,7 @@ def test_kl_to_go_advantages_by_hand(tiny_model, monkeypatch):
     """With ``--kl_to_go`` token t's advantage is the sequence's plus beta times the KL of the tokens
     before it: the first response token keeps the whole sequence's, later ones drop what they cannot change."""
     import minialign.ctrl as ctrl
+    from minialign.model import sequence_logprobs
     seen = []
     monkeypatch.setattr(ctrl, "ppo_step", lambda *args, **kw: seen.append(args[6]))
     rows, responses = [[1, 2], [1, 2], [3], [3]], [[5, 6, 7], [8], [9, 10], [11, 12]]
@@ -183,7 +184,7 @@ def test_kl_to_go_advantages_by_hand(tiny_model, monkeypatch):
         outcomes[to_go] = ctrl.rl_update(None, None, tiny_model, None, rows, responses, logp_old, R, cfg, "cpu"), seen[-1]
     kl, sequence = outcomes[False]
     _, tokens = outcomes[True]
-    logp_ref = ctrl.sequence_logprobs(tiny_model, ctrl.pad_with_lengths(rows, responses)[0], 0)
+    logp_ref = sequence_logprobs(tiny_model, ctrl.pad_with_lengths(rows, responses)[0], 0)
     assert sequence.shape == (4,) and tokens.shape == (4, 4)
     for b, (p, y) in enumerate(zip(rows, responses)):
         first = len(p) - 1  # the position predicting the first response token
@@ -191,3 +192,54 @@ def test_kl_to_go_advantages_by_hand(tiny_model, monkeypatch):
         assert abs(sum(token_kl) - float(kl[b])) < 1e-5
         for i in range(len(y)):
             torch.testing.assert_close(tokens[b, first + i], sequence[b] + 0.5 * sum(token_kl[:i]), rtol=0, atol=1e-5)
+
+
+class TwoTokenPolicy(torch.nn.Module):
+    """A policy over two-token responses with free logits: pi(y1) and pi(y2 | y1) over V tokens, the
+    prompt one token. Small enough to enumerate every response and every group of samples."""
+
+    def __init__(self, V: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.first = torch.nn.Parameter(torch.randn(V, generator=g))
+        self.second = torch.nn.Parameter(torch.randn(V, V, generator=g))
+
+    def forward(self, idx):  # (B, 2): the prompt token, y1 -> next-token logits (B, 2, V)
+        return torch.stack([self.first.expand(idx.size(0), -1), self.second[idx[:, 1]]], 1)
+
+
+@pytest.mark.parametrize("estimator,kl_to_go", [("sampled", False), ("sampled", True), ("analytic", False)])
+def test_each_kl_estimator_gives_the_gradient_of_the_regularised_objective(estimator, kl_to_go):
+    """Every KL estimator, with the RLOO baseline and the per-token advantages it allows, is unbiased: the
+    CTRL loss's gradient averaged over every group of G = 2 samples, each weighted by its probability,
+    equals minus the exact gradient of E_pi[R] - beta * KL(pi || pi_ref), enumerated over all responses."""
+    import itertools
+    from minialign.ctrl import kl_penalty, token_advantages, token_kls
+    from minialign.model import next_token_logprobs
+    V, beta, group = 3, 0.7, 2
+    policy, reference = TwoTokenPolicy(V, 0), TwoTokenPolicy(V, 1).requires_grad_(False)
+    responses = list(itertools.product(range(V), repeat=2))  # all 9 responses
+    R = torch.randn(len(responses), generator=torch.Generator().manual_seed(2))  # a reward per response
+    ids_all = torch.tensor([[0, a, b] for a, b in responses])  # (9, 3): prompt token 0, then the response
+    mask = torch.ones(group, 2)
+
+    logp = next_token_logprobs(policy, ids_all).gather(-1, ids_all[:, 1:, None]).squeeze(-1).sum(1)  # (9,)
+    logp_ref = next_token_logprobs(reference, ids_all).gather(-1, ids_all[:, 1:, None]).squeeze(-1).sum(1)
+    objective = (logp.exp() * (R - beta * (logp - logp_ref))).sum()
+    exact = torch.autograd.grad(objective, list(policy.parameters()))
+
+    expected = [torch.zeros_like(p) for p in policy.parameters()]
+    for members in itertools.product(range(len(responses)), repeat=group):  # every group, in order
+        ids = ids_all[list(members)]  # (G, 3)
+        logp_all = next_token_logprobs(policy, ids)  # (G, 2, V)
+        logp_tokens = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (G, 2)
+        kl_tokens = token_kls(policy, reference, ids, logp_tokens.detach(), mask, estimator, 0, None)
+        advantages = token_advantages(R[list(members)][None], kl_tokens, beta, estimator, kl_to_go)
+        loss = ppo_loss(logp_tokens, logp_tokens.detach(), mask, advantages, 0.2)
+        if estimator == "analytic":
+            loss = loss + beta * kl_penalty(logp_all, next_token_logprobs(reference, ids), mask)
+        weight = float(logp.detach()[list(members)].sum().exp())  # the group's probability
+        for total, g in zip(expected, torch.autograd.grad(loss, list(policy.parameters()))):
+            total += weight * g
+    for e, x in zip(expected, exact):
+        torch.testing.assert_close(e, -x, rtol=1e-4, atol=1e-6)
