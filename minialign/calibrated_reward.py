@@ -46,7 +46,11 @@ def transformed_reward(transform: str, t: float, raw: torch.Tensor, sorted_refer
     if transform == "raw":
         return raw
     smoothed = transform == "log" or (transform == "exp" and t < 0)
-    u = calibrated(sorted_reference, raw, smoothed=smoothed)  # (P, G) in [0, 1]
+    return transform_calibrated(transform, t, calibrated(sorted_reference, raw, smoothed=smoothed))  # (P, G)
+
+
+def transform_calibrated(transform: str, t: float, u: torch.Tensor) -> torch.Tensor:
+    """Phi(u) of calibrated rewards u in (0, 1] for the calibrated transforms (identity, log, exp)."""
     if transform == "identity":
         return u
     if transform == "log":

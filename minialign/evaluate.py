@@ -35,7 +35,7 @@ def world_rates(prompts: list[world.Prompt], responses: list[str]) -> dict:
 PROCEDURES = ("sample", "bon", "won")
 
 
-def _mass_below(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mass_below(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each support sample k: the mass of samples with a value < v_k and with a value <= v_k. (P, K) each."""
     order = values.argsort(dim=1)
     sorted_values = values.gather(1, order)
@@ -54,7 +54,7 @@ def pick_distribution(weights: torch.Tensor, selector: torch.Tensor, procedure: 
     its own weight."""
     if procedure == "sample":
         return weights
-    less, not_greater = _mass_below(selector, weights)
+    less, not_greater = mass_below(selector, weights)
     if procedure == "bon":
         value_mass = not_greater ** n - less ** n
     elif procedure == "won":
@@ -68,7 +68,7 @@ def pick_distribution(weights: torch.Tensor, selector: torch.Tensor, procedure: 
 def win_rate(policy_pick: torch.Tensor, reference_pick: torch.Tensor, judge: torch.Tensor) -> torch.Tensor:
     """W(a > b) = P(j(a) > j(b)) + 1/2 P(j(a) = j(b)) for a ~ policy_pick, b ~ reference_pick over one
     support per prompt. (P, K) each -> (P,)."""
-    less, not_greater = _mass_below(judge, reference_pick)
+    less, not_greater = mass_below(judge, reference_pick)
     return (policy_pick * (less + 0.5 * (not_greater - less))).sum(1)
 
 

@@ -42,7 +42,7 @@ def test_ctrl_resume_matches_an_uninterrupted_run(tmp_path):
     ref = load_model(f"{out}/sft")[0].state_dict()
     assert not all(torch.equal(a[k], ref[k]) for k in a)  # RL moved the policy
     # the tilt experiment end to end on these checkpoints: tables, plot, and the trained policy beside its optima
-    experiments.main(["tilt", f"--out_dir={out}", "--n_eval=1", "--k=4", "--ctrl=full,split", "--device=cpu"])
+    experiments.main(["tilt", f"--out_dir={out}", "--n_eval=1", "--k=4", "--support_draws=6", "--policy_samples=4", "--ctrl=full,split", "--device=cpu"])
     for name in ("tilt.md", "tilt.csv", "tilt_reward_quality.md", "tilt_trained.md"):
         assert os.path.getsize(f"{out}/{name}") > 0
     trained = open(f"{out}/tilt_trained.md").read()
@@ -52,8 +52,8 @@ def test_ctrl_resume_matches_an_uninterrupted_run(tmp_path):
     assert load_calibration(f"{out}/calibration_gold")[0] == load_calibration(f"{out}/calibration")[0]
     gold = train_ctrl(CTRLConfig(out_dir=out, name="gold", reward="gold", **RL, **TINY))[1]
     assert all(gold[f"{key}_r"] == gold[f"{key}_gold"] for key in ("win_rate", "bon4", "won4"))
-    experiments.main(["tilt", f"--out_dir={out}", "--n_eval=1", "--k=4", "--ctrl=gold", "--device=cpu"])
-    assert "trained on gold, against its exact optima (selected by gold)" in open(f"{out}/tilt_trained.md").read()
+    experiments.main(["tilt", f"--out_dir={out}", "--n_eval=1", "--k=4", "--support_draws=6", "--policy_samples=4", "--ctrl=gold", "--device=cpu"])
+    assert "trained on gold, against its exact optima (selected by gold;" in open(f"{out}/tilt_trained.md").read()
 
 
 def test_a_per_prompt_scale_of_r_leaves_calibrated_ctrl_unchanged_and_moves_raw(tmp_path):
@@ -98,12 +98,13 @@ def test_infalign_study_trains_each_transform_at_two_betas_and_resumes(tmp_path,
     out = str(tmp_path)
     tiny_sft_and_reward(out)
     monkeypatch.setattr(infalign_study, "COMPARED", (("raw, scaled", 0.0), ("exp", -4.0)))
-    flags = ["infalign", f"--out_dir={out}", "--infalign_prompts=3", "--ctrl_steps=1", "--seeds=2", "--k=4", "--device=cpu"]
+    flags = ["infalign", f"--out_dir={out}", "--infalign_prompts=3", "--ctrl_steps=1", "--seeds=2", "--calibration_k=4",
+             "--support_draws=6", "--policy_samples=4", "--device=cpu"]
     experiments.main(flags)
     rows = list(csv.DictReader(open(f"{out}/infalign.csv")))
     assert len(rows) == 2 * 2 * 2  # transforms x grid KLs x seeds
     table = open(f"{out}/infalign.md").read()
-    assert "| raw, scaled |" in table and "| exp(-4) |" in table and table.count(" of 2 |") == 2
+    assert "| raw, scaled |" in table and "| exp(-4) |" in table
     # each beta was solved on the support: two betas per transform, the larger KL's the smaller beta
     betas = {(r["transform"], float(r["grid_kl"])): float(r["beta"]) for r in rows}
     assert betas["raw, scaled", 0.2] > betas["raw, scaled", 0.5] and betas["exp(-4)", 0.2] > betas["exp(-4)", 0.5]
@@ -121,7 +122,7 @@ def test_infalign_study_on_the_gold_reward_trains_picks_and_judges_by_gold(tmp_p
     tiny_sft_and_reward(out)
     monkeypatch.setattr(infalign_study, "COMPARED", (("raw, scaled", 0.0), ("identity", 0.0)))
     experiments.main(["infalign", f"--out_dir={out}", "--reward=gold", "--infalign_prompts=3", "--ctrl_steps=1",
-                      "--seeds=1", "--k=4", "--device=cpu"])
+                      "--seeds=1", "--calibration_k=4", "--support_draws=6", "--policy_samples=4", "--device=cpu"])
     rows = list(csv.DictReader(open(f"{out}/infalign_gold.csv")))
     assert [(r["transform"], r["grid_kl"]) for r in rows] == [("identity", "0.2"), ("identity", "0.5")]  # no "raw, scaled"
     assert load_meta(f"{out}/infalign/gold_identity_kl0.5_s0")["config"]["reward"] == "gold"
@@ -131,25 +132,23 @@ def test_infalign_study_on_the_gold_reward_trains_picks_and_judges_by_gold(tmp_p
     assert "trained on and picked by gold" in table and "| BoN_4 (gold) | gap |" in table
 
 
-def test_matched_kl_interpolates_each_seed_then_averages_those_that_bracket_it(monkeypatch):
-    """Hand-computed: per seed the line through its two (KL, rate) points, read at KL 0.35: seed 0
-    (0.2, 0.6), (0.5, 0.9) -> 0.75; seed 1 (0.3, 0.7), (0.4, 0.9) -> 0.8; seed 2 (0.1, 0.5), (0.3, 0.6)
-    does not bracket 0.35 and is left out; then mean and standard error over seeds 0 and 1. A transform
-    whose seeds all miss it (KLs 0.7 and 1.4, rates 0.95 and 0.75: extrapolated, 1.05) gets none."""
-    monkeypatch.setattr(infalign_study, "COMPARED", (("raw", 0.0), ("identity", 0.0)))
-    points = {0: ((0.2, 0.6), (0.5, 0.9)), 1: ((0.3, 0.7), (0.4, 0.9)), 2: ((0.1, 0.5), (0.3, 0.6))}
+def test_matched_kl_adds_each_seeds_interpolated_gap_to_the_optimum_and_averages_every_seed(monkeypatch):
+    """Hand-computed: per seed the line through its two (KL, gap) points, gap = trained - optimum at the KL
+    reached, read at KL 0.35: seed 0 (0.2, -0.10), (0.5, -0.04) -> -0.07; seed 1 (0.3, -0.02), (0.4, -0.04)
+    -> -0.03; seed 2 (0.1, -0.20), (0.3, -0.10) -> -0.075 (extrapolated: a gap is kept whatever side it
+    lands on). Each rate: the optimum's at 0.35 (0.8) plus the mean gap, ± SE of the gaps across seeds."""
+    monkeypatch.setattr(infalign_study, "COMPARED", (("raw", 0.0),))
+    points = {0: ((0.2, -0.10), (0.5, -0.04)), 1: ((0.3, -0.02), (0.4, -0.04)), 2: ((0.1, -0.20), (0.3, -0.10))}
     columns = [f"{k}_{j}" for k in infalign_study.RATES for j in infalign_study.JUDGES]
-    trained = [{"transform": "raw", "seed": s, "kl": kl, **dict.fromkeys(columns, v)} for s, pts in points.items()
-               for kl, v in pts]
-    trained += [{"transform": "identity", "seed": s, "kl": kl, **dict.fromkeys(columns, v)} for s in points
-                for kl, v in ((0.7, 0.95), (1.4, 0.75))]
-    optima = {label: dict.fromkeys(columns, 0.5) for label in ("raw", "identity")}
-    raw, identity = infalign_study.matched_rows(trained, optima, [0, 1, 2])
-    assert raw["bon_r"] == pytest.approx(0.775) and raw["bon_r_se"] == pytest.approx(0.025)  # SE: |0.8 - 0.75| / 2
-    assert raw["bracketing"] == 2 and raw["won_gold_optimum"] == 0.5
-    assert identity["bracketing"] == 0 and identity["bon_r"] is None
-    table = infalign_study.markdown([raw, identity], [], 4, 3, 12, 1.0)
-    assert "| identity | n/a (0.500) |" in table and "| 0 of 3 |" in table and "| 2 of 3 |" in table
+    trained = [{"transform": "raw", "seed": s, "kl": kl, **dict.fromkeys(columns, 0.6 + gap),
+                **{f"{c}_at_kl": 0.6 for c in columns}} for s, pts in points.items() for kl, gap in pts]
+    optima = {"raw": dict.fromkeys(columns, 0.8)}
+    (raw,) = infalign_study.matched_rows(trained, optima, [0, 1, 2])
+    gaps = torch.tensor([-0.07, -0.03, -0.075], dtype=torch.float64)
+    assert raw["bon_r"] == pytest.approx(0.8 + float(gaps.mean()))
+    assert raw["bon_r_se"] == pytest.approx(float(gaps.std() / 3 ** 0.5)) and raw["won_gold_optimum"] == 0.8
+    table = infalign_study.markdown([raw], [], 4, 3, 12, 1.0)
+    assert f"| raw | {0.8 + float(gaps.mean()):.3f} ± {float(gaps.std() / 3 ** 0.5):.3f} (0.800) |" in table
     assert infalign_study.interpolate([0.5, 0.2], [0.9, 0.6], 0.35) == pytest.approx(0.75)  # either order
 
 
@@ -175,11 +174,11 @@ def test_the_warm_start_fits_the_optimum_log_ratio_and_the_levers_table_runs(tmp
                           **{**RL, "steps": 1, "eval_prompts": 0}, **TINY))
     fit = [json.loads(line) for line in open(f"{out}/logs/warm.jsonl")][0]
     assert fit["step"] == 0 and fit["warm_mse_last"] < 0.5 * fit["warm_mse_first"]  # least squares that descends
-    experiments.main(["ctrl-levers", f"--out_dir={out}", "--n_eval=1", "--k=4", "--ctrl_steps=1"])
+    experiments.main(["ctrl-levers", f"--out_dir={out}", "--n_eval=1", "--support_draws=6", "--policy_samples=4", "--ctrl_steps=1"])
     table = open(f"{out}/ctrl_levers.md").read()
     assert [label in table for _, label, _ in ctrl_levers.LEVERS] == [True] * len(ctrl_levers.LEVERS)
     monkeypatch.setattr(ctrl_levers, "trained_against_optimum", None)  # a second run evaluates nothing again
-    experiments.main(["ctrl-levers", f"--out_dir={out}", "--n_eval=1", "--k=4", "--ctrl_steps=1"])
+    experiments.main(["ctrl-levers", f"--out_dir={out}", "--n_eval=1", "--support_draws=6", "--policy_samples=4", "--ctrl_steps=1"])
     again = open(f"{out}/ctrl_levers.md").read()
     assert again.count("| reused |") == len(ctrl_levers.LEVERS)  # finished runs kept, and their evaluations
     assert [row.rsplit("|", 2)[0] for row in again.splitlines()] == [row.rsplit("|", 2)[0] for row in table.splitlines()]

@@ -7,7 +7,8 @@ import torch
 
 from minialign import tilt, world
 from minialign.reward_model import prompt_scale
-from minialign.lab.tilt_study import (TILT_TRANSFORMS, TILT_VIEWS, bottom_share, kl_by_kind, noisy_gold, phi_of, reward_quality_rows,
+from minialign.lab.yardstick import bottom_share, kl_by_kind
+from minialign.lab.tilt_study import (TILT_TRANSFORMS, TILT_VIEWS, noisy_gold, phi_of, reward_quality_rows,
                                   style_agreement, tilt_markdown, tilt_rows)
 
 

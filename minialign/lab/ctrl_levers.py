@@ -2,22 +2,22 @@
 
 ``python train.py``'s CTRL (exp(+4), beta 20, 40 steps of 16 prompts x G = 8 samples, two PPO epochs)
 ends below the exact optimum of its own objective. This experiment retrains it with one lever changed
-at a time and sets each policy beside the exact optimum at the KL it reached (``tilt_study.
-trained_against_optimum``: the optimum pi_ref exp(Phi(C_hat) / beta) on a support of ``--k`` pi_ref
-samples per prompt, read off exactly), judged by r, everything in fp32. It does so twice: on held-out
+at a time and sets each policy beside the exact optimum at the KL it reached (``yardstick.
+trained_against_optimum``: the optimum pi_ref exp(Phi(C_hat) / beta) of CTRL's own calibrated reward on
+each prompt's exact pi_ref support), judged by r, everything in fp32. It does so twice: on held-out
 prompts (what ``python train.py`` reports) and on the prompts CTRL trained on (every other calibration
 prompt), where the policy need not generalise: the difference between the two gaps is generalisation,
 the training prompts' gap is the solver's. The levers:
 
+- the KL estimator: the sampled (k1) one in the reward instead of the analytic one, and k1 per token to
+  go (``--kl sampled [--kl_to_go]``); the KL column says how much of each policy's KL lies off pi_ref's
+  support (responses pi_ref almost never writes);
 - one PPO epoch instead of two (a second pass over the same samples);
 - G = 16 samples per prompt (twice the samples per step), with one PPO epoch;
-- the same with twice the learning rate;
 - twice the prompts per step at half the samples each (32 x G = 4: more distinct prompts, the same cost);
-- the KL to go per token (``--kl_to_go``): each token penalised by the KL of the tokens from it on;
+- twice the learning rate; twice the steps (does the RL plateau?);
 - the offline warm start (``--warm_samples``): the optimum's log-ratio fitted on pi_ref's samples, then
-  the RL, at the learning rate where the fit does not diverge (at 1e-4 its error grows); with the KL to
-  go; with twice the warm start's samples; run twice as long, to see whether the RL plateaus; and with
-  G = 16, one epoch and the KL to go, the levers that each bought most.
+  the RL, at the learning rate where the fit does not diverge (at 1e-4 its error grows).
 
 Each run is a CTRL checkpoint ``<out_dir>/levers_<name>`` (reused when finished with the same config),
 its evaluation ``levers_<name>/against_optimum.json`` (reused for the same run and settings); the table
@@ -35,31 +35,27 @@ from ..reward_model import load_reward
 from ..tokenizer import get_tokenizer
 from ..training import pick_device
 from .infalign_study import finished
-from .tilt_study import ctrl_training_prompts, tilt_support, trained_against_optimum
+from .yardstick import calibration_of, ctrl_training_prompts, exact_support, trained_against_optimum
 
 LEVERS = (  # (name, what changes, CTRL flags)
-    ("default", "python train.py's CTRL", {}),
+    ("default", "python train.py's CTRL (the analytic KL)", {}),
+    ("k1", "the sampled (k1) KL", {"kl": "sampled"}),
+    ("k1_kl_to_go", "the sampled (k1) KL, per token to go", {"kl": "sampled", "kl_to_go": True}),
     ("one_epoch", "1 PPO epoch", {"ppo_epochs": 1}),
     ("g16", "G = 16, 1 PPO epoch", {"group": 16, "ppo_epochs": 1}),
-    ("g16_lr2", "G = 16, 1 PPO epoch, lr 2e-4", {"group": 16, "ppo_epochs": 1, "lr": 2e-4}),
-    ("kl_to_go", "KL to go per token", {"kl_to_go": True}),
-    ("warm", "warm start (16 samples per prompt, 2 passes), lr 3e-5", {"warm_samples": 16, "lr": 3e-5}),
-    ("warm_kl_to_go", "warm start and KL to go, lr 3e-5", {"warm_samples": 16, "lr": 3e-5, "kl_to_go": True}),
-    ("warm32_kl_to_go", "warm start (32 samples per prompt) and KL to go, lr 3e-5",
-     {"warm_samples": 32, "lr": 3e-5, "kl_to_go": True}),
-    ("warm_kl_to_go_twice", "warm start and KL to go, lr 3e-5, twice the steps",
-     {"warm_samples": 16, "lr": 3e-5, "kl_to_go": True, "steps_factor": 2}),
     ("p32_g4", "32 prompts per step, G = 4", {"prompts_per_step": 32, "group": 4}),
-    ("warm_g16_kl_to_go", "warm start, G = 16, 1 PPO epoch, KL to go, lr 3e-5",
-     {"warm_samples": 16, "group": 16, "ppo_epochs": 1, "kl_to_go": True, "lr": 3e-5}),
+    ("lr2", "lr 2e-4", {"lr": 2e-4}),
+    ("twice", "twice the steps", {"steps_factor": 2}),
+    ("warm", "warm start (16 samples per prompt, 2 passes), lr 3e-5", {"warm_samples": 16, "lr": 3e-5}),
 )
 
 
 def gap_cells(trained: dict, optimum: dict) -> list[str]:
-    """The trained policy's standard, BoN and WoN win rates by r, ± SE over prompts, each with its gap
-    to the optimum at the KL it reached."""
-    return [f"{trained[f'{key}_r']:.3f} ± {trained[f'{key}_r_se']:.3f} ({trained[f'{key}_r'] - optimum[f'{key}_r']:+.3f})"
-            for key in ("win_rate", "bon", "won")]
+    """The trained policy's KL (the part spent off pi_ref's support), and its standard, BoN and WoN win
+    rates by r, each with its paired gap to the optimum at the KL it reached ± SE over prompts."""
+    return [f"{trained['kl']:.3f} ({trained['kl_off_support']:.3f})"] + [
+        f"{trained[f'{key}_r']:.3f} ({optimum[f'{key}_r_gap']:+.3f} ± {optimum[f'{key}_r_gap_se']:.3f})"
+        for key in ("win_rate", "bon", "won")]
 
 
 def ctrl_levers(cfg) -> str:
@@ -73,7 +69,8 @@ def ctrl_levers(cfg) -> str:
     prompt_sets = {"held out": world.eval_prompts(cfg.n_eval, world_seed(cfg.out_dir)),
                    "training": ctrl_training_prompts(cfg.out_dir)}
     supports = {}  # drawn when a lever is first evaluated
-    settings = {"n_eval": cfg.n_eval, "k": cfg.k, "n": cfg.n, "seed": cfg.seed}
+    settings = {"n_eval": cfg.n_eval, "support_draws": cfg.support_draws, "policy_samples": cfg.policy_samples,
+                "n": cfg.n, "seed": cfg.seed}
 
     def against_optimum(folder: str, ctrl: CTRLConfig) -> dict:
         """For each prompt set: the trained policy's row and the optimum's at its KL (``trained_against_optimum``)."""
@@ -87,9 +84,10 @@ def ctrl_levers(cfg) -> str:
         rows = {}
         for name, prompts in prompt_sets.items():
             if name not in supports:
-                supports[name] = tilt_support(reference, reward_model, tokenizer, prompts, cfg.k, cfg.seed)
+                supports[name] = exact_support(reference, reward_model, tokenizer, prompts, cfg.support_draws, cfg.seed)
             trained, _, optimum = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts,
-                                                          supports[name], asdict(ctrl), cfg.n, cfg.seed)
+                                                          supports[name], asdict(ctrl), cfg.n, cfg.policy_samples,
+                                                          cfg.seed, calibration_of(cfg.out_dir, asdict(ctrl), prompts))
             rows[name] = [trained, optimum]
         atomic_write_text(path, json.dumps({"settings": settings, "rows": rows}))
         return rows
@@ -98,10 +96,11 @@ def ctrl_levers(cfg) -> str:
     held_out, training = (len(p) for p in prompt_sets.values())
     lines = [f"CTRL {default.transform}({default.t:+g}), beta {default.beta:g}, {cfg.ctrl_steps} steps, one lever at a time, "
              f"against the exact optimum at the KL it reached ({held_out} held-out prompts, and {training} of CTRL's "
-             f"training prompts; a support of {cfg.k} pi_ref samples each, selected and judged by r; gap = trained - "
-             "optimum, ± SE over prompts of the trained rate):", "",
-             f"| lever | KL | win rate (gap) | BoN_{cfg.n} (gap) | WoN_{cfg.n} (gap) | bottom tenth (optimum) "
-             f"| training prompts: KL | win rate (gap) | BoN_{cfg.n} (gap) | WoN_{cfg.n} (gap) | train seconds |",
+             f"training prompts; pi_ref exact on the distinct responses of {cfg.support_draws} draws per prompt, "
+             f"{cfg.policy_samples} samples of each policy, selected and judged by r; KL (of it, off pi_ref's support); "
+             "rate (gap = trained - optimum, ± paired SE over prompts)):", "",
+             f"| lever | KL (off support) | win rate (gap) | BoN_{cfg.n} (gap) | WoN_{cfg.n} (gap) | bottom tenth (optimum) "
+             f"| training prompts: KL (off support) | win rate (gap) | BoN_{cfg.n} (gap) | WoN_{cfg.n} (gap) | train seconds |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, label, flags in LEVERS:
         flags = dict(flags)
@@ -119,8 +118,8 @@ def ctrl_levers(cfg) -> str:
             seconds = f"{time.time() - started:.0f}"
         rows = against_optimum(folder, ctrl)
         (trained, optimum), (trained_on_own, optimum_on_own) = rows["held out"], rows["training"]
-        cells = [f"{trained['kl']:.3f}", *gap_cells(trained, optimum), f"{trained['bottom']:.3f} ({optimum['bottom']:.3f})",
-                 f"{trained_on_own['kl']:.3f}", *gap_cells(trained_on_own, optimum_on_own)]
+        cells = [*gap_cells(trained, optimum), f"{trained['bottom']:.3f} ({optimum['bottom']:.3f})",
+                 *gap_cells(trained_on_own, optimum_on_own)]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds} |")
         print(lines[-1])
     table = "\n".join(lines)

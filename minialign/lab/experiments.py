@@ -43,7 +43,8 @@ from .infalign_study import infalign_study
 from .judge_quality import judge_quality
 from .paper_gain import paper_gain
 from .rain_study import combined_table, rain_batch_agreement, rain_batch_markdown
-from .tilt_study import ctrl_training_prompts, exact_tilt
+from .tilt_study import exact_tilt
+from .yardstick import ctrl_training_prompts
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,9 +188,13 @@ class ExperimentConfig:
     reward: str = arg("model", "infalign: the reward CTRL trains on and BoN/WoN pick by: model (r, the paper's setting) "
                                "or gold (the world's gold reward, a perfect reward model; writes infalign_gold.*)",
                       one_of=("model", "gold"))
-    k: int = arg(32, "tilt, infalign, ctrl-levers, paper-gain: pi_ref samples per prompt (the support of the exact optimum; infalign's "
-                     "calibration too)", at_least=2)
+    k: int = arg(32, "tilt, paper-gain: pi_ref samples per prompt (the sample support of the exact optimum)", at_least=2)
+    calibration_k: int = arg(128, "infalign: pi_ref samples per training prompt in the study's calibration (K)", at_least=2)
     n: int = arg(4, "tilt, infalign, ctrl-levers: N of best-of-N and worst-of-N", at_least=1)
+    support_draws: int = arg(256, "tilt (its trained table), infalign, ctrl-levers: pi_ref draws per prompt whose distinct "
+                                  "responses, with their exact probabilities, are the yardstick's pi_ref", at_least=1)
+    policy_samples: int = arg(128, "tilt (its trained table), infalign, ctrl-levers: samples per prompt of each trained "
+                                   "policy", at_least=1)
     prompts: str = arg("test", "tilt: the support's prompts: held-out (test, n_eval per kind) or CTRL's own training "
                                "prompts (train, every other calibration prompt)", one_of=("test", "train"))
     judge_noise: str = arg("0,0.15,0.3,0.45", "judge-quality: shares of wrong self-evaluation verdicts in pi_ref's "

@@ -8,20 +8,20 @@ three times and CTRL stops well below its optimum (``tilt``'s trained table); on
 one of them in every step, it comes closer. So:
 
 1. A workspace ``<out_dir>/infalign`` whose ``sft`` and ``reward`` link to the pipeline's own, with r
-   calibrated on ``--infalign_prompts`` training prompts (K pi_ref samples each). "raw, scaled" is raw
-   RLHF on r times a per-prompt scale (``--reward scaled``), InfAlign's reason to calibrate: the
-   calibrated transforms are unchanged by such a scale, so only raw is trained on it.
-2. A second, independent set of K pi_ref samples per training prompt: the support of the exact optima.
-   For each transform, the betas whose optimum on it has KL ``GRID_KLS`` (bisection on the tilt).
-3. CTRL at each (transform, beta) and seed, all prompts in every step. Each policy is then sampled K
-   times per prompt: its KL and win rates against pi_ref, picked by r and judged by r (the paper's
-   view) and by gold, beside the exact optimum at the KL it reached (the distance table), and its KL
-   on each kind of prompt beside the optimum's (a calibrated optimum spends the same KL on every
-   prompt, whatever r's scale there).
-4. Matched KL: per transform and seed, each win rate interpolated linearly in KL between the grid's two
-   betas to ``MATCHED_KL``; then mean ± standard error across the seeds whose two runs bracket it, beside
-   the optimum at that KL. A seed whose runs both land on one side is left out: a line extrapolated from
-   two noisy points can leave [0, 1] (measured: KLs 1.38 and 0.76 for a target of 0.2 and 0.5).
+   calibrated on ``--infalign_prompts`` training prompts (``--calibration_k`` pi_ref samples each). "raw,
+   scaled" is raw RLHF on r times a per-prompt scale (``--reward scaled``), InfAlign's reason to
+   calibrate: the calibrated transforms are unchanged by such a scale, so only raw is trained on it.
+2. The yardstick (``yardstick.py``): pi_ref exact on the distinct responses of independent draws per
+   training prompt, and each transform's optimum of the very reward its runs train on (C_hat against
+   the study's calibration). For each transform, the betas whose optimum has KL ``GRID_KLS``.
+3. CTRL at each (transform, beta) and seed, all prompts in every step. Each policy is then sampled
+   (``--policy_samples`` per prompt): its KL and win rates against pi_ref, picked by r and judged by r
+   (the paper's view) and by gold, beside the exact optimum at the KL it reached (the distance table),
+   and its KL on each kind of prompt beside the optimum's (a calibrated optimum spends the same KL on
+   every prompt, whatever r's scale there).
+4. Matched KL: per transform and seed, the gap to the optimum interpolated linearly in KL between the
+   grid's two runs to ``MATCHED_KL``, added to the optimum's rate there; mean ± standard error across
+   every seed.
 
 ``--reward gold`` runs the same study on the world's gold reward in r's place (a perfect reward model:
 CTRL trains on it, BoN/WoN pick by it, and the paper's judge is then gold itself), writing
@@ -44,9 +44,10 @@ from ..checkpoint import CheckpointError, atomic_write_text, load_meta, load_mod
 from ..ctrl import CTRLConfig, train_ctrl
 from ..evaluate import mean_and_se
 from ..reward_model import load_reward
-from .tilt_study import phi_of, selector_of, tilt_support, trained_against_optimum, transform_label
 from ..tokenizer import get_tokenizer
 from ..training import pick_device
+from .yardstick import (calibration_of, exact_support, selector_of, trained_against_optimum, training_phi,
+                        transform_label)
 
 COMPARED = (("raw", 0.0), ("raw, scaled", 0.0), ("identity", 0.0), ("log", 0.0), ("exp", 4.0), ("exp", -4.0))
 GRID_KLS = (0.2, 0.5)  # each transform is trained at the two betas whose exact optimum has these KLs
@@ -91,11 +92,18 @@ def training_prompts(folder: str, cfg) -> list[world.Prompt]:
     prompts of the world (computed once), and r with a per-prompt scale on the same prompts when "raw,
     scaled" is compared."""
     for reward in (cfg.reward,) + (("scaled",) if ("raw, scaled", 0.0) in compared(cfg.reward) else ()):
-        calibration = CalibrateConfig(out_dir=folder, reward=reward, n_prompts=cfg.infalign_prompts, k=cfg.k,
+        calibration = CalibrateConfig(out_dir=folder, reward=reward, n_prompts=cfg.infalign_prompts, k=cfg.calibration_k,
                                       seed=cfg.seed, device=cfg.device)
         if not finished(calibration_folder(folder, reward), calibration):
             run_calibration(calibration)
     return [world.parse_prompt(p) for p in load_calibration(calibration_folder(folder, cfg.reward))[0]]
+
+
+def trains_on(transform: str, t: float, reward: str) -> dict:
+    """What the study's runs of a transform train on, as a CTRL config's fields: "raw, scaled" is raw RLHF
+    on r with a per-prompt scale (``--reward scaled``)."""
+    scaled = transform == "raw, scaled"
+    return {"transform": "raw" if scaled else transform, "t": t, "reward": "scaled" if scaled else reward}
 
 
 def run_config(folder: str, transform: str, t: float, beta: float, grid_kl: float, seed: int, prompts: int,
@@ -105,9 +113,8 @@ def run_config(folder: str, transform: str, t: float, beta: float, grid_kl: floa
     scaled = transform == "raw, scaled"
     name = (f"{'gold_' if cfg.reward == 'gold' else ''}{'raw_scaled' if scaled else transform}"
             f"{f'{t:+g}' if transform == 'exp' else ''}_kl{grid_kl:g}_s{seed}")
-    return CTRLConfig(out_dir=folder, reward="scaled" if scaled else cfg.reward, transform="raw" if scaled else transform,
-                      t=t, beta=beta, steps=cfg.ctrl_steps, prompts_per_step=prompts, eval_prompts=0, seed=seed,
-                      name=name, device=cfg.device)
+    return CTRLConfig(out_dir=folder, **trains_on(transform, t, cfg.reward), beta=beta, steps=cfg.ctrl_steps,
+                      prompts_per_step=prompts, eval_prompts=0, seed=seed, name=name, device=cfg.device)
 
 
 def interpolate(kls: list[float], values: list[float], at: float) -> float:
@@ -125,22 +132,22 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def matched_rows(trained: list[dict], optima: dict, seeds: list[int]) -> list[dict]:
-    """Per transform (each label of ``optima``, in its order): each rate interpolated to MATCHED_KL per
-    seed between the grid's two points, then mean ± SE across the seeds whose two points bracket
-    MATCHED_KL (``bracketing``; None where none does), with the exact optimum at MATCHED_KL
-    (``optima[label]``)."""
+    """Per transform (each label of ``optima``, in its order): each rate at MATCHED_KL, as the exact
+    optimum's there (``optima[label]``) plus the trained policy's gap to the optimum at the KL it reached,
+    interpolated in KL per seed between the grid's two runs and averaged over every seed (± SE across
+    seeds). The gap, not the rate, is interpolated: a rate bends with KL, the gap to the curve much less,
+    and a run that lands far from MATCHED_KL stays usable."""
     rows = []
     for label in optima:
         per_seed = [[r for r in trained if r["transform"] == label and r["seed"] == s] for s in seeds]
-        bracketing = [pts for pts in per_seed if min(p["kl"] for p in pts) <= MATCHED_KL <= max(p["kl"] for p in pts)]
-        row = {"transform": label, "kl": MATCHED_KL, "bracketing": len(bracketing)}
+        row = {"transform": label, "kl": MATCHED_KL}
         for judge in JUDGES:
             for key in RATES:
                 column = f"{key}_{judge}"
-                matched = [interpolate([p["kl"] for p in pts], [p[column] for p in pts], MATCHED_KL)
-                           for pts in bracketing]
-                row[column], row[column + "_se"] = mean_se(matched) if matched else (None, None)
-                row[column + "_optimum"] = optima[label][column]
+                gaps = [interpolate([p["kl"] for p in pts], [p[column] - p[column + "_at_kl"] for p in pts], MATCHED_KL)
+                        for pts in per_seed]
+                gap, row[column + "_se"] = mean_se(gaps)
+                row[column], row[column + "_optimum"] = optima[label][column] + gap, optima[label][column]
         rows.append(row)
     return rows
 
@@ -176,13 +183,13 @@ def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, pro
     names = {"win_rate": "win rate", "bon": f"BoN_{n}", "won": f"WoN_{n}"}
     lines = [f"Trained CTRL at matched KL {MATCHED_KL:g} ({seeds} seeds, {prompts} training prompts, trained on and "
              f"picked by {selector}; "
-             "each rate: trained mean ± SE across the seeds whose two runs bracket that KL (exact optimum at that KL)):",
-             "", "| transform | " + " | ".join(f"{names[k]} ({j})" for j in JUDGES for k in RATES) + " | seeds bracketing |",
-             "|---|" + "---|" * (len(JUDGES) * len(RATES) + 1)]
+             "each rate: the exact optimum's at that KL plus each seed's gap to it interpolated in KL, mean ± SE across "
+             "the seeds (the exact optimum at that KL)):",
+             "", "| transform | " + " | ".join(f"{names[k]} ({j})" for j in JUDGES for k in RATES) + " |",
+             "|---|" + "---|" * (len(JUDGES) * len(RATES))]
     for row in matched:
         lines.append(f"| {row['transform']} | " + " | ".join(
-            f"{cell(row, f'{k}_{j}') if row['bracketing'] else 'n/a'} ({row[f'{k}_{j}_optimum']:.3f})"
-            for j in JUDGES for k in RATES) + f" | {row['bracketing']} of {seeds} |")
+            f"{cell(row, f'{k}_{j}')} ({row[f'{k}_{j}_optimum']:.3f})" for j in JUDGES for k in RATES) + " |")
     lines += ["", "Each trained point against the exact optimum at the KL it reached (gap = trained - optimum, "
               f"mean ± SE across seeds), judged by {selector}:", "",
               "| transform | optimum's KL at beta | beta | KL reached | " + " | ".join(
@@ -203,11 +210,11 @@ def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, pro
     return "\n".join(lines)
 
 
-def plot(support: dict, distances: list[dict], n: int, path: str, reward: str = "model",
+def plot(support: dict, phis: dict, distances: list[dict], n: int, path: str, reward: str = "model",
          kls=tuple(0.02 * i for i in range(1, 41))) -> None:
     """BoN_n and WoN_n picked and judged by the study's reward (r, or gold) against KL: each
-    transform's exact optimum as a line, its trained points (mean ± SE across seeds, both axes) as
-    markers of the same colour."""
+    transform's exact optimum (of its ``phis[label]`` on the support) as a line, its trained points
+    (mean ± SE across seeds, both axes) as markers of the same colour."""
     plt = pyplot()
     if plt is None:
         return
@@ -215,9 +222,9 @@ def plot(support: dict, distances: list[dict], n: int, path: str, reward: str = 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for transform, t in compared(reward):
         label, colour = transform_label(transform, t), f"C{COMPARED.index((transform, t))}"  # one colour per transform
-        phi = phi_of(transform, t, support[s], support["scale"])
-        curve = [tilt.readout(phi, inverse_beta, support[s], support[s], n) for inverse_beta in
-                 (tilt.inverse_beta_at_kl(phi, k) for k in kls) if inverse_beta != math.inf]
+        phi, ref = phis[label], support["reference"]
+        curve = [tilt.readout(phi, inverse_beta, support[s], support[s], n, ref) for inverse_beta in
+                 (tilt.inverse_beta_at_kl(phi, k, ref) for k in kls) if inverse_beta != math.inf]
         points = [row for row in distances if row["transform"] == label]
         for ax, key in zip(axes, ("bon", "won")):
             ax.plot([c["kl"] for c in curve], [c[key] for c in curve], color=colour, label=f"{label}: exact optimum")
@@ -244,20 +251,23 @@ def infalign_study(cfg) -> list[dict]:
     reference.to(device).eval()
     reward_model = load_reward(f"{folder}/reward")[0].to(device).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
-    # an independent support: seed + 1, not the calibration's samples
-    support = tilt_support(reference, reward_model, tokenizer, prompts, cfg.k, cfg.seed + 1)
+    # pi_ref exact on the distinct responses of independent draws (seed + 1, not the calibration's samples)
+    support = exact_support(reference, reward_model, tokenizer, prompts, cfg.support_draws, cfg.seed + 1)
+    ref = support["reference"]
     seeds = list(range(cfg.seeds))
-    trained, optima = [], {}
+    trained, optima, phis = [], {}, {}
     for transform, t in compared(cfg.reward):
         label = transform_label(transform, t)
-        phi = phi_of(transform, t, support[selector], support["scale"])
-        inverse_beta = tilt.inverse_beta_at_kl(phi, MATCHED_KL)  # the optimum at the matched KL, read by each judge
+        own = trains_on(transform, t, cfg.reward)
+        calibration = calibration_of(folder, own, prompts)
+        phi = phis[label] = training_phi(own, support, calibration)  # the optimum of the reward the runs train on
+        inverse_beta = tilt.inverse_beta_at_kl(phi, MATCHED_KL, ref)  # the optimum at the matched KL, read by each judge
         optima[label] = {}
         for judge in JUDGES:
-            exact = tilt.readout(phi, inverse_beta, support[selector], support[judge], cfg.n)
+            exact = tilt.readout(phi, inverse_beta, support[selector], support[judge], cfg.n, ref)
             optima[label].update({f"{key}_{judge}": exact[key] for key in RATES})
         for grid_kl in GRID_KLS:
-            beta = 1 / tilt.inverse_beta_at_kl(phi, grid_kl)
+            beta = 1 / tilt.inverse_beta_at_kl(phi, grid_kl, ref)
             for seed in seeds:
                 ctrl = run_config(folder, transform, t, beta, grid_kl, seed, len(prompts), cfg)
                 print(f"[infalign] {label}, beta {beta:.4g} (optimum's KL {grid_kl:g}), seed {seed}")
@@ -265,7 +275,7 @@ def infalign_study(cfg) -> list[dict]:
                     train_ctrl(ctrl)
                 policy = load_model(f"{folder}/{ctrl.name}")[0].to(device).eval()
                 point, _, at_kl = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts, support,
-                                                          asdict(ctrl), cfg.n, cfg.seed)
+                                                          asdict(ctrl), cfg.n, cfg.policy_samples, cfg.seed, calibration)
                 columns = [f"{key}_{judge}" for key in RATES for judge in JUDGES] + list(SPREAD)
                 trained.append({"transform": label, "grid_kl": grid_kl, "beta": beta, "seed": seed, "kl": point["kl"],
                                 **{c: point[c] for c in columns}, **{f"{c}_at_kl": at_kl[c] for c in columns}})
@@ -278,5 +288,5 @@ def infalign_study(cfg) -> list[dict]:
                      (time.time() - started) / 60, selector)
     atomic_write_text(f"{name}.md", table + "\n")
     print(table)
-    plot(support, distances, cfg.n, f"{name}.png", cfg.reward)
+    plot(support, phis, distances, cfg.n, f"{name}.png", cfg.reward)
     return trained

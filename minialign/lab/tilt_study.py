@@ -3,28 +3,21 @@
 ``tilt.py`` computes the optimum pi* ∝ pi_ref exp(Phi(C_hat) / beta) on a finite support; this file
 uses it on the world: K samples of pi_ref per prompt as the support, every transform at matched KL
 under three (selector, judge) views, rewards of controlled quality (how good must r be?), and trained
-CTRL checkpoints beside their own optima. It writes ``out/tilt.{csv,md,png}``,
+CTRL checkpoints beside their own optima (``yardstick.py``). It writes ``out/tilt.{csv,md,png}``,
 ``out/tilt_reward_quality.md`` and ``out/tilt_trained.md``.
 """
-import math
-
 import torch
 
 from .. import tilt, world
-from ..calibrate import calibration_folder, load_calibration
 from ..checkpoint import atomic_write_text, load_model, pyplot, save_figure, write_csv
-from ..evaluate import sample_responses, sampled_win_rates
 from ..reward_model import prompt_scale, score
 from ..sampling import complete
+from .yardstick import calibration_of, exact_support, trained_against_optimum, trained_markdown, transform_label
 
 TILT_TRANSFORMS = (("raw", 0.0), ("raw, scaled", 0.0), ("identity", 0.0), ("log", 0.0), ("exp", 2.0), ("exp", 4.0), ("exp", 8.0),
                    ("exp", -2.0), ("exp", -4.0), ("exp", -8.0))
 TILT_VIEWS = (("r", "r"), ("gold", "gold"), ("r", "gold"))  # (selector, judge); (r, r) is the paper's
 TILT_KLS = (0.25, 0.5, 1.0)
-
-
-def transform_label(transform: str, t: float) -> str:
-    return transform + (f"({t:+g})" if transform == "exp" else "")
 
 
 def tilt_support(model, reward_model, tokenizer, prompts: list[world.Prompt], k: int, seed: int) -> dict:
@@ -174,103 +167,6 @@ def reward_quality_markdown(rows: list[dict], n: int, kl: float = 0.5) -> str:
     return f"Exact optima at KL {kl:g}, judged by gold:\n\n" + "\n".join(lines)
 
 
-def selector_of(reward: str | None) -> str:
-    """The support column (``"r"`` or ``"gold"``) that CTRL on ``reward`` (``--reward``: model, gold or
-    scaled) trains and picks by: r with a per-prompt scale keeps r's per-prompt order, so its win rates."""
-    return "gold" if reward == "gold" else "r"
-
-
-def trained_on(ctrl: dict) -> str:
-    """The reward a CTRL checkpoint is set beside, by its config (``selector_of`` its ``reward``; older
-    runs without one were trained on r)."""
-    return selector_of(ctrl.get("reward"))
-
-
-def trained_transform(ctrl: dict) -> str:
-    """The transform a CTRL checkpoint optimised, by its config: "raw, scaled" for raw RLHF on r with a
-    per-prompt scale (``--reward scaled``), else its ``transform``."""
-    return "raw, scaled" if ctrl["transform"] == "raw" and ctrl.get("reward") == "scaled" else ctrl["transform"]
-
-
-def kl_by_kind(per_prompt: torch.Tensor, prompts: list[world.Prompt]) -> dict:
-    """Where a policy spends its KL: the mean of the per-prompt KLs (P,) over each kind of prompt, as
-    ``kl_benign``, ``kl_harmful``, ``kl_attacked`` (nan for a kind without prompts). A calibrated
-    transform's optimum spends the same KL on every prompt (C_hat is uniform on each), so a trained
-    policy that spends it unevenly is off its optimum."""
-    return {f"kl_{kind}": float(per_prompt[[i for i, p in enumerate(prompts) if p.kind == kind]].mean())
-            for kind in world.KIND_MIX}
-
-
-BOTTOM = 0.1  # the bottom tenth of the support: where a worst-of-N's picks come from
-
-
-def bottom_share(weights: torch.Tensor, values: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """Per prompt (P,): the probability ``weights`` (P, M) puts on responses whose ``values`` (P, M) are at
-    or below the support's (P, K) bottom tenth (its ceil(K / 10)-th lowest reward; pi_ref, uniform on the
-    support, puts at least a tenth there). A policy that keeps mass there loses WoN_N: worst-of-N finds those responses."""
-    rank = math.ceil(BOTTOM * support.size(1))
-    cut = support.sort(1).values[:, rank - 1: rank]  # (P, 1)
-    return (weights * (values <= cut)).sum(1)
-
-
-def ctrl_training_prompts(out_dir: str) -> list[world.Prompt]:
-    """Every other prompt of the calibration CTRL trains on (96 of the default 192): where a trained
-    policy is set beside the optimum with no generalisation between them."""
-    return [world.parse_prompt(p) for p in load_calibration(calibration_folder(out_dir, "model"))[0][::2]]
-
-
-def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts: list[world.Prompt], support: dict,
-                            ctrl: dict, n: int, seed: int) -> list[dict]:
-    """A trained CTRL policy beside the exact optimum of its own (transform, beta) on the held-out support,
-    and beside the optimum at the KL it actually reached: KL and win rates against pi_ref, selected by
-    r and judged by r (the paper's view) and by gold, and the share of each in the support's bottom tenth
-    by the selector (``bottom``: mean over prompts; ``bottom_worst``: the largest prompt's). The policy is
-    sampled as often as the support. A policy trained on the gold reward (``--reward gold``) is set beside
-    the optima selected by gold."""
-    k = support["r"].size(1)
-    texts = [p.text for p in prompts for _ in range(k)]
-    responses, log_ratio = sample_responses(policy, tokenizer, [p.text for p in prompts], k, 128, seed + 11, reference)
-    r = score(reward_model, tokenizer, texts, responses).double().view(len(prompts), k)
-    gold = torch.tensor([world.gold_reward(t, y) for t, y in zip(texts, responses)], dtype=torch.float64).view_as(r)
-    selector = trained_on(ctrl)
-    selected = {"r": r, "gold": gold}[selector]
-    phi = phi_of(trained_transform(ctrl), ctrl["t"], support[selector], support["scale"])
-    kl = float(log_ratio.mean())
-    points = [("trained", None), (f"optimum at beta {ctrl['beta']:g}", 1 / ctrl["beta"]),
-              (f"optimum at KL {kl:.2f}", tilt.inverse_beta_at_kl(phi, kl))]
-    rows = []
-    for label, inverse_beta in points:
-        if inverse_beta is None:  # the policy's own samples, each 1/k
-            per_prompt = log_ratio.view(len(prompts), k).mean(1)
-            bottom = bottom_share(torch.full_like(selected, 1 / k), selected, support[selector])
-        else:
-            weights = tilt.tilt(phi, inverse_beta)  # (P, K) the optimum on the support
-            per_prompt = tilt.kl_to_reference(weights)
-            bottom = bottom_share(weights, support[selector], support[selector])
-        row = {"point": label, "kl": float(per_prompt.mean()), **kl_by_kind(per_prompt, prompts),
-               "bottom": float(bottom.mean()), "bottom_worst": float(bottom.max())}
-        for judge, judged in (("r", r), ("gold", gold)):
-            exact = (sampled_win_rates((selected, judged), (support[selector], support[judge]), n) if inverse_beta is None
-                     else tilt.readout(phi, inverse_beta, support[selector], support[judge], n))
-            row.update({f"{key}_{judge}": exact[key] for key in ("win_rate", "bon", "won")})
-            row.update({f"{key}_{judge}_se": exact[key + "_se"] for key in ("win_rate", "bon", "won")})
-        rows.append(row)
-    return rows
-
-
-def trained_markdown(rows: list[dict], ctrl: dict, n: int) -> str:
-    label = transform_label(trained_transform(ctrl), ctrl["t"])
-    lines = [f"CTRL {label}, beta {ctrl['beta']:g}, {ctrl['steps']} steps, trained on {trained_on(ctrl)}, against its "
-             f"exact optima (selected by {trained_on(ctrl)}):", "",
-             f"| {label} | KL | win rate (r) | BoN_{n} (r) | WoN_{n} (r) | win rate (gold) | BoN_{n} (gold) | WoN_{n} (gold) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        cells = [f"{row[f'{key}_{judge}']:.3f} ± {row[f'{key}_{judge}_se']:.3f}"
-                 for judge in ("r", "gold") for key in ("win_rate", "bon", "won")]
-        lines.append(f"| {row['point']} | {row['kl']:.2f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def exact_tilt(model, reward_model, tokenizer, prompts: list[world.Prompt], cfg) -> list[dict]:
     """The ``tilt`` experiment (``cfg``: ``experiments.ExperimentConfig``): out/tilt.{csv,md,png},
     out/tilt_reward_quality.md and, for each ``cfg.ctrl`` checkpoint, out/tilt_trained.md."""
@@ -284,12 +180,13 @@ def exact_tilt(model, reward_model, tokenizer, prompts: list[world.Prompt], cfg)
     quality = reward_quality_markdown(reward_quality_rows(support, cfg.n), cfg.n)
     atomic_write_text(f"{cfg.out_dir}/tilt_reward_quality.md", quality + "\n")
     print(quality)
-    tables = []
+    tables, exact = [], None
     for name in filter(None, cfg.ctrl.split(",")):
         policy, meta = load_model(f"{cfg.out_dir}/{name}", "python train.py --stage ctrl, or pass --ctrl ''")
         policy.to(model.lm_head.weight.device).eval()
-        trained = trained_against_optimum(policy, model, reward_model, tokenizer, prompts, support, meta["config"],
-                                          cfg.n, cfg.seed)
+        exact = exact or exact_support(model, reward_model, tokenizer, prompts, cfg.support_draws, cfg.seed)
+        trained = trained_against_optimum(policy, model, reward_model, tokenizer, prompts, exact, meta["config"], cfg.n,
+                                          cfg.policy_samples, cfg.seed, calibration_of(cfg.out_dir, meta["config"], prompts))
         tables.append(trained_markdown(trained, meta["config"], cfg.n))
     if tables:
         atomic_write_text(f"{cfg.out_dir}/tilt_trained.md", "\n\n".join(tables) + "\n")
