@@ -169,7 +169,7 @@ def test_the_warm_start_target_is_the_optimum_log_ratio(transform, t, beta):
 
 
 def test_kl_to_go_advantages_by_hand(tiny_model, monkeypatch):
-    """With ``--kl_to_go`` token t's advantage is the sequence's plus beta times the KL of the tokens
+    """With ``--kl sampled --kl_to_go`` token t's advantage is the sequence's plus beta times the KL of the tokens
     before it: the first response token keeps the whole sequence's, later ones drop what they cannot change."""
     import minialign.ctrl as ctrl
     from minialign.model import sequence_logprobs
@@ -180,7 +180,7 @@ def test_kl_to_go_advantages_by_hand(tiny_model, monkeypatch):
     R = torch.tensor([[1.0, 0.0], [0.5, 2.0]])
     outcomes = {}
     for to_go in (False, True):
-        cfg = ctrl.CTRLConfig(group=2, beta=0.5, kl_to_go=to_go, ppo_epochs=1, micro_batch=0)
+        cfg = ctrl.CTRLConfig(group=2, beta=0.5, kl="sampled", kl_to_go=to_go, ppo_epochs=1, micro_batch=0)
         outcomes[to_go] = ctrl.rl_update(None, None, tiny_model, None, rows, responses, logp_old, R, cfg, "cpu"), seen[-1]
     kl, sequence = outcomes[False]
     _, tokens = outcomes[True]
