@@ -72,7 +72,8 @@ from .model import GPT, micro_batches, next_token_logprobs, token_logprobs
 from .reward_model import REWARDS, reward_function
 from .sampling import generate, response_text, stop_ids
 from .tokenizer import get_tokenizer
-from .training import MetricsLog, TrainingState, check_resume, clip_gradients, make_optimizer, pick_device
+from .training import (MetricsLog, TrainingState, check_resume, clip_gradients, cosine_lr, make_optimizer, pick_device,
+                       set_lr)
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """Leave-one-out advantages (P, G): each sample's reward minus the mean of its G-1 siblings."""
@@ -212,7 +213,9 @@ class CTRLConfig:
     micro_batch: int = arg(32, "rows per forward/backward in the update, rows of similar length together (gradient "
                                 "accumulation; less padding); 0 = all at once. GPT-2: 16", at_least=0)
     clip: float = arg(0.2, "PPO ratio clip epsilon", above=0)
-    lr: float = arg(1e-4, "learning rate (constant; higher rates overshoot the exact optimum's KL within 40 steps)", above=0)
+    lr: float = arg(1e-4, "learning rate (higher rates overshoot the exact optimum's KL within 40 steps)", above=0)
+    lr_decay: bool = arg(False, "decay the learning rate from --lr to a tenth of it over --steps (cosine) instead of "
+                                "keeping it constant")
     max_new_tokens: int = arg(128, "longest sampled response", at_least=1)
     eval_n: int = arg(4, "N of the best-of-N / worst-of-N inference-time win rates", at_least=1)
     eval_prompts: int = arg(32, "held-out prompts per kind in the final evaluation; 0 = none (a sweep that "
@@ -347,7 +350,8 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
     prompts, sorted_reference = load_calibration(calibration_folder(cfg.out_dir, cfg.reward))  # (prompts, K)
     policy = copy.deepcopy(reference)
     if cfg.resume:
-        check_resume(folder, cfg, free=("steps",))  # a constant learning rate: more steps extend the same run
+        # a constant learning rate: more steps extend the same run; a decaying one is set by --steps
+        check_resume(folder, cfg, free=() if cfg.lr_decay else ("steps",))
         load_weights(folder, policy)
     reference.to(d.device).eval().requires_grad_(False)
     policy.to(d.device).train()
@@ -372,6 +376,8 @@ def train_ctrl(cfg: CTRLConfig) -> tuple[GPT, dict]:
     with tqdm(total=cfg.steps, initial=run.step, desc=f"ctrl[{cfg.transform}]", dynamic_ncols=True,
               disable=not d.is_main) as bar:
         while run.step < cfg.steps:
+            if cfg.lr_decay:
+                set_lr(run.optimizer, cosine_lr(run.step, cfg.steps, cfg.lr, warmup=0))
             stats = ctrl_step(ddp, policy, reference, run, reward, tokenizer, prompts, prompt_ids, sorted_reference, cfg, d)
             run.step += 1
             metrics = {"step": run.step, **stats}

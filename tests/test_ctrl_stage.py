@@ -182,3 +182,20 @@ def test_the_warm_start_fits_the_optimum_log_ratio_and_the_levers_table_runs(tmp
     again = open(f"{out}/ctrl_levers.md").read()
     assert again.count("| reused |") == len(ctrl_levers.LEVERS)  # finished runs kept, and their evaluations
     assert [row.rsplit("|", 2)[0] for row in again.splitlines()] == [row.rsplit("|", 2)[0] for row in table.splitlines()]
+
+
+def test_lr_decay_follows_the_cosine_to_a_tenth_and_fixes_the_steps_of_a_resume(tmp_path, monkeypatch):
+    """``--lr_decay``: step s of S trains at lr (0.1 + 0.9 (1 + cos(pi s / S)) / 2), hand-computed for S = 4;
+    a resumed run cannot change --steps, which would bend the schedule it was on."""
+    import minialign.ctrl as ctrl
+    out = str(tmp_path)
+    tiny_sft_and_reward(out)
+    run_calibration(CalibrateConfig(out_dir=out, n_prompts=6, k=4, max_new_tokens=12, **TINY))
+    seen, step = [], ctrl.ctrl_step
+    monkeypatch.setattr(ctrl, "ctrl_step", lambda ddp, policy, reference, run, *rest: (
+        seen.append(run.optimizer.param_groups[0]["lr"]), step(ddp, policy, reference, run, *rest))[1])
+    cfg = CTRLConfig(out_dir=out, name="decay", lr=1e-3, lr_decay=True, **{**RL, "eval_prompts": 0}, **TINY)
+    train_ctrl(cfg)
+    assert seen == pytest.approx([1e-3, 0.868198e-3, 0.55e-3, 0.231802e-3], rel=1e-5)
+    with pytest.raises(ConfigError, match="--steps is 8"):
+        train_ctrl(CTRLConfig(**{**vars(cfg), "steps": 8, "resume": True}))

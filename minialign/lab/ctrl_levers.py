@@ -45,6 +45,7 @@ LEVERS = (  # (name, what changes, CTRL flags)
     ("g16", "G = 16, 1 PPO epoch", {"group": 16, "ppo_epochs": 1}),
     ("p32_g4", "32 prompts per step, G = 4", {"prompts_per_step": 32, "group": 4}),
     ("lr2", "lr 2e-4", {"lr": 2e-4}),
+    ("lr2_decay", "lr 2e-4 decaying to 2e-5 (cosine)", {"lr": 2e-4, "lr_decay": True}),
     ("twice", "twice the steps", {"steps_factor": 2}),
     ("warm", "warm start (16 samples per prompt, 2 passes), lr 3e-5", {"warm_samples": 16, "lr": 3e-5}),
 )
