@@ -15,7 +15,8 @@ the training prompts' gap is the solver's. The levers:
 - one PPO epoch instead of two (a second pass over the same samples);
 - G = 16 samples per prompt (twice the samples per step), with one PPO epoch;
 - twice the prompts per step at half the samples each (32 x G = 4: more distinct prompts, the same cost);
-- twice the learning rate; twice the steps (does the RL plateau?);
+- twice the learning rate, constant or decayed to a tenth (``--lr_decay``); twice the steps (does the RL
+  plateau?);
 - the offline warm start (``--warm_samples``): the optimum's log-ratio fitted on pi_ref's samples, then
   the RL, at the learning rate where the fit does not diverge (at 1e-4 its error grows).
 
@@ -25,7 +26,6 @@ goes to ``<out_dir>/ctrl_levers.md``.
 """
 import json
 import os
-import time
 from dataclasses import asdict
 
 from .. import world
@@ -57,6 +57,13 @@ def gap_cells(trained: dict, optimum: dict) -> list[str]:
     return [f"{trained['kl']:.3f} ({trained['kl_off_support']:.3f})"] + [
         f"{trained[f'{key}_r']:.3f} ({optimum[f'{key}_r_gap']:+.3f} ± {optimum[f'{key}_r_gap_se']:.3f})"
         for key in ("win_rate", "bon", "won")]
+
+
+def training_seconds(out_dir: str, name: str) -> float:
+    """The wall time of the run's last session: its metrics log's last line (the log is appended to, the
+    run that made the checkpoint writes last; a resumed run counts from its resumption)."""
+    with open(f"{out_dir}/logs/{name}.jsonl") as f:
+        return json.loads(f.readlines()[-1])["time"]
 
 
 def ctrl_levers(cfg) -> str:
@@ -109,19 +116,16 @@ def ctrl_levers(cfg) -> str:
         ctrl = CTRLConfig(out_dir=cfg.out_dir, name=f"levers_{name}", eval_prompts=0, steps=steps, device=cfg.device,
                           **flags)
         folder = f"{cfg.out_dir}/{ctrl.name}"
-        seconds = "reused"
         if not finished(folder, ctrl):
             print(f"[ctrl-levers] {label}")
             if os.path.exists(f"{folder}/against_optimum.json"):  # a new run: its old evaluation is stale
                 os.remove(f"{folder}/against_optimum.json")
-            started = time.time()
             train_ctrl(ctrl)
-            seconds = f"{time.time() - started:.0f}"
         rows = against_optimum(folder, ctrl)
         (trained, optimum), (trained_on_own, optimum_on_own) = rows["held out"], rows["training"]
         cells = [*gap_cells(trained, optimum), f"{trained['bottom']:.3f} ({optimum['bottom']:.3f})",
                  *gap_cells(trained_on_own, optimum_on_own)]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {training_seconds(cfg.out_dir, ctrl.name):.0f} |")
         print(lines[-1])
     table = "\n".join(lines)
     atomic_write_text(f"{cfg.out_dir}/ctrl_levers.md", table + "\n")

@@ -78,13 +78,15 @@ def workspace(out_dir: str) -> str:
 
 def finished(folder: str, config) -> bool:
     """Whether ``folder`` holds a finished run of exactly this config: a calibration, or a CTRL run at
-    its last step (an unfinished one is trained again from the start)."""
+    its last step (an unfinished one is trained again from the start). A flag the run's checkpoint does
+    not name was added after it was trained, so the run had that flag's default."""
     try:
         meta = load_meta(folder)
     except CheckpointError:
         return False
     steps = getattr(config, "steps", None)  # a calibration has no steps
-    return meta["config"] == asdict(config) and (steps is None or meta.get("step") == steps)
+    saved = {**asdict(type(config)()), **meta["config"]}
+    return saved == asdict(config) and (steps is None or meta.get("step") == steps)
 
 
 def training_prompts(folder: str, cfg) -> list[world.Prompt]:
