@@ -183,6 +183,8 @@ def test_the_warm_start_fits_the_optimum_log_ratio_and_the_levers_table_runs(tmp
     meta = json.load(open(f"{out}/levers_default/config.json"))
     del meta["config"]["lr_decay"]
     json.dump(meta, open(f"{out}/levers_default/config.json", "w"))
+    with open(f"{out}/logs/levers_default.jsonl", "a") as log:  # and a later run stopped before its first step
+        log.write(json.dumps({"time": 1e6, "step": 0}) + "\n")
     experiments.main(["ctrl-levers", f"--out_dir={out}", "--n_eval=1", "--support_draws=6", "--policy_samples=4", "--ctrl_steps=1"])
     assert open(f"{out}/ctrl_levers.md").read() == table  # the training seconds too, from each run's log
 

@@ -18,7 +18,8 @@ the training prompts' gap is the solver's. The levers:
 - twice the learning rate, constant or decayed to a tenth (``--lr_decay``); twice the steps (does the RL
   plateau?);
 - the offline warm start (``--warm_samples``): the optimum's log-ratio fitted on pi_ref's samples, then
-  the RL, at the learning rate where the fit does not diverge (at 1e-4 its error grows).
+  the RL, at the learning rate where the fit does not diverge (at 1e-4 its error grows); and with G = 16
+  and one PPO epoch (do the two best levers add up?).
 
 Each run is a CTRL checkpoint ``<out_dir>/levers_<name>`` (reused when finished with the same config),
 its evaluation ``levers_<name>/against_optimum.json`` (reused for the same run and settings); the table
@@ -48,6 +49,8 @@ LEVERS = (  # (name, what changes, CTRL flags)
     ("lr2_decay", "lr 2e-4 decaying to 2e-5 (cosine)", {"lr": 2e-4, "lr_decay": True}),
     ("twice", "twice the steps", {"steps_factor": 2}),
     ("warm", "warm start (16 samples per prompt, 2 passes), lr 3e-5", {"warm_samples": 16, "lr": 3e-5}),
+    ("warm_g16", "warm start, lr 3e-5, G = 16, 1 PPO epoch", {"warm_samples": 16, "lr": 3e-5, "group": 16,
+                                                            "ppo_epochs": 1}),
 )
 
 
@@ -59,11 +62,13 @@ def gap_cells(trained: dict, optimum: dict) -> list[str]:
         for key in ("win_rate", "bon", "won")]
 
 
-def training_seconds(out_dir: str, name: str) -> float:
-    """The wall time of the run's last session: its metrics log's last line (the log is appended to, the
-    run that made the checkpoint writes last; a resumed run counts from its resumption)."""
-    with open(f"{out_dir}/logs/{name}.jsonl") as f:
-        return json.loads(f.readlines()[-1])["time"]
+def training_seconds(out_dir: str, ctrl: CTRLConfig) -> float:
+    """The wall time of the run that made the checkpoint: the last line of its metrics log at the run's
+    last step (the log is appended to; a run stopped before the end, which saved no checkpoint, wrote
+    only earlier steps; a resumed run counts from its resumption)."""
+    with open(f"{out_dir}/logs/{ctrl.name}.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    return [line for line in lines if line.get("step") == ctrl.steps][-1]["time"]
 
 
 def ctrl_levers(cfg) -> str:
@@ -125,7 +130,7 @@ def ctrl_levers(cfg) -> str:
         (trained, optimum), (trained_on_own, optimum_on_own) = rows["held out"], rows["training"]
         cells = [*gap_cells(trained, optimum), f"{trained['bottom']:.3f} ({optimum['bottom']:.3f})",
                  *gap_cells(trained_on_own, optimum_on_own)]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {training_seconds(cfg.out_dir, ctrl.name):.0f} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {training_seconds(cfg.out_dir, ctrl):.0f} |")
         print(lines[-1])
     table = "\n".join(lines)
     atomic_write_text(f"{cfg.out_dir}/ctrl_levers.md", table + "\n")
