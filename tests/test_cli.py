@@ -264,7 +264,8 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py", "--stage=sft", f"--out_dir={out}", "--steps=100000",
                              "--eval_every=1", "--n_layer=1", "--n_embd=32", "--block_size=64", "--batch_size=2",
                              "--corpus_dialogues=100"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,  # Ctrl-C's default action even where pytest runs as a background job (ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "sft" / "config.json").exists() and time.time() < deadline:
         time.sleep(0.2)
