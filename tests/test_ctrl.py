@@ -169,8 +169,9 @@ def test_the_warm_start_target_is_the_optimum_log_ratio(transform, t, beta):
 
 
 def test_kl_to_go_advantages_by_hand(tiny_model, monkeypatch):
-    """With ``--kl sampled --kl_to_go`` token t's advantage is the sequence's plus beta times the KL of the tokens
-    before it: the first response token keeps the whole sequence's, later ones drop what they cannot change."""
+    """With ``--kl sampled --kl_to_go`` token t's advantage is the sequence's plus beta times the KL of the
+    tokens before it: the first response token keeps the whole sequence's, later ones drop what they cannot
+    change."""
     import minialign.ctrl as ctrl
     from minialign.model import sequence_logprobs
     seen = []
