@@ -147,9 +147,33 @@ def test_matched_kl_adds_each_seeds_interpolated_gap_to_the_optimum_and_averages
     gaps = torch.tensor([-0.07, -0.03, -0.075], dtype=torch.float64)
     assert raw["bon_r"] == pytest.approx(0.8 + float(gaps.mean()))
     assert raw["bon_r_se"] == pytest.approx(float(gaps.std() / 3 ** 0.5)) and raw["won_gold_optimum"] == 0.8
-    table = infalign_study.markdown([raw], [], 4, 3, 12, 1.0)
+    table = infalign_study.markdown([raw], [], [], 4, 3, 12, 1.0)
     assert f"| raw | {0.8 + float(gaps.mean()):.3f} ± {float(gaps.std() / 3 ** 0.5):.3f} (0.800) |" in table
     assert infalign_study.interpolate([0.5, 0.2], [0.9, 0.6], 0.35) == pytest.approx(0.75)  # either order
+
+
+def test_gains_pair_the_transforms_per_prompt_at_matched_kl(monkeypatch):
+    """Hand-computed, two prompts: each transform's per-prompt gaps read at KL 0.35 on each seed's line and
+    averaged over the seeds, exp(+4): seed 0 (0.2, [-.10, -.02]), (0.5, [-.04, -.08]) -> [-.07, -.05];
+    seed 1 (0.3, [0, -.02]), (0.4, [-.04, 0]) -> [-.02, -.01]; mean [-.045, -.03]. raw: seed 0 (0.25, [0, 0]),
+    (0.45, [-.02, -.04]) -> [-.01, -.02]; seed 1 (0.35, [-.03, .03]), (0.55, [.05, .05]) -> [-.03, .03];
+    mean [-.02, .005]. Gain per prompt: the optima's 0.85 - 0.72 plus the gaps' difference, [.105, .095]:
+    0.100 ± 0.005 (the SE of the two differences; unpaired, the prompts' spread would enter it)."""
+    monkeypatch.setattr(infalign_study, "GAINS", (("bon", "exp(+4)", "raw"), ("won", "exp(-4)", "raw")))
+    columns = [f"{k}_{j}" for k in infalign_study.RATES for j in infalign_study.JUDGES]
+    points = {("exp(+4)", 0): ((0.2, [-.10, -.02]), (0.5, [-.04, -.08])), ("exp(+4)", 1): ((0.3, [0, -.02]), (0.4, [-.04, 0])),
+              ("raw", 0): ((0.25, [0, 0]), (0.45, [-.02, -.04])), ("raw", 1): ((0.35, [-.03, .03]), (0.55, [.05, .05]))}
+    trained, gaps = [], {}
+    for (label, seed), pts in points.items():
+        for grid_kl, (kl, gap) in zip((0.2, 0.5), pts):
+            trained.append({"transform": label, "seed": seed, "grid_kl": grid_kl, "kl": kl})
+            gaps[(label, grid_kl, seed)] = dict.fromkeys(columns, torch.tensor(gap, dtype=torch.float64))
+    optima = {"exp(+4)": dict.fromkeys(columns, 0.85), "raw": dict.fromkeys(columns, 0.72)}
+    (row,) = infalign_study.gain_rows(trained, gaps, optima, [0, 1])  # exp(-4) was not compared: left out
+    assert (row["transform"], row["baseline"], row["bon_gold_optimum"]) == ("exp(+4)", "raw", pytest.approx(0.13))
+    assert row["bon_r"] == pytest.approx(0.100) and row["bon_r_se"] == pytest.approx(0.005)
+    table = infalign_study.markdown([], [row], [], 4, 2, 2, 1.0)
+    assert "| BoN_4 | exp(+4) - raw | +0.100 ± 0.005 | +0.130 | +0.100 ± 0.005 | +0.130 |" in table
 
 
 def test_distance_rows_average_each_seeds_gap_to_the_optimum_at_its_kl():

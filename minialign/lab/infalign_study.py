@@ -22,6 +22,9 @@ one of them in every step, it comes closer. So:
 4. Matched KL: per transform and seed, the gap to the optimum interpolated linearly in KL between the
    grid's two runs to ``MATCHED_KL``, added to the optimum's rate there; mean ± standard error across
    every seed.
+5. InfAlign's comparisons (``GAINS``): each transform's rate minus its baseline's at ``MATCHED_KL``, the
+   same reading per prompt, with the standard error of the per-prompt differences (the transforms are
+   trained and read on the same prompts), trained beside the exact optima's.
 
 ``--reward gold`` runs the same study on the world's gold reward in r's place (a perfect reward model:
 CTRL trains on it, BoN/WoN pick by it, and the paper's judge is then gold itself), writing
@@ -56,6 +59,10 @@ RATES = ("win_rate", "bon", "won")
 JUDGES = ("r", "gold")
 # where a point spends its KL (mean over each kind's prompts) and its mass in the support's bottom tenth
 SPREAD = tuple(f"kl_{kind}" for kind in world.KIND_MIX) + ("bottom", "bottom_worst")
+# InfAlign's claims at matched KL, (rate, transform, baseline): the identity transform is the standard win
+# rate's optimum; exp(+t) and exp(-t) beat raw RLHF and the best-of-N distillation baseline (log) at BoN_N, WoN_N
+GAINS = (("win_rate", "identity", "raw"), ("bon", "exp(+4)", "raw"), ("bon", "exp(+4)", "log"),
+         ("won", "exp(-4)", "raw"), ("won", "exp(-4)", "log"))
 
 
 def compared(reward: str) -> list[tuple[str, float]]:
@@ -119,9 +126,10 @@ def run_config(folder: str, transform: str, t: float, beta: float, grid_kl: floa
                       prompts_per_step=prompts, eval_prompts=0, seed=seed, name=name, device=cfg.device)
 
 
-def interpolate(kls: list[float], values: list[float], at: float) -> float:
-    """The value at KL ``at`` on the line through two (KL, value) points (beyond them: the same line)."""
-    (k0, v0), (k1, v1) = sorted(zip(kls, values))
+def interpolate(kls: list[float], values: list, at: float):
+    """The value at KL ``at`` on the line through two (KL, value) points (beyond them: the same line); a
+    value may be a number or a tensor of per-prompt values, interpolated elementwise."""
+    (k0, v0), (k1, v1) = sorted(zip(kls, values), key=lambda point: point[0])
     if k1 - k0 < 1e-9:
         return (v0 + v1) / 2
     return v0 + (v1 - v0) * (at - k0) / (k1 - k0)
@@ -154,6 +162,33 @@ def matched_rows(trained: list[dict], optima: dict, seeds: list[int]) -> list[di
     return rows
 
 
+def gain_rows(trained: list[dict], gaps: dict, optima: dict, seeds: list[int]) -> list[dict]:
+    """InfAlign's comparisons at MATCHED_KL, on the same prompts: per (rate, transform, baseline) of
+    ``GAINS`` and judge, the transform's rate minus the baseline's, trained and at the exact optimum. Each
+    side is read as in ``matched_rows`` but per prompt: the optimum's rate plus the prompt's gap
+    (``gaps[(label, grid_kl, seed)][column]``, (P,)) interpolated in KL between the seed's two runs and
+    averaged over the seeds; the difference's standard error is across prompts (paired: a prompt's own
+    difficulty, shared by both transforms, cancels)."""
+    def matched_gap(label: str, column: str) -> torch.Tensor:  # (P,)
+        per_seed = []
+        for seed in seeds:
+            runs = [r for r in trained if r["transform"] == label and r["seed"] == seed]
+            per_seed.append(interpolate([r["kl"] for r in runs], [gaps[(label, r["grid_kl"], seed)][column] for r in runs],
+                                        MATCHED_KL))
+        return torch.stack(per_seed).mean(0)
+
+    rows = []
+    for key, label, baseline in (g for g in GAINS if g[1] in optima and g[2] in optima):  # the transforms compared
+        row = {"rate": key, "transform": label, "baseline": baseline}
+        for judge in JUDGES:
+            column = f"{key}_{judge}"
+            at_optimum = optima[label][column] - optima[baseline][column]
+            summary = mean_and_se({"gain": at_optimum + matched_gap(label, column) - matched_gap(baseline, column)})
+            row[column], row[column + "_se"], row[column + "_optimum"] = summary["gain"], summary["gain_se"], at_optimum
+        rows.append(row)
+    return rows
+
+
 def distance_rows(trained: list[dict]) -> list[dict]:
     """Per (transform, beta): the KL reached and each rate, trained and its gap to the exact optimum at
     the KL each seed reached, mean ± SE across seeds."""
@@ -178,8 +213,8 @@ def distance_rows(trained: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, prompts: int, minutes: float,
-             selector: str = "r") -> str:
+def markdown(matched: list[dict], gains: list[dict], distances: list[dict], n: int, seeds: int, prompts: int,
+             minutes: float, selector: str = "r") -> str:
     """The study's tables; ``selector`` ("r" or "gold") is what CTRL trained on and BoN/WoN picked by."""
     cell = lambda row, key: f"{row[key]:.3f} ± {row[key + '_se']:.3f}"  # noqa: E731
     names = {"win_rate": "win rate", "bon": f"BoN_{n}", "won": f"WoN_{n}"}
@@ -192,6 +227,14 @@ def markdown(matched: list[dict], distances: list[dict], n: int, seeds: int, pro
     for row in matched:
         lines.append(f"| {row['transform']} | " + " | ".join(
             f"{cell(row, f'{k}_{j}')} ({row[f'{k}_{j}_optimum']:.3f})" for j in JUDGES for k in RATES) + " |")
+    lines += ["", f"InfAlign's comparisons at matched KL {MATCHED_KL:g}: the transform's rate minus the baseline's, trained "
+              "(each side as above, per prompt), ± the standard error of the per-prompt differences (paired), and "
+              "at the exact optimum:", "", "| rate | transform - baseline | " + " | ".join(
+                  f"by {j}: trained | optimum" for j in JUDGES) + " |", "|---|---|" + "---|---|" * len(JUDGES)]
+    for row in gains:
+        columns = [f"{row['rate']}_{judge}" for judge in JUDGES]
+        lines.append(f"| {names[row['rate']]} | {row['transform']} - {row['baseline']} | " + " | ".join(
+            f"{row[c]:+.3f} ± {row[c + '_se']:.3f} | {row[c + '_optimum']:+.3f}" for c in columns) + " |")
     lines += ["", "Each trained point against the exact optimum at the KL it reached (gap = trained - optimum, "
               f"mean ± SE across seeds), judged by {selector}:", "",
               "| transform | optimum's KL at beta | beta | KL reached | " + " | ".join(
@@ -257,7 +300,7 @@ def infalign_study(cfg) -> list[dict]:
     support = exact_support(reference, reward_model, tokenizer, prompts, cfg.support_draws, cfg.seed + 1)
     ref = support["reference"]
     seeds = list(range(cfg.seeds))
-    trained, optima, phis = [], {}, {}
+    trained, optima, phis, gaps = [], {}, {}, {}
     for transform, t in compared(cfg.reward):
         label = transform_label(transform, t)
         own = trains_on(transform, t, cfg.reward)
@@ -281,13 +324,16 @@ def infalign_study(cfg) -> list[dict]:
                 columns = [f"{key}_{judge}" for key in RATES for judge in JUDGES] + list(SPREAD)
                 trained.append({"transform": label, "grid_kl": grid_kl, "beta": beta, "seed": seed, "kl": point["kl"],
                                 **{c: point[c] for c in columns}, **{f"{c}_at_kl": at_kl[c] for c in columns}})
+                gaps[(label, grid_kl, seed)] = {  # (P,) each: the per-prompt gaps that gain_rows pairs
+                    f"{key}_{judge}": torch.tensor(at_kl[f"{key}_{judge}_gaps"], dtype=torch.float64)
+                    for key in RATES for judge in JUDGES}
                 print(f"[infalign]   KL {point['kl']:.3f}; by {selector}, trained (optimum at that KL): " + ", ".join(
                     f"{key} {point[f'{key}_{selector}']:.3f} ({at_kl[f'{key}_{selector}']:.3f})" for key in RATES))
     name = f"{cfg.out_dir}/infalign{'_gold' if cfg.reward == 'gold' else ''}"
     write_csv(trained, f"{name}.csv")
     distances = distance_rows(trained)
-    table = markdown(matched_rows(trained, optima, seeds), distances, cfg.n, len(seeds), len(prompts),
-                     (time.time() - started) / 60, selector)
+    table = markdown(matched_rows(trained, optima, seeds), gain_rows(trained, gaps, optima, seeds), distances, cfg.n,
+                     len(seeds), len(prompts), (time.time() - started) / 60, selector)
     atomic_write_text(f"{name}.md", table + "\n")
     print(table)
     plot(support, phis, distances, cfg.n, f"{name}.png", cfg.reward)

@@ -168,9 +168,10 @@ def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts:
     prompts; ``bottom_worst``: the largest prompt's), and the standard, BoN_n and WoN_n win rates against
     pi_ref, selected by what CTRL trained on and judged by r (the paper's view) and by gold, ± SE across
     prompts. The optimum at the KL reached also carries each rate's paired gap (``<rate>_<judge>_gap``,
-    trained - optimum per prompt, and its SE). The trained row adds ``kl_off_support``: the KL the policy
-    spent on responses outside pi_ref's support. ``calibration``: CTRL's sorted calibration rewards of
-    these prompts (P, K), or None for the exact C (held-out prompts)."""
+    trained - optimum per prompt, and its SE) and the per-prompt gaps (``<rate>_<judge>_gaps``, a list). The
+    trained row adds ``kl_off_support``: the KL the policy spent on responses outside pi_ref's support.
+    ``calibration``: CTRL's sorted calibration rewards of these prompts (P, K), or None for the exact C
+    (held-out prompts)."""
     texts = [p.text for p in prompts for _ in range(samples)]
     responses, log_ratio = sample_responses(policy, tokenizer, [p.text for p in prompts], samples, 128, seed + 11,
                                             reference)
@@ -214,8 +215,10 @@ def trained_against_optimum(policy, reference, reward_model, tokenizer, prompts:
     rows[0]["covered"] = float(support["covered"].mean())
     for judge in ("r", "gold"):
         for key in RATES:
-            gap = mean_and_se({"gap": per_prompt_rates[0][judge][key] - per_prompt_rates[2][judge][key]})
+            gaps = per_prompt_rates[0][judge][key] - per_prompt_rates[2][judge][key]  # (P,)
+            gap = mean_and_se({"gap": gaps})
             rows[2][f"{key}_{judge}_gap"], rows[2][f"{key}_{judge}_gap_se"] = gap["gap"], gap["gap_se"]
+            rows[2][f"{key}_{judge}_gaps"] = gaps.tolist()  # per prompt: what pairs two policies on the same prompts
     return rows
 
 
