@@ -52,7 +52,8 @@ from ..training import pick_device
 from .yardstick import (calibration_of, exact_support, selector_of, trained_against_optimum, training_phi,
                         transform_label)
 
-COMPARED = (("raw", 0.0), ("raw, scaled", 0.0), ("identity", 0.0), ("log", 0.0), ("exp", 4.0), ("exp", -4.0))
+T = 4.0  # exp(+t) aims at best-of-N, exp(-t) at worst-of-N
+COMPARED = (("raw", 0.0), ("raw, scaled", 0.0), ("identity", 0.0), ("log", 0.0), ("exp", T), ("exp", -T))
 GRID_KLS = (0.2, 0.5)  # each transform is trained at the two betas whose exact optimum has these KLs
 MATCHED_KL = 0.35      # where the transforms are compared: between the grid's KLs
 RATES = ("win_rate", "bon", "won")
@@ -61,8 +62,8 @@ JUDGES = ("r", "gold")
 SPREAD = tuple(f"kl_{kind}" for kind in world.KIND_MIX) + ("bottom", "bottom_worst")
 # InfAlign's claims at matched KL, (rate, transform, baseline): the identity transform is the standard win
 # rate's optimum; exp(+t) and exp(-t) beat raw RLHF and the best-of-N distillation baseline (log) at BoN_N, WoN_N
-GAINS = (("win_rate", "identity", "raw"), ("bon", "exp(+4)", "raw"), ("bon", "exp(+4)", "log"),
-         ("won", "exp(-4)", "raw"), ("won", "exp(-4)", "log"))
+GAINS = (("win_rate", "identity", "raw"), ("bon", transform_label("exp", T), "raw"), ("bon", transform_label("exp", T), "log"),
+         ("won", transform_label("exp", -T), "raw"), ("won", transform_label("exp", -T), "log"))
 
 
 def compared(reward: str) -> list[tuple[str, float]]:
