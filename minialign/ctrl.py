@@ -35,10 +35,15 @@ The RL solver (the choices, stated precisely):
 - Three options, off by default (``python -m minialign.lab ctrl-levers`` measures what they buy):
   ``--kl_to_go`` (with ``--kl sampled``) penalises each token by the k1 of the tokens from it on (the KL
   before a token does not depend on it: the gradient's expectation is unchanged, less of its noise is
-  kept); ``--warm_samples`` first fits the optimum's log-ratio on pi_ref's samples (``warm_start``);
+  kept); ``--warm_samples`` first fits the optimum's log-ratio on pi_ref's samples (``warm_start``, at ``--warm_lr``);
   ``--lr_decay`` lowers the learning rate from ``--lr`` to a tenth of it over the run (cosine). None
   brings the default run within 0.03 of its optimum's BoN_4 win rate: the warm start with G = 16 and
   one epoch comes closest (0.031 on the training prompts, 0.051 held out; the default 0.034, 0.064).
+  On the infalign study's worst-of-N run (exp(-4), ``python -m minialign.lab won-levers``) no lever brings
+  WoN_4 within 0.03 of the optimum: its policies keep 2-8% of their mass in pi_ref's bottom quarter by r,
+  where the optimum keeps 0.0-0.7%, and four times the steps take the gap only from 0.084 to 0.050. A
+  sampled policy gradient pushes a response's log-probability in proportion to how often it is drawn, so
+  the bottom tail drains ever more slowly as it empties.
 - Update: ``ppo_epochs`` passes over the batch with the PPO-clipped per-token ratio
   ``pi_theta(y_t) / pi_old(y_t)``; per sequence the token terms are summed (the sequence's log-prob),
   and sequences are averaged. Each pass accumulates gradients over micro-batches of rows sorted by
@@ -208,6 +213,7 @@ class CTRLConfig:
     warm_samples: int = arg(0, "pi_ref samples per prompt for the warm start, which fits the optimum's log-ratio "
                                "R / beta - log Z offline before the RL (ctrl.warm_start); 0 = none", at_least=0)
     warm_epochs: int = arg(2, "passes of the warm start's fit over its samples", at_least=1)
+    warm_lr: float = arg(0.0, "learning rate of the warm start's fit; 0 = --lr", at_least=0)
     kl: str = arg("analytic", "KL estimator: analytic (the exact next-token KL at every visited position: "
                               "differentiated there, and the later positions' in each token's advantage) or "
                               "sampled (k1 of the drawn tokens, a penalty in the reward)", one_of=("analytic", "sampled"))
@@ -289,6 +295,7 @@ def warm_start(ddp, policy, reference, run: TrainingState, reward, tokenizer, pr
     size = cfg.micro_batch or len(rows)
     errors = []
     policy.train()
+    set_lr(run.optimizer, cfg.warm_lr or cfg.lr)
     for _ in tqdm(range(cfg.warm_epochs), desc="ctrl warm start", dynamic_ncols=True, disable=not d.is_main):
         order = torch.randperm(len(rows), generator=run.generators["generator"])
         for chunk in order.split(size):
@@ -300,6 +307,7 @@ def warm_start(ddp, policy, reference, run: TrainingState, reward, tokenizer, pr
             clip_gradients(policy.parameters(), "ctrl warm start", "try a lower --lr or fewer --warm_epochs")
             run.optimizer.step()
             errors.append(loss.item())
+    set_lr(run.optimizer, cfg.lr)  # the RL's own rate from here
     per_epoch = len(errors) // cfg.warm_epochs
     return {"warm_mse_first": round(sum(errors[:per_epoch]) / per_epoch, 4),
             "warm_mse_last": round(sum(errors[-per_epoch:]) / per_epoch, 4)}

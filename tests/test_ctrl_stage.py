@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minialign import world
-from minialign.lab import ctrl_levers, experiments, infalign_study
+from minialign.lab import ctrl_levers, experiments, infalign_study, won_levers
 from minialign.calibrate import CalibrateConfig, load_calibration, run_calibration
 from minialign.config import ConfigError
 from minialign.checkpoint import load_meta, load_model
@@ -130,6 +130,27 @@ def test_infalign_study_on_the_gold_reward_trains_picks_and_judges_by_gold(tmp_p
     assert not os.path.exists(f"{out}/infalign/calibration") and not os.path.exists(f"{out}/infalign.md")
     table = open(f"{out}/infalign_gold.md").read()
     assert "trained on and picked by gold" in table and "| BoN_4 (gold) | gap |" in table
+
+
+def test_won_levers_retrains_the_studys_run_one_lever_at_a_time_and_resumes(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    tiny_sft_and_reward(out)
+    flags = ["won-levers", f"--out_dir={out}", "--infalign_prompts=3", "--ctrl_steps=1", "--calibration_k=4",
+             "--support_draws=6", "--policy_samples=4", "--device=cpu"]
+    experiments.main(flags)
+    table = open(f"{out}/won_levers.md").read()
+    assert [f"| {label} |" in table for _, label, _ in won_levers.LEVERS] == [True] * len(won_levers.LEVERS)
+    study, four = load_meta(f"{out}/infalign/exp-4_kl0.5_s0")["config"], load_meta(f"{out}/infalign/won_steps4")["config"]
+    assert (four["steps"], four["beta"], four["t"]) == (4, study["beta"], -4.0)  # the study's run, 4x its steps
+    assert "| G = 32, lr 2e-4 | 32 |" in table  # samples per prompt: steps x G
+    # a second run trains and evaluates nothing again; the gold study's runs are not its subject
+    monkeypatch.setattr(ctrl_levers, "trained_against_optimum", None)
+    monkeypatch.setattr(ctrl_levers, "train_ctrl", None)
+    monkeypatch.setattr(won_levers, "trained_against_optimum", None)
+    experiments.main(flags)
+    assert open(f"{out}/won_levers.md").read() == table
+    with pytest.raises(ConfigError, match="drop --reward"):
+        experiments.main(flags + ["--reward=gold"])
 
 
 def test_matched_kl_adds_each_seeds_interpolated_gap_to_the_optimum_and_averages_every_seed(monkeypatch):

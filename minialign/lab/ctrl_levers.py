@@ -71,6 +71,30 @@ def training_seconds(out_dir: str, ctrl: CTRLConfig) -> float:
     return [line for line in lines if line.get("step") == ctrl.steps][-1]["time"]
 
 
+def cached_evaluation(folder: str, settings: dict, evaluate, device) -> dict:
+    """``evaluate(policy)`` of the CTRL checkpoint in ``folder``, kept in ``folder/against_optimum.json``
+    and read back while the evaluation's ``settings`` are the same (a retrained run removes it first)."""
+    path = f"{folder}/against_optimum.json"
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached["settings"] == settings:
+            return cached["rows"]
+    rows = evaluate(load_model(folder)[0].to(device).eval())
+    atomic_write_text(path, json.dumps({"settings": settings, "rows": rows}))
+    return rows
+
+
+def retrain(folder: str, ctrl: CTRLConfig, label: str) -> None:
+    """Train the lever's run unless ``folder`` holds it finished with the same config; a new run's old
+    evaluation is stale, so it goes first."""
+    if not finished(folder, ctrl):
+        print(f"[levers] {label}")
+        if os.path.exists(f"{folder}/against_optimum.json"):
+            os.remove(f"{folder}/against_optimum.json")
+        train_ctrl(ctrl)
+
+
 def ctrl_levers(cfg) -> str:
     """Train each of ``LEVERS`` (``cfg``: ``experiments.ExperimentConfig``) and tabulate it against its
     optimum on ``cfg.n_eval`` held-out prompts per kind and on CTRL's own training prompts."""
@@ -87,23 +111,17 @@ def ctrl_levers(cfg) -> str:
 
     def against_optimum(folder: str, ctrl: CTRLConfig) -> dict:
         """For each prompt set: the trained policy's row and the optimum's at its KL (``trained_against_optimum``)."""
-        path = f"{folder}/against_optimum.json"
-        if os.path.exists(path):
-            with open(path) as f:
-                cached = json.load(f)
-            if cached["settings"] == settings:
-                return cached["rows"]
-        policy = load_model(folder)[0].to(device).eval()
-        rows = {}
-        for name, prompts in prompt_sets.items():
-            if name not in supports:
-                supports[name] = exact_support(reference, reward_model, tokenizer, prompts, cfg.support_draws, cfg.seed)
-            trained, _, optimum = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts,
-                                                          supports[name], asdict(ctrl), cfg.n, cfg.policy_samples,
-                                                          cfg.seed, calibration_of(cfg.out_dir, asdict(ctrl), prompts))
-            rows[name] = [trained, optimum]
-        atomic_write_text(path, json.dumps({"settings": settings, "rows": rows}))
-        return rows
+        def evaluate(policy) -> dict:
+            rows = {}
+            for name, prompts in prompt_sets.items():
+                if name not in supports:
+                    supports[name] = exact_support(reference, reward_model, tokenizer, prompts, cfg.support_draws, cfg.seed)
+                trained, _, optimum = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts,
+                                                              supports[name], asdict(ctrl), cfg.n, cfg.policy_samples,
+                                                              cfg.seed, calibration_of(cfg.out_dir, asdict(ctrl), prompts))
+                rows[name] = [trained, optimum]
+            return rows
+        return cached_evaluation(folder, settings, evaluate, device)
 
     default = CTRLConfig()
     held_out, training = (len(p) for p in prompt_sets.values())
@@ -121,11 +139,7 @@ def ctrl_levers(cfg) -> str:
         ctrl = CTRLConfig(out_dir=cfg.out_dir, name=f"levers_{name}", eval_prompts=0, steps=steps, device=cfg.device,
                           **flags)
         folder = f"{cfg.out_dir}/{ctrl.name}"
-        if not finished(folder, ctrl):
-            print(f"[ctrl-levers] {label}")
-            if os.path.exists(f"{folder}/against_optimum.json"):  # a new run: its old evaluation is stale
-                os.remove(f"{folder}/against_optimum.json")
-            train_ctrl(ctrl)
+        retrain(folder, ctrl, label)
         rows = against_optimum(folder, ctrl)
         (trained, optimum), (trained_on_own, optimum_on_own) = rows["held out"], rows["training"]
         cells = [*gap_cells(trained, optimum), f"{trained['bottom']:.3f} ({optimum['bottom']:.3f})",

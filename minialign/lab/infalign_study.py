@@ -285,11 +285,10 @@ def plot(support: dict, phis: dict, distances: list[dict], n: int, path: str, re
     save_figure(fig, path)
 
 
-def infalign_study(cfg) -> list[dict]:
-    """The ``infalign`` experiment (``cfg``: ``experiments.ExperimentConfig``): <out_dir>/infalign.{csv,md,png}
-    (``infalign_gold`` on ``--reward gold``) and each run's checkpoint under <out_dir>/infalign."""
-    started = time.time()
-    selector = selector_of(cfg.reward)
+def study_setup(cfg) -> tuple:
+    """What the study's runs and their yardstick share (``cfg``: ``experiments.ExperimentConfig``): the
+    workspace folder, its training prompts, the device, pi_ref and r on it, the tokenizer, and pi_ref exact
+    on the distinct responses of independent draws (``exact_support``; seed + 1, not the calibration's)."""
     folder = workspace(cfg.out_dir)
     prompts = training_prompts(folder, cfg)
     device = pick_device(cfg.device)
@@ -297,8 +296,16 @@ def infalign_study(cfg) -> list[dict]:
     reference.to(device).eval()
     reward_model = load_reward(f"{folder}/reward")[0].to(device).eval()
     tokenizer = get_tokenizer(meta["tokenizer"])
-    # pi_ref exact on the distinct responses of independent draws (seed + 1, not the calibration's samples)
     support = exact_support(reference, reward_model, tokenizer, prompts, cfg.support_draws, cfg.seed + 1)
+    return folder, prompts, device, reference, reward_model, tokenizer, support
+
+
+def infalign_study(cfg) -> list[dict]:
+    """The ``infalign`` experiment (``cfg``: ``experiments.ExperimentConfig``): <out_dir>/infalign.{csv,md,png}
+    (``infalign_gold`` on ``--reward gold``) and each run's checkpoint under <out_dir>/infalign."""
+    started = time.time()
+    selector = selector_of(cfg.reward)
+    folder, prompts, device, reference, reward_model, tokenizer, support = study_setup(cfg)
     ref = support["reference"]
     seeds = list(range(cfg.seeds))
     trained, optima, phis, gaps = [], {}, {}, {}

@@ -107,6 +107,18 @@ def padded(rows: list[torch.Tensor], width: int, fill: float = 0.0) -> torch.Ten
 
 
 @torch.no_grad()
+def support_logprobs(model, tokenizer, prompts: list[world.Prompt], responses: list[list[list[int]]]) -> torch.Tensor:
+    """log model(y | x) of each prompt's ``responses`` (token lists), exactly (one forward pass each):
+    (P, M) float64, -inf on the padding after a prompt's last response."""
+    device = model.lm_head.weight.device
+    logp = []
+    for p, ys in zip(prompts, responses):
+        ids, mask, lengths = pad_with_lengths([tokenizer.encode(p.text)] * len(ys), ys, device)  # (M_j, T), (M_j, T-1), (M_j,)
+        logp.append((sequence_logprobs(model, ids, 64, lengths) * mask).sum(1).double().cpu())  # (M_j,)
+    return padded(logp, max(len(ys) for ys in responses), fill=-math.inf)
+
+
+@torch.no_grad()
 def exact_support(model, reward_model, tokenizer, prompts: list[world.Prompt], samples: int, seed: int) -> dict:
     """Each prompt's distinct responses among ``samples`` pi_ref draws (``model`` is pi_ref), with their
     exact pi_ref probabilities renormalised over the set: ``reference`` (P, M), 0 on the padding after a
@@ -120,18 +132,15 @@ def exact_support(model, reward_model, tokenizer, prompts: list[world.Prompt], s
     drawn = []
     for i in range(0, len(rows), 256):
         drawn += generate(model, rows[i: i + 256], 128, stop, temperature=1.0, generator=g, keep_stop=True)
-    logp, r, gold, texts, responses = [], [], [], [], []
+    r, gold, texts, responses = [], [], [], []
     for j, p in enumerate(prompts):
         distinct = [list(y) for y in sorted({tuple(y) for y in drawn[j * samples: (j + 1) * samples]})]
         responses.append(distinct)
-        prompt_rows = [tokenizer.encode(p.text)] * len(distinct)
-        ids, mask, lengths = pad_with_lengths(prompt_rows, distinct, device)  # (M_j, T), (M_j, T-1), (M_j,)
-        logp.append((sequence_logprobs(model, ids, 64, lengths) * mask).sum(1).double().cpu())  # (M_j,) log pi_ref
         texts.append([response_text(tokenizer, y, stop) for y in distinct])
         r.append(score(reward_model, tokenizer, [p.text] * len(distinct), texts[-1]).double().cpu())
         gold.append(torch.tensor([world.gold_reward(p.text, y) for y in texts[-1]], dtype=torch.float64))
     width = max(len(t) for t in texts)
-    mass = padded([lp.exp() for lp in logp], width)  # (P, M): pi_ref's probability of each response, 0 on padding
+    mass = support_logprobs(model, tokenizer, prompts, responses).exp()  # (P, M): pi_ref's probabilities, 0 on padding
     return {"reference": mass / mass.sum(1, keepdim=True), "covered": mass.sum(1), "r": padded(r, width),
             "gold": padded(gold, width), "texts": texts, "responses": responses,
             "scale": prompt_scale([p.text for p in prompts])[:, None]}
