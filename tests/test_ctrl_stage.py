@@ -111,9 +111,10 @@ def test_infalign_study_trains_each_transform_at_two_betas_and_resumes(tmp_path,
     assert load_meta(f"{out}/infalign/raw_scaled_kl0.2_s1")["config"]["reward"] == "scaled"
     for calibration in ("calibration", "calibration_scaled"):
         assert len(load_calibration(f"{out}/infalign/{calibration}")[0]) == 3
-    # a second run finds every run finished: nothing is trained, and the table is the same
+    # a second run finds every run finished, on any device: nothing is trained, and the table is the same
     monkeypatch.setattr(infalign_study, "train_ctrl", lambda cfg: pytest.fail(f"{cfg.name} trained again"))
-    experiments.main(flags)
+    monkeypatch.setattr(infalign_study, "run_calibration", lambda cfg: pytest.fail("calibrated again"))
+    experiments.main(flags[:-1] + ["--device=auto"])
     assert list(csv.DictReader(open(f"{out}/infalign.csv"))) == rows
 
 

@@ -87,13 +87,14 @@ def workspace(out_dir: str) -> str:
 def finished(folder: str, config) -> bool:
     """Whether ``folder`` holds a finished run of exactly this config: a calibration, or a CTRL run at
     its last step (an unfinished one is trained again from the start). A flag the run's checkpoint does
-    not name was added after it was trained, so the run had that flag's default."""
+    not name was added after it was trained, so the run had that flag's default. The device it ran on is
+    not part of what it is (a run trained on a GPU is reused on a CPU)."""
     try:
         meta = load_meta(folder)
     except CheckpointError:
         return False
     steps = getattr(config, "steps", None)  # a calibration has no steps
-    saved = {**asdict(type(config)()), **meta["config"]}
+    saved = {**asdict(type(config)()), **meta["config"], "device": config.device}
     return saved == asdict(config) and (steps is None or meta.get("step") == steps)
 
 
