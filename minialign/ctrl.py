@@ -41,7 +41,7 @@ The RL solver (the choices, stated precisely):
   one epoch comes closest (0.031 on the training prompts, 0.051 held out; the default 0.034, 0.064).
   On the infalign study's worst-of-N run (exp(-4), ``python -m minialign.lab won-levers``) no lever brings
   WoN_4 within 0.03 of the optimum: its policies keep 2-8% of their mass in pi_ref's bottom quarter by r,
-  where the optimum keeps 0.0-0.7%, and four times the steps take the gap only from 0.084 to 0.050. A
+  where the optimum keeps 0.0-1.6%, and four times the steps take the gap only from 0.084 to 0.050. A
   sampled policy gradient pushes a response's log-probability in proportion to how often it is drawn, so
   the bottom tail drains ever more slowly as it empties.
 - Update: ``ppo_epochs`` passes over the batch with the PPO-clipped per-token ratio
