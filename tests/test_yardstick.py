@@ -84,3 +84,22 @@ def test_exact_support_holds_each_distinct_response_once_with_its_exact_probabil
     assert float(support["covered"][0]) == pytest.approx(sum(probability), rel=1e-4)
     assert weights[: len(responses)].tolist() == pytest.approx([p / sum(probability) for p in probability], rel=1e-4)
     assert support["r"][0, : len(responses)].tolist() == [float(len(t)) for t in support["texts"][0]]
+
+
+def test_support_logprobs_are_each_responses_own_and_minus_infinity_after_a_prompts_last(tiny_model):
+    """Two prompts with two and one responses of different lengths: each entry is the response's log-probability
+    by a plain forward pass over prompt and response alone (no padding), the empty slot -inf."""
+    from minialign import world
+    from minialign.lab.yardstick import support_logprobs
+    from minialign.model import token_logprobs
+    from minialign.tokenizer import get_tokenizer
+    tokenizer = get_tokenizer("bytes")
+    texts = ["Human: What is the first letter of zizisa?\nAssistant:", "Human: What is the first letter of kolo?\nAssistant:"]
+    responses = [[tokenizer.encode(" z, it is z."), tokenizer.encode(" no")], [tokenizer.encode(" k")]]
+    logp = support_logprobs(tiny_model, tokenizer, [world.parse_prompt(t) for t in texts], responses)
+    assert logp.shape == (2, 2) and logp[1, 1] == -math.inf
+    for i, (text, ys) in enumerate(zip(texts, responses)):
+        start = len(tokenizer.encode(text))
+        for j, y in enumerate(ys):
+            alone = token_logprobs(tiny_model, torch.tensor([tokenizer.encode(text) + y]))[0, start - 1:].sum().detach()
+            assert float(logp[i, j]) == pytest.approx(float(alone), rel=1e-5)
