@@ -24,39 +24,33 @@ The RL solver (the choices, stated precisely):
   ``sampled``: the single-sample (k1) estimate ``kl(y) = sum_t [log pi_old(y_t | s_t) - log pi_ref(y_t |
   s_t)]``, a penalty in the reward ``R_total = R - beta * kl(y)``, whose score-function gradient is the
   whole gradient; a token pi_ref finds unlikely is charged only once it is sampled, and then the whole
-  sequence shares the charge. On the default run's training prompts the k1 policy spends 0.093 of
-  its 0.274 nats on responses outside pi_ref's support (garbled words, to which pi_ref gives e^-7 to
-  e^-17 of the policy's probability), the analytic one 0.047 of 0.224, and its BoN_4 gap to the
-  optimum at the KL it reached shrinks from 0.049 to 0.034 (``python -m minialign.lab ctrl-levers``).
+  sequence shares the charge. On the default run's training prompts the k1 policy spends 0.093 of its
+  0.274 nats on responses outside pi_ref's support (garbled words), the analytic one 0.047 of 0.224, and
+  its BoN_4 gap to the optimum at the KL it reached shrinks from 0.049 to 0.034 (``ctrl-levers``).
   Both are unbiased (``tests/test_ctrl.py`` enumerates a two-token problem); the analytic one costs a
   forward pass of the policy per step and one of pi_ref per epoch (245 s against 192 s on 2 CPU cores).
 - Baseline: leave-one-out (RLOO), ``A_i = R_total_i - mean_{j != i} R_total_j`` within a prompt's group,
   R_total = R - beta * (the sequence's summed KL terms).
-- Three options, off by default (``python -m minialign.lab ctrl-levers`` measures what they buy):
-  ``--kl_to_go`` (with ``--kl sampled``) penalises each token by the k1 of the tokens from it on (the KL
-  before a token does not depend on it: the gradient's expectation is unchanged, less of its noise is
-  kept); ``--warm_samples`` first fits the optimum's log-ratio on pi_ref's samples (``warm_start``, at ``--warm_lr``);
-  ``--lr_decay`` lowers the learning rate from ``--lr`` to a tenth of it over the run (cosine). None
-  brings the default run within 0.03 of its optimum's BoN_4 win rate: the warm start with G = 16 and
-  one epoch comes closest (0.031 on the training prompts, 0.051 held out; the default 0.034, 0.064).
-  On the infalign study's worst-of-N run (exp(-4), ``python -m minialign.lab won-levers``) no lever brings
-  WoN_4 within 0.03 of the optimum: its policies keep 2-8% of their mass in pi_ref's bottom quarter by r,
-  where the optimum keeps 0.0-1.6%, and four times the steps take the gap only from 0.084 to 0.050. A
-  sampled policy gradient pushes a response's log-probability in proportion to how often it is drawn, so
-  the bottom tail drains ever more slowly as it empties.
+- Three options, off by default: ``--kl_to_go`` (with ``--kl sampled``) penalises each token by the k1 of the
+  tokens from it on (the same gradient in expectation, less noise: the KL before a token does not depend on it);
+  ``--warm_samples`` first fits the optimum's log-ratio on pi_ref's samples (``warm_start``, at ``--warm_lr``);
+  ``--lr_decay`` lowers the rate to a tenth over the run (cosine). None of them, nor G, epochs, rate or steps,
+  brings BoN_4 (``python -m minialign.lab ctrl-levers``: the default run) or WoN_4 (``won-levers``: the study's
+  exp(-4) run) within 0.03 of the optimum. The policies keep 2-8% of their mass in pi_ref's bottom quarter by r
+  (the optimum 0.0-1.6%), which a sampled policy gradient drains ever more slowly: its push on a response is
+  proportional to how often it is drawn (4x the steps: WoN_4 gap 0.084 -> 0.050).
 - Update: ``ppo_epochs`` passes over the batch with the PPO-clipped per-token ratio
   ``pi_theta(y_t) / pi_old(y_t)``; per sequence the token terms are summed (the sequence's log-prob),
   and sequences are averaged. Each pass accumulates gradients over micro-batches of rows sorted by
   length, each cut to its longest row: the whole batch's step, without computing padding.
 
-The paper solves the same objective with PPO (a learned value function as the baseline). The
-leave-one-out baseline estimates the same gradient: the other samples of a prompt are independent of
-sample i, so E[grad log pi(y_i) * mean_{j != i} R_j] = 0 and subtracting it changes the variance of
-the policy gradient, not its expectation. A critic's value baseline is likewise a function of what
-precedes the sampled tokens, so it too leaves the expectation unchanged: the two differ in variance
-(and in what they cost: G samples per prompt here, a value network there), not in the objective.
-Both take the same PPO-clipped steps; on the first pass the ratio is 1 (up to the rounding between the
-sampler's cached forward and the update's full one) and the clipped and plain gradients agree.
+The paper solves the same objective with PPO (a learned value function as the baseline). The leave-one-out
+baseline estimates the same gradient: the other samples of a prompt are independent of sample i, so E[grad log
+pi(y_i) * mean_{j != i} R_j] = 0 and subtracting it changes the variance of the policy gradient, not its
+expectation. A critic's value baseline is likewise a function of what precedes the sampled tokens, so it too
+leaves the expectation unchanged: the two differ in variance (and in what they cost: G samples per prompt here,
+a value network there), not in the objective. Both take the same PPO-clipped steps; on the first pass the ratio
+is 1 (up to rounding) and the clipped and plain gradients agree.
 
 The same three functions (``transformed_reward``, ``rloo_advantages``, ``ppo_loss``) drive the exact finite
 check in the tests, where a categorical policy over a fixed response set must converge to
