@@ -183,20 +183,22 @@ class ExperimentConfig:
     batch: int = arg(16, "rain, rain-ablation, rain-batch, combined: prompts searched at once (1 = one after another)",
                      at_least=1)
     seed: int = arg(0, "sampling seed (the prompts come from the reference policy's world)")
-    infalign_prompts: int = arg(12, "infalign, won-levers: CTRL's training prompts, all in every step (so the RL reaches its optimum)",
-                                at_least=3)
+    infalign_prompts: int = arg(12, "infalign, won-levers: CTRL's training prompts, all in every step (so the RL "
+                                    "reaches its optimum)", at_least=3)
     ctrl_steps: int = arg(40, "infalign, ctrl-levers, won-levers: RL steps per run", at_least=1)
     seeds: int = arg(3, "infalign: CTRL seeds per (transform, beta)", at_least=1)
     reward: str = arg("model", "infalign: the reward CTRL trains on and BoN/WoN pick by: model (r, the paper's setting) "
                                "or gold (the world's gold reward, a perfect reward model; writes infalign_gold.*)",
                       one_of=("model", "gold"))
     k: int = arg(32, "tilt, paper-gain: pi_ref samples per prompt (the sample support of the exact optimum)", at_least=2)
-    calibration_k: int = arg(128, "infalign, won-levers: pi_ref samples per training prompt in the study's calibration (K)", at_least=2)
+    calibration_k: int = arg(128, "infalign, won-levers: pi_ref samples per training prompt in the study's calibration "
+                                  "(K)", at_least=2)
     n: int = arg(4, "tilt, infalign, ctrl-levers, won-levers: N of best-of-N and worst-of-N", at_least=1)
-    support_draws: int = arg(256, "tilt (its trained table), infalign, ctrl-levers, won-levers: pi_ref draws per prompt whose distinct "
-                                  "responses, with their exact probabilities, are the yardstick's pi_ref", at_least=1)
-    policy_samples: int = arg(128, "tilt (its trained table), infalign, ctrl-levers, won-levers: samples per prompt of each trained "
-                                   "policy", at_least=1)
+    support_draws: int = arg(256, "tilt (its trained table), infalign, ctrl-levers, won-levers: pi_ref draws per prompt "
+                                  "whose distinct responses, with their exact probabilities, are the yardstick's pi_ref",
+                             at_least=1)
+    policy_samples: int = arg(128, "tilt (its trained table), infalign, ctrl-levers, won-levers: samples per prompt of "
+                                   "each trained policy", at_least=1)
     prompts: str = arg("test", "tilt: the support's prompts: held-out (test, n_eval per kind) or CTRL's own training "
                                "prompts (train, every other calibration prompt)", one_of=("test", "train"))
     judge_noise: str = arg("0,0.15,0.3,0.45", "judge-quality: shares of wrong self-evaluation verdicts in pi_ref's "
@@ -313,7 +315,8 @@ class Loaded:
 
 
 # name -> the function that runs it (a table it returns is written to <out_dir>/<name>.md); infalign
-# judge-quality, ctrl-levers and won-levers train their own models from the checkpoints, so `main` runs them before loading pi_ref
+# judge-quality, ctrl-levers and won-levers train their own models from the checkpoints, so `main` runs them before
+# loading pi_ref
 EXPERIMENTS = {"sft": sft_experiment, "infalign": None, "judge-quality": None, "ctrl-levers": None, "won-levers": None,
                "tilt": tilt_experiment,
                "paper-gain": paper_gain_experiment, "rain": rain_experiment,
