@@ -1,12 +1,13 @@
-"""What closes the infalign study's worst-of-N gap (``python -m minialign.lab won-levers``).
+"""What each solver lever buys against the infalign study's worst-of-N gap (``python -m minialign.lab won-levers``).
 
 The study's (``infalign_study.py``) largest gap is at WoN_4 for the worst-of-N transforms: exp(-4) at
 the beta whose optimum has KL 0.5 ends 0.08-0.09 below its optimum at the KL it reached, while its BoN_4
 is within 0.03. This experiment retrains that run (the study's seed 0: its workspace, training prompts,
 calibration and beta) with one solver lever at a time and sets each policy beside the same exact
-optimum (``yardstick.trained_against_optimum`` on the study's support), judged by r. The levers are the
-ones InfAlign's solver question names: more Adam steps on the same samples (PPO epochs, a larger
-learning rate), more samples per step (G) or more steps, and the offline warm start.
+optimum (``yardstick.trained_against_optimum`` on the study's support), judged by r, and reads where the
+policy puts its mass: its exact probability of each support response, summed over pi_ref's bottom quarter
+by r (what a worst-of-N finds). The levers: more Adam steps on the same samples (PPO epochs, a larger
+learning rate), more samples per step (G) or more steps, and the offline warm start (``ctrl.warm_start``).
 
 Each run is a CTRL checkpoint ``<out_dir>/infalign/won_<name>`` ("study" is the study's own run,
 reused when it is finished), its evaluation ``against_optimum.json`` beside it; the table goes to
