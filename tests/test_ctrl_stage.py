@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minialign import world
-from minialign.lab import ctrl_levers, experiments, infalign_study, won_levers
+from minialign.lab import ctrl_levers, experiments, infalign_study, paper_gain_trained, won_levers
 from minialign.calibrate import CalibrateConfig, load_calibration, run_calibration
 from minialign.config import ConfigError
 from minialign.checkpoint import load_meta, load_model
@@ -152,6 +152,30 @@ def test_won_levers_retrains_the_studys_run_one_lever_at_a_time_and_resumes(tmp_
     assert open(f"{out}/won_levers.md").read() == table
     with pytest.raises(ConfigError, match="drop --reward"):
         experiments.main(flags + ["--reward=gold"])
+
+
+def test_paper_gain_trained_trains_each_ns_transforms_reusing_raw_and_log_and_resumes(tmp_path, monkeypatch):
+    """For N = 2 and 4: exp(+t_N), exp(-t_N) with t_N by the 1-D tool at KL 0.35 (N = 2: +4 and -3,
+    N = 4: +11 and -8), raw and log, at the study's two betas; raw and log are trained once for both N."""
+    out = str(tmp_path)
+    tiny_sft_and_reward(out)
+    monkeypatch.setattr(paper_gain_trained, "NS", (2, 4))
+    trained, train = [], infalign_study.train_ctrl
+    monkeypatch.setattr(infalign_study, "train_ctrl", lambda cfg: (trained.append(cfg.name), train(cfg))[1])
+    flags = ["paper-gain-trained", f"--out_dir={out}", "--infalign_prompts=3", "--ctrl_steps=1", "--seeds=1",
+             "--calibration_k=4", "--support_draws=6", "--policy_samples=4", "--device=cpu"]
+    experiments.main(flags)
+    assert sorted(trained) == sorted(f"{name}_kl{kl}_s0" for name in ("raw", "log", "exp+4", "exp-3", "exp+11", "exp-8")
+                                     for kl in ("0.2", "0.5"))
+    table = open(f"{out}/paper_gain_trained.md").read()
+    for row in ("| best-of-N | 2 | +4 |", "| worst-of-N | 2 | -3 |", "| best-of-N | 4 | +11 |", "| worst-of-N | 4 | -8 |"):
+        assert row in table
+    assert table.count("| 4 | exp(-8) | 0.") == 2 and table.count("| 2 | raw | 0.") == 2  # each run, both betas
+    # a second run trains nothing: the table is the same up to its wall time
+    monkeypatch.setattr(infalign_study, "train_ctrl", lambda cfg: pytest.fail(f"{cfg.name} trained again"))
+    experiments.main(flags)
+    wall = lambda text: text[: text.index("Wall time")]  # noqa: E731
+    assert wall(open(f"{out}/paper_gain_trained.md").read()) == wall(table)
 
 
 def test_matched_kl_adds_each_seeds_interpolated_gap_to_the_optimum_and_averages_every_seed(monkeypatch):

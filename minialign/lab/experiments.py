@@ -5,6 +5,7 @@ RAIN evaluation and ablation.
     python -m minialign.lab infalign        # trained CTRL per transform at matched KL -> out/infalign.{csv,md,png}
     python -m minialign.lab infalign --reward gold  # the same on the gold reward -> out/infalign_gold.{csv,md,png}
     python -m minialign.lab paper-gain      # InfAlign's gain at the optimum for N = 2, 4, 8 beside the paper's -> out/paper_gain.md
+    python -m minialign.lab paper-gain-trained  # the same gain with trained CTRL (the infalign study's) -> out/paper_gain_trained.md
     python -m minialign.lab ctrl-levers     # the default CTRL retrained one solver lever at a time -> out/ctrl_levers.md
     python -m minialign.lab won-levers      # the infalign study's exp(-4) run, one solver lever at a time -> out/won_levers.md
     python -m minialign.lab tilt            # the exact optimum of each transform -> out/tilt.{csv,md,png},
@@ -43,6 +44,7 @@ from .ctrl_levers import ctrl_levers
 from .infalign_study import infalign_study
 from .judge_quality import judge_quality
 from .paper_gain import paper_gain
+from .paper_gain_trained import trained_gains
 from .rain_study import combined_table, rain_batch_agreement, rain_batch_markdown
 from .tilt_study import exact_tilt
 from .won_levers import won_levers
@@ -183,21 +185,24 @@ class ExperimentConfig:
     batch: int = arg(16, "rain, rain-ablation, rain-batch, combined: prompts searched at once (1 = one after another)",
                      at_least=1)
     seed: int = arg(0, "sampling seed (the prompts come from the reference policy's world)")
-    infalign_prompts: int = arg(12, "infalign, won-levers: CTRL's training prompts, all in every step (so the RL "
-                                    "reaches its optimum)", at_least=3)
-    ctrl_steps: int = arg(40, "infalign, ctrl-levers, won-levers: RL steps per run", at_least=1)
-    seeds: int = arg(3, "infalign: CTRL seeds per (transform, beta)", at_least=1)
-    reward: str = arg("model", "infalign: the reward CTRL trains on and BoN/WoN pick by: model (r, the paper's setting) "
-                               "or gold (the world's gold reward, a perfect reward model; writes infalign_gold.*)",
+    infalign_prompts: int = arg(12, "infalign, won-levers, paper-gain-trained: CTRL's training prompts, all in every "
+                                    "step (so the RL reaches its optimum)", at_least=3)
+    ctrl_steps: int = arg(40, "infalign, ctrl-levers, won-levers, paper-gain-trained: RL steps per run", at_least=1)
+    seeds: int = arg(3, "infalign, paper-gain-trained: CTRL seeds per (transform, beta)", at_least=1)
+    reward: str = arg("model", "infalign, paper-gain-trained: the reward CTRL trains on and BoN/WoN pick by: model (r, "
+                               "the paper's setting) or gold (the world's gold reward, a perfect reward model; writes "
+                               "infalign_gold.*, paper_gain_trained_gold.md)",
                       one_of=("model", "gold"))
     k: int = arg(32, "tilt, paper-gain: pi_ref samples per prompt (the sample support of the exact optimum)", at_least=2)
-    calibration_k: int = arg(128, "infalign, won-levers: pi_ref samples per training prompt in the study's calibration "
-                                  "(K)", at_least=2)
+    calibration_k: int = arg(128, "infalign, won-levers, paper-gain-trained: pi_ref samples per training prompt in the "
+                                  "study's calibration (K)", at_least=2)
     n: int = arg(4, "tilt, infalign, ctrl-levers, won-levers: N of best-of-N and worst-of-N", at_least=1)
-    support_draws: int = arg(256, "tilt (its trained table), infalign, ctrl-levers, won-levers: pi_ref draws per prompt "
+    support_draws: int = arg(256, "tilt (its trained table), infalign, ctrl-levers, won-levers, paper-gain-trained: pi_ref draws "
+                                  "per prompt "
                                   "whose distinct responses, with their exact probabilities, are the yardstick's pi_ref",
                              at_least=1)
-    policy_samples: int = arg(128, "tilt (its trained table), infalign, ctrl-levers, won-levers: samples per prompt of "
+    policy_samples: int = arg(128, "tilt (its trained table), infalign, ctrl-levers, won-levers, paper-gain-trained: samples per "
+                                   "prompt of "
                                    "each trained policy", at_least=1)
     prompts: str = arg("test", "tilt: the support's prompts: held-out (test, n_eval per kind) or CTRL's own training "
                                "prompts (train, every other calibration prompt)", one_of=("test", "train"))
@@ -314,10 +319,11 @@ class Loaded:
         return load_reward(f"{self.out_dir}/reward")[0].to(self.device).eval()
 
 
-# name -> the function that runs it (a table it returns is written to <out_dir>/<name>.md); infalign
+# name -> the function that runs it (a table it returns is written to <out_dir>/<name>.md); infalign, paper-gain-trained,
 # judge-quality, ctrl-levers and won-levers train their own models from the checkpoints, so `main` runs them before
 # loading pi_ref
-EXPERIMENTS = {"sft": sft_experiment, "infalign": None, "judge-quality": None, "ctrl-levers": None, "won-levers": None,
+EXPERIMENTS = {"sft": sft_experiment, "infalign": None, "paper-gain-trained": None, "judge-quality": None,
+               "ctrl-levers": None, "won-levers": None,
                "tilt": tilt_experiment,
                "paper-gain": paper_gain_experiment, "rain": rain_experiment,
                "rain-ablation": rain_ablation_experiment, "rain-batch": rain_batch_experiment,
@@ -338,6 +344,9 @@ def main(argv: list[str]) -> None:
     check_writable(cfg.out_dir, "--out_dir", folder=True)  # where the tables go: checked before the work
     if name == "infalign":  # trains its own policies: nothing to load first
         infalign_study(cfg)
+        return
+    if name == "paper-gain-trained":  # the same, and writes its table itself (paper_gain_trained_gold.md on gold)
+        print(trained_gains(cfg))
         return
     if name in ("judge-quality", "ctrl-levers", "won-levers"):  # train their own models: a pi_ref per noise, a CTRL per lever
         table = {"judge-quality": lambda: judge_quality(cfg, params), "ctrl-levers": lambda: ctrl_levers(cfg),

@@ -164,9 +164,9 @@ def matched_rows(trained: list[dict], optima: dict, seeds: list[int]) -> list[di
     return rows
 
 
-def gain_rows(trained: list[dict], gaps: dict, optima: dict, seeds: list[int]) -> list[dict]:
+def gain_rows(trained: list[dict], gaps: dict, optima: dict, seeds: list[int], gains=None) -> list[dict]:
     """InfAlign's comparisons at MATCHED_KL, on the same prompts: per (rate, transform, baseline) of
-    ``GAINS`` and judge, the transform's rate minus the baseline's, trained and at the exact optimum. Each
+    ``gains`` (default ``GAINS``) and judge, the transform's rate minus the baseline's, trained and at the exact optimum. Each
     side is read as in ``matched_rows`` but per prompt: the optimum's rate plus the prompt's gap
     (``gaps[(label, grid_kl, seed)][column]``, (P,)) interpolated in KL between the seed's two runs and
     averaged over the seeds; the difference's standard error is across prompts (paired: a prompt's own
@@ -180,7 +180,7 @@ def gain_rows(trained: list[dict], gaps: dict, optima: dict, seeds: list[int]) -
         return torch.stack(per_seed).mean(0)
 
     rows = []
-    for key, label, baseline in (g for g in GAINS if g[1] in optima and g[2] in optima):  # the transforms compared
+    for key, label, baseline in (g for g in gains or GAINS if g[1] in optima and g[2] in optima):  # the transforms compared
         row = {"rate": key, "transform": label, "baseline": baseline}
         for judge in JUDGES:
             column = f"{key}_{judge}"
@@ -301,48 +301,62 @@ def study_setup(cfg) -> tuple:
     return folder, prompts, device, reference, reward_model, tokenizer, support
 
 
+def transform_runs(setup: tuple, cfg, transform: str, t: float, n: int) -> tuple[dict, list[dict], dict, torch.Tensor]:
+    """One transform of the study, read at BoN_n and WoN_n (``setup``: ``study_setup``'s): the exact optimum
+    of the reward its runs train on, at MATCHED_KL, each rate by each judge; and its run at each grid beta
+    and seed (``cfg.seeds``), trained where not finished, set beside the optimum at the KL it reached.
+    Returns the optimum's rates, the runs' rows (``distance_rows``), their per-prompt gaps (``gain_rows``)
+    and Phi on the support (P, M)."""
+    folder, prompts, device, reference, reward_model, tokenizer, support = setup
+    selector, ref, label = selector_of(cfg.reward), support["reference"], transform_label(transform, t)
+    own = trains_on(transform, t, cfg.reward)
+    calibration = calibration_of(folder, own, prompts)
+    phi = training_phi(own, support, calibration)  # the optimum of the reward the runs train on
+    inverse_beta = tilt.inverse_beta_at_kl(phi, MATCHED_KL, ref)  # the optimum at the matched KL, read by each judge
+    optimum = {}
+    for judge in JUDGES:
+        exact = tilt.readout(phi, inverse_beta, support[selector], support[judge], n, ref)
+        optimum.update({f"{key}_{judge}": exact[key] for key in RATES})
+    trained, gaps = [], {}
+    for grid_kl in GRID_KLS:
+        beta = 1 / tilt.inverse_beta_at_kl(phi, grid_kl, ref)
+        for seed in range(cfg.seeds):
+            ctrl = run_config(folder, transform, t, beta, grid_kl, seed, len(prompts), cfg)
+            print(f"[infalign] {label}, beta {beta:.4g} (optimum's KL {grid_kl:g}), seed {seed}, N = {n}")
+            if not finished(f"{folder}/{ctrl.name}", ctrl):
+                train_ctrl(ctrl)
+            policy = load_model(f"{folder}/{ctrl.name}")[0].to(device).eval()
+            point, _, at_kl = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts, support,
+                                                      asdict(ctrl), n, cfg.policy_samples, cfg.seed, calibration)
+            columns = [f"{key}_{judge}" for key in RATES for judge in JUDGES] + list(SPREAD)
+            trained.append({"transform": label, "grid_kl": grid_kl, "beta": beta, "seed": seed, "kl": point["kl"],
+                            **{c: point[c] for c in columns}, **{f"{c}_at_kl": at_kl[c] for c in columns}})
+            gaps[(label, grid_kl, seed)] = {  # (P,) each: the per-prompt gaps that gain_rows pairs
+                f"{key}_{judge}": torch.tensor(at_kl[f"{key}_{judge}_gaps"], dtype=torch.float64)
+                for key in RATES for judge in JUDGES}
+            print(f"[infalign]   KL {point['kl']:.3f}; by {selector}, trained (optimum at that KL): " + ", ".join(
+                f"{key} {point[f'{key}_{selector}']:.3f} ({at_kl[f'{key}_{selector}']:.3f})" for key in RATES))
+    return optimum, trained, gaps, phi
+
+
 def infalign_study(cfg) -> list[dict]:
     """The ``infalign`` experiment (``cfg``: ``experiments.ExperimentConfig``): <out_dir>/infalign.{csv,md,png}
     (``infalign_gold`` on ``--reward gold``) and each run's checkpoint under <out_dir>/infalign."""
     started = time.time()
-    selector = selector_of(cfg.reward)
-    folder, prompts, device, reference, reward_model, tokenizer, support = study_setup(cfg)
-    ref = support["reference"]
+    setup = study_setup(cfg)
+    prompts, support = setup[1], setup[-1]
     seeds = list(range(cfg.seeds))
     trained, optima, phis, gaps = [], {}, {}, {}
     for transform, t in compared(cfg.reward):
         label = transform_label(transform, t)
-        own = trains_on(transform, t, cfg.reward)
-        calibration = calibration_of(folder, own, prompts)
-        phi = phis[label] = training_phi(own, support, calibration)  # the optimum of the reward the runs train on
-        inverse_beta = tilt.inverse_beta_at_kl(phi, MATCHED_KL, ref)  # the optimum at the matched KL, read by each judge
-        optima[label] = {}
-        for judge in JUDGES:
-            exact = tilt.readout(phi, inverse_beta, support[selector], support[judge], cfg.n, ref)
-            optima[label].update({f"{key}_{judge}": exact[key] for key in RATES})
-        for grid_kl in GRID_KLS:
-            beta = 1 / tilt.inverse_beta_at_kl(phi, grid_kl, ref)
-            for seed in seeds:
-                ctrl = run_config(folder, transform, t, beta, grid_kl, seed, len(prompts), cfg)
-                print(f"[infalign] {label}, beta {beta:.4g} (optimum's KL {grid_kl:g}), seed {seed}")
-                if not finished(f"{folder}/{ctrl.name}", ctrl):
-                    train_ctrl(ctrl)
-                policy = load_model(f"{folder}/{ctrl.name}")[0].to(device).eval()
-                point, _, at_kl = trained_against_optimum(policy, reference, reward_model, tokenizer, prompts, support,
-                                                          asdict(ctrl), cfg.n, cfg.policy_samples, cfg.seed, calibration)
-                columns = [f"{key}_{judge}" for key in RATES for judge in JUDGES] + list(SPREAD)
-                trained.append({"transform": label, "grid_kl": grid_kl, "beta": beta, "seed": seed, "kl": point["kl"],
-                                **{c: point[c] for c in columns}, **{f"{c}_at_kl": at_kl[c] for c in columns}})
-                gaps[(label, grid_kl, seed)] = {  # (P,) each: the per-prompt gaps that gain_rows pairs
-                    f"{key}_{judge}": torch.tensor(at_kl[f"{key}_{judge}_gaps"], dtype=torch.float64)
-                    for key in RATES for judge in JUDGES}
-                print(f"[infalign]   KL {point['kl']:.3f}; by {selector}, trained (optimum at that KL): " + ", ".join(
-                    f"{key} {point[f'{key}_{selector}']:.3f} ({at_kl[f'{key}_{selector}']:.3f})" for key in RATES))
+        optima[label], runs, run_gaps, phis[label] = transform_runs(setup, cfg, transform, t, cfg.n)
+        trained += runs
+        gaps.update(run_gaps)
     name = f"{cfg.out_dir}/infalign{'_gold' if cfg.reward == 'gold' else ''}"
     write_csv(trained, f"{name}.csv")
     distances = distance_rows(trained)
     table = markdown(matched_rows(trained, optima, seeds), gain_rows(trained, gaps, optima, seeds), distances, cfg.n,
-                     len(seeds), len(prompts), (time.time() - started) / 60, selector)
+                     len(seeds), len(prompts), (time.time() - started) / 60, selector_of(cfg.reward))
     atomic_write_text(f"{name}.md", table + "\n")
     print(table)
     plot(support, phis, distances, cfg.n, f"{name}.png", cfg.reward)

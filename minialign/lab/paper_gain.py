@@ -16,7 +16,7 @@ these are points of win rate or relative gains; this table reads them as points.
    the standard error of its per-prompt differences (the transforms are compared on the same prompts).
 
 These are optima: what CTRL reaches when its solver converges (``ctrl-levers`` and ``infalign`` measure
-how far trained policies stay from them). The table goes to ``<out_dir>/paper_gain.md``.
+how far trained policies stay from them; ``paper-gain-trained`` trains this table's transforms). The table goes to ``<out_dir>/paper_gain.md``.
 """
 import numpy as np
 
