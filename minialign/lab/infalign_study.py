@@ -166,8 +166,8 @@ def matched_rows(trained: list[dict], optima: dict, seeds: list[int]) -> list[di
 
 def gain_rows(trained: list[dict], gaps: dict, optima: dict, seeds: list[int], gains=None) -> list[dict]:
     """InfAlign's comparisons at MATCHED_KL, on the same prompts: per (rate, transform, baseline) of
-    ``gains`` (default ``GAINS``) and judge, the transform's rate minus the baseline's, trained and at the exact optimum. Each
-    side is read as in ``matched_rows`` but per prompt: the optimum's rate plus the prompt's gap
+    ``gains`` (default ``GAINS``) and judge, the transform's rate minus the baseline's, trained and at the
+    exact optimum. Each side is read as in ``matched_rows`` but per prompt: the optimum's rate plus the prompt's gap
     (``gaps[(label, grid_kl, seed)][column]``, (P,)) interpolated in KL between the seed's two runs and
     averaged over the seeds; the difference's standard error is across prompts (paired: a prompt's own
     difficulty, shared by both transforms, cancels)."""
