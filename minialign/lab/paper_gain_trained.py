@@ -30,13 +30,13 @@ PROCEDURES = (("bon", 1), ("won", -1))  # (rate, the sign of t_N): exp(+t_N) aim
 
 
 def trained_gains(cfg) -> str:
-    """Train and read the transforms of every N in ``NS`` (``cfg``: ``experiments.ExperimentConfig``); the gains table
-    (one row per procedure and N) and each run's KL and gap to its optimum, as markdown."""
+    """Train and read the transforms of every N in ``NS`` (``cfg``: ``experiments.ExperimentConfig``); the
+    gains table (one row per procedure and N) and each run's KL and gap to its optimum, as markdown."""
     started = time.time()
     setup = study_setup(cfg)
     prompts, selector, seeds = setup[1], selector_of(cfg.reward), list(range(cfg.seeds))
-    gain_lines = [f"| procedure | N | t_N | " + " | ".join(f"gain over {b} by {j}: trained (optimum)"
-                                                         for j in JUDGES for b in ("raw", "log")) + " | paper |",
+    gain_lines = ["| procedure | N | t_N | " + " | ".join(f"gain over {b} by {j}: trained (optimum)"
+                                                        for j in JUDGES for b in ("raw", "log")) + " | paper |",
                   "|---|---|---|" + "---|" * (2 * len(JUDGES) + 1)]
     run_lines = [f"| N | transform | optimum's KL at beta | seed | KL reached | BoN_N ({selector}): trained (gap) "
                  f"| WoN_N ({selector}): trained (gap) |", "|---|---|---|---|---|---|---|"]
